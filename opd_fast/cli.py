@@ -1,0 +1,75 @@
+"""`opd-fast` command line: train (and the other verbs as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("configs/tiny.yaml")
+
+
+def _train(args) -> int:
+    from opd_fast.config import load_config
+    from opd_fast.trainer import Trainer
+
+    config = Path(args.config) if args.config else DEFAULT_CONFIG
+    cfg = load_config(config, args.set)
+    trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device)
+    records = trainer.fit()
+    if records:
+        first, last = records[0]["loss"], records[-1]["loss"]
+        print(f"trained rounds {records[0]['step']}..{records[-1]['step']}: loss {first:.4g} -> {last:.4g}; "
+              f"student LoRA: {Path(args.out) / 'lora_diffusers'}")
+    else:
+        print(f"nothing to train: {args.out} is already at round {trainer.round} of {cfg.train.rounds}")
+    return 0
+
+
+def _tiny_world(args) -> int:
+    from opd_fast.tiny_world import write_tiny_world
+
+    print(f"wrote the tiny world to {write_tiny_world(args.out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd-fast", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="multi-task on-policy distillation of a student from task teachers")
+    train.add_argument("config", nargs="?", help=f"YAML run config (default: {DEFAULT_CONFIG}, the tiny CPU run)")
+    train.add_argument("--out", required=True, help="output folder: checkpoints, metrics.jsonl, lora_diffusers/")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.rounds=4 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    train.set_defaults(func=_train)
+
+    tiny = sub.add_parser("tiny-world", help="write the tiny default's prompt sets and seeded teachers")
+    tiny.add_argument("out", help="folder to write (configs/tiny holds the copy configs/tiny.yaml uses)")
+    tiny.set_defaults(func=_tiny_world)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from opd_fast.config import ConfigError
+    from opd_fast.prompts import PromptError
+    from opd_fast.safeio import UnsafeFileError
+    from opd_fast.teachers import TeacherError
+    from opd_fast.trainer import OutputDirError, TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, PromptError, TeacherError, OutputDirError, TrainingError, UnsafeFileError,
+            FileNotFoundError) as e:
+        print(f"opd-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Run configuration: typed dataclasses loaded from YAML, validated on load.
+
+An unknown key, a wrong type or a value outside its choices is a ConfigError naming the key (e.g.
+`train.micro_batch_size`). `--set a.b=value` overrides are parsed as YAML scalars and validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+OFFICIAL_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: Literal["sd3", "flux"] = "sd3"
+    preset: str | None = "tiny-sd3"  # opd_fast.models.PRESETS; ignored when path is set
+    path: str | None = None  # local diffusers pipeline folder (with transformer/) or transformer folder
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0  # init of a preset's random weights
+    gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = True  # false: full-parameter student
+    rank: int = 32
+    alpha: int = 64
+    init: Literal["gaussian", "default"] = "gaussian"  # peft init_lora_weights: gaussian or kaiming A; B = 0
+    targets: list[str] = field(default_factory=lambda: list(OFFICIAL_LORA_TARGETS))
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    guidance: float | None = 4.5  # CFG scale in rollout AND training forward; null or 1.0: no CFG pass
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    path: str  # LoRA (peft folder / diffusers file or folder) or full model folder
+    format: Literal["auto", "peft", "diffusers", "full"] = "auto"
+    guidance: float | None = 4.5
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    name: str
+    prompts: str  # .txt (one prompt per line) or .jsonl ({"prompt": ..., metadata...})
+    teacher: TeacherConfig
+
+
+@dataclass(kw_only=True)
+class PromptsConfig:
+    encoder: Literal["builtin", "pipeline"] = "builtin"  # builtin: the tiny deterministic text encoder
+    max_tokens: int = 16  # builtin encoder's sequence length
+    cache_dir: str | None = None  # default: OUT/embeddings
+    negative_prompt: str = ""
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    num_steps: int = 10
+    shift: float = 3.0
+    noise_level: float = 0.0  # a: 0 = ODE rollout and L2 loss; > 0 = Flow-GRPO SDE and closed-form KL
+    timestep_fraction: float = 0.99  # trained steps = int(num_steps * timestep_fraction), as the official code
+    resolution: int = 512  # pixels; latent side = resolution // 8
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    kl_normalization: Literal["exact", "official"] = "exact"
+    reduction: Literal["sum", "mean"] = "sum"  # over latent elements
+    timestep_reduction: Literal["sum", "mean"] = "sum"  # over trained steps (official: mean)
+    estimator: Literal["closed_form", "ppo"] = "closed_form"
+    backend: Literal["auto", "reference", "triton", "cuda", "cpp"] = "auto"
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9  # effective decay min((1 + s) / (10 + s), decay), s = number of EMA updates
+    update_every: int = 8
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    rounds: int = 100
+    seed: int = 0
+    micro_batch_size: int = 3
+    micro_batches_per_task: int = 1
+    schedule: Literal["one_pass", "two_pass"] = "one_pass"
+    max_nonfinite_rounds: int = 3  # rounds skipped for a NaN/inf loss or gradient before the run stops
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 10  # rounds
+    keep_last: int = 3
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> RunConfig:
+        """Cross-field checks that types alone cannot express."""
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is required")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tasks: task names must be unique, got {names}")
+        positive = {
+            "train.rounds": self.train.rounds, "train.micro_batch_size": self.train.micro_batch_size,
+            "train.micro_batches_per_task": self.train.micro_batches_per_task, "sampling.num_steps": self.sampling.num_steps,
+            "checkpoint.every": self.checkpoint.every, "checkpoint.keep_last": self.checkpoint.keep_last,
+            "student.lora.rank": self.student.lora.rank, "ema.update_every": self.ema.update_every,
+            "sampling.resolution": self.sampling.resolution, "optimizer.lr": self.optimizer.lr,
+        }  # fmt: skip
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+        if not 0 < self.sampling.timestep_fraction <= 1:
+            raise ConfigError(f"sampling.timestep_fraction: must be in (0, 1], got {self.sampling.timestep_fraction}")
+        if int(self.sampling.num_steps * self.sampling.timestep_fraction) < 1:
+            raise ConfigError("sampling.timestep_fraction: trains no step at all with sampling.num_steps="
+                              f"{self.sampling.num_steps}")
+        if self.sampling.noise_level < 0:
+            raise ConfigError(f"sampling.noise_level: must be >= 0, got {self.sampling.noise_level}")
+        if self.loss.estimator == "ppo" and self.sampling.noise_level == 0:
+            raise ConfigError("loss.estimator: 'ppo' needs an SDE rollout (sampling.noise_level > 0)")
+        if self.sampling.resolution % 8:
+            raise ConfigError(f"sampling.resolution: must be a multiple of 8, got {self.sampling.resolution}")
+        if len(self.optimizer.betas) != 2:
+            raise ConfigError(f"optimizer.betas: needs two values, got {self.optimizer.betas}")
+        if self.model.path is None and self.model.preset is None:
+            raise ConfigError("model: set model.path (a local diffusers folder) or model.preset")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading and validation
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _convert(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls, data, prefix: str = ""):
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)
+        raise ConfigError(f"unknown config key {dotted} (allowed under {where}: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (list items by index: `tasks.0.teacher.guidance=1.0`) to the raw dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {where} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config (safe loader), apply overrides, validate. Relative prompt/teacher/model paths are
+    resolved against the config file's folder."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        base = path.resolve().parent
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = _build(RunConfig, data).validate()
+    _resolve_paths(cfg, base)
+    return cfg
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    def resolve(p):
+        return None if p is None else str(p if Path(p).is_absolute() else (base / p))
+
+    cfg.model.path = resolve(cfg.model.path)
+    cfg.prompts.cache_dir = resolve(cfg.prompts.cache_dir)
+    for task in cfg.tasks:
+        task.prompts = resolve(task.prompts)
+        task.teacher.path = resolve(task.teacher.path)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data).validate()

@@ -1,0 +1,183 @@
+"""The diffusers transformers we train: presets, loading, the student's LoRA, and one velocity call per family.
+
+SD3 (first-class): state x is the (B, C, H, W) latent; CFG runs as one batch [uncond; cond] and opd_step combines
+the two halves. FLUX.1-dev: state x is the packed (B, tokens, C*4) latent; it is guidance-distilled, so the
+guidance scale goes into the model's guidance embedding and there is no CFG batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from peft import LoraConfig as PeftLoraConfig
+
+from opd_fast.config import LoraConfig, ModelConfig
+
+TRANSFORMER_CLASSES = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAE_SCALE = 8  # pixels per latent cell for both families' VAEs
+
+PRESETS = {
+    # CPU-sized: builds in milliseconds, ~80k parameters.
+    "tiny-sd3": ("sd3", dict(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=16)),
+    "tiny-flux": ("flux", dict(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))),
+    # The released architectures (transformer/config.json of each pipeline), for random-weight benchmarks.
+    "sd3.5-medium": ("sd3", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")),
+    "flux.1-dev": ("flux", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}  # fmt: skip
+
+
+def transformer_folder(path: str | Path) -> Path:
+    """A pipeline folder's transformer/ subfolder, or the folder itself when it holds the transformer."""
+    path = Path(path)
+    if (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"no diffusers transformer at {path} (expected {path}/transformer/config.json or "
+                            f"{path}/config.json)")
+
+
+def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
+    """The frozen base transformer: from a local folder (safetensors only) or from a preset with seeded weights."""
+    cls = TRANSFORMER_CLASSES[cfg.family]
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path is not None:
+        model = cls.from_pretrained(transformer_folder(cfg.path), torch_dtype=dtype, use_safetensors=True)
+    else:
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
+        family, kwargs = PRESETS[cfg.preset]
+        if family != cfg.family:
+            raise ValueError(f"model.preset: {cfg.preset!r} is a {family} model but model.family is {cfg.family!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = cls(**kwargs)
+            _init_output_layer(model)
+        if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
+            model = model.to(dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _init_output_layer(model) -> None:
+    """diffusers zero-inits the final projection (its adaLN-Zero convention), so a fresh model predicts v == 0
+    everywhere; give a preset's random weights a non-degenerate output so every transition carries signal."""
+    proj = model.proj_out
+    torch.nn.init.normal_(proj.weight, std=0.02)
+    torch.nn.init.zeros_(proj.bias)
+
+
+def add_student_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftLoraConfig | None:
+    """Make `model` the student: a peft LoRA (adapter "default") or, with lora.enabled false, all parameters.
+    Trainable parameters are kept in float32 whatever the base dtype. Returns the peft config (None: full)."""
+    if not lora.enabled:
+        model.requires_grad_(True)
+        return None
+    names = {name for name, _ in model.named_modules()}
+    missing = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"student.lora.targets: no module of the transformer matches {missing}")
+    peft_config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        init_lora_weights=True if lora.init == "default" else lora.init,
+        target_modules=list(lora.targets),
+    )
+    model.add_adapter(peft_config)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_config
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    clone = copy.deepcopy(model)
+    clone.requires_grad_(False)
+    clone.eval()
+    return clone
+
+
+@dataclass
+class Conditioning:
+    """Cached text conditioning of a batch: what the transformer's text inputs take."""
+
+    prompt_embeds: torch.Tensor  # (B, T, D)
+    pooled: torch.Tensor  # (B, P)
+    negative_embeds: torch.Tensor  # (1, T, D): the negative / empty prompt
+    negative_pooled: torch.Tensor  # (1, P)
+
+
+def latent_shape(model: torch.nn.Module, family: str, batch: int, resolution: int) -> tuple[int, ...]:
+    side = resolution // VAE_SCALE
+    if family == "flux":
+        # packed: 2x2 latent patches become one token of 4 * latent_channels
+        return (batch, (side // 2) * (side // 2), model.config.in_channels)
+    return (batch, model.config.in_channels, side, side)
+
+
+def flux_image_ids(tokens: int, device) -> torch.Tensor:
+    side = int(round(tokens**0.5))
+    ids = torch.zeros(side, side, 3, device=device)
+    ids[..., 1] = torch.arange(side, device=device)[:, None]
+    ids[..., 2] = torch.arange(side, device=device)[None, :]
+    return ids.reshape(tokens, 3)
+
+
+def velocity(model, family: str, x, sigma, cond: Conditioning, guidance: float | None):
+    """Model velocity at state x (B, ...) and noise level sigma (B,).
+
+    Returns (v, cfg) where cfg is the guidance opd_step must apply: for SD3 with guidance (not None and != 1) v is
+    (2B, ...) = [uncond; cond]; otherwise v is (B, ...) and cfg is None.
+    """
+    dtype = next(model.parameters()).dtype
+    B = x.shape[0]
+    if family == "flux":
+        g = None
+        if model.config.guidance_embeds:
+            g = torch.full((B,), 1.0 if guidance is None else guidance, device=x.device, dtype=dtype)
+        v = model(
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
+            timestep=sigma.to(dtype),  # the FLUX transformer multiplies by 1000 itself
+            img_ids=flux_image_ids(x.shape[1], x.device),
+            txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=x.device),
+            guidance=g,
+            return_dict=False,
+        )[0]
+        return v, None
+    use_cfg = guidance is not None and guidance != 1.0
+    embeds, pooled, xs, t = cond.prompt_embeds, cond.pooled, x, sigma
+    if use_cfg:
+        embeds = torch.cat([cond.negative_embeds.expand_as(embeds), embeds])
+        pooled = torch.cat([cond.negative_pooled.expand_as(pooled), pooled])
+        xs, t = torch.cat([x, x]), torch.cat([sigma, sigma])
+    v = model(
+        hidden_states=xs.to(dtype),
+        encoder_hidden_states=embeds.to(dtype),
+        pooled_projections=pooled.to(dtype),
+        timestep=(t * 1000).to(dtype),
+        return_dict=False,
+    )[0]
+    return v, (guidance if use_cfg else None)

@@ -1,0 +1,99 @@
+"""`opd_step`: one OPD transition and its loss, with the ONE place that decides which backend runs.
+
+Backends: "reference" (plain PyTorch, opd_fast.reference), "triton" (opd_fast.kernels, CUDA or TRITON_INTERPRET=1),
+"cuda" and "cpp" (the csrc extension opd_fast._C). "auto" picks the fastest one available for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from opd_fast import reference
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
+_announced: set[tuple[str, str]] = set()
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on `device`, fastest first; "reference" always last."""
+    device = torch.device(device)
+    from opd_fast import fused
+
+    return [name for name in fused.backend_order(device) if fused.backend_available(name, device)] + ["reference"]
+
+
+def resolve_backend(backend: str, device: torch.device | str, estimator: str = "closed_form") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if estimator != "closed_form":
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"estimator={estimator!r} runs on the reference backend only, not {backend!r}")
+        return "reference"
+    if backend == "auto":
+        return available_backends(device)[0]
+    if backend != "reference" and backend not in available_backends(device):
+        from opd_fast import fused
+
+        raise RuntimeError(f"opd_step backend {backend!r} is not available on {device}: {fused.why_unavailable(backend)}")
+    return backend
+
+
+def opd_step(
+    x: torch.Tensor,
+    v_student: torch.Tensor,
+    v_teacher: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    noise_level: float,
+    *,
+    kl_normalization: str = "exact",
+    reduction: str = "sum",
+    backend: str = "auto",
+    student_guidance: float | None = None,
+    teacher_guidance: float | None = None,
+    estimator: str = "closed_form",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One student transition x -> x_next and the per-sample OPD loss against the teacher.
+
+    x, noise: (B, ...) latents, (B, C, H, W) or packed (B, tokens, D). v_student, v_teacher: the same shape, or
+    (2B, ...) = [unconditional; conditional] when the matching *_guidance is given (CFG fused into the op).
+    sigma, sigma_next: (B,) so each sample may sit at its own step. Returns x_next (detached, x.dtype) and loss
+    (B,) float32 whose gradient reaches v_student only. See opd_fast.reference for the math.
+    """
+    _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance)
+    name = resolve_backend(backend, x.device, estimator)
+    key = (name, str(x.device))
+    if key not in _announced:
+        _announced.add(key)
+        log.info("opd_step backend: %s on %s", name, x.device)
+    kwargs = dict(
+        kl_normalization=kl_normalization,
+        reduction=reduction,
+        student_guidance=student_guidance,
+        teacher_guidance=teacher_guidance,
+    )
+    if name == "reference":
+        return reference.opd_step_reference(
+            x, v_student, v_teacher, noise, sigma, sigma_next, noise_level, estimator=estimator, **kwargs
+        )
+    from opd_fast import fused
+
+    return fused.opd_step_fused(name, x, v_student, v_teacher, noise, sigma, sigma_next, noise_level, **kwargs)
+
+
+def _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance):
+    B = x.shape[0]
+    for name, v, guided in (("v_student", v_student, student_guidance), ("v_teacher", v_teacher, teacher_guidance)):
+        want = (2 * B,) + tuple(x.shape[1:]) if guided is not None else tuple(x.shape)
+        if tuple(v.shape) != want:
+            extra = " ([uncond; cond] stacked, since its guidance is set)" if guided is not None else ""
+            raise ValueError(f"opd_step: {name} has shape {tuple(v.shape)}, expected {want}{extra}")
+    if noise.shape != x.shape:
+        raise ValueError(f"opd_step: noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    for name, s in (("sigma", sigma), ("sigma_next", sigma_next)):
+        if tuple(s.shape) != (B,):
+            raise ValueError(f"opd_step: {name} has shape {tuple(s.shape)}, expected ({B},)")

@@ -1,0 +1,343 @@
+"""Multi-task on-policy distillation, one round at a time.
+
+A round, as the method reads: for each task (round-robin), for each micro-batch of that task's prompts, the
+student rolls out its own trajectory; at every trained state the task's teacher gives its velocity, the fused
+step/KL op turns the two into the loss and the next state, and the loss is backpropagated at once (gradients
+accumulate). After all tasks: ONE optimizer step, then EMA.
+
+Schedules: "one_pass" (default) trains while it rolls out: the weights are fixed within a round, so the forward
+that produces x_{j+1} is the one that is trained. "two_pass" is the official order: roll out without grad, then
+recompute every trained state's forward with grad. Both give the same gradient (tests/test_trainer.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd_fast import ops
+from opd_fast.checkpoint import (
+    export_diffusers_lora, flatten_optimizer_state, latest_checkpoint, load_checkpoint, save_checkpoint,
+    unflatten_optimizer_state,
+)  # fmt: skip
+from opd_fast.config import ConfigError, RunConfig
+from opd_fast.engine import EMA, SingleEngine
+from opd_fast.metrics import MetricsWriter
+from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
+from opd_fast.profiling import nvtx_range
+from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, read_prompts
+from opd_fast.schedule import sigma_grid, trained_steps
+from opd_fast.teachers import Teacher, load_teacher
+
+log = logging.getLogger(__name__)
+RESUMABLE_CHANGES = {"train.rounds", "checkpoint.every", "checkpoint.keep_last", "logging.progress",
+                     "logging.tensorboard", "loss.backend"}  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite rounds); the last good checkpoint is intact."""
+
+
+class OutputDirError(RuntimeError):
+    """The output folder holds another run or other files."""
+
+
+@dataclass
+class RoundResult:
+    loss: float
+    task_losses: dict[str, float]
+    grad_norm: float | None  # None: the round was skipped (non-finite loss or gradient)
+
+
+def _seed(*parts: int) -> int:
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Path) -> dict[str, EncodedPrompts]:
+    """Each task's prompt set, encoded once into the embedding cache. All files are read (and checked) before
+    anything is written."""
+    prompt_sets = {task.name: read_prompts(task.prompts, task.name) for task in cfg.tasks}
+    if cfg.prompts.encoder == "builtin":
+        enc = BuiltinTextEncoder(
+            student.config.joint_attention_dim, student.config.pooled_projection_dim, cfg.prompts.max_tokens
+        )
+        encode_fn, name = enc.encode, f"{enc.name}-{enc.dim}-{enc.pooled_dim}-{enc.max_tokens}"
+    else:
+        from opd_fast.text_encoders import pipeline_encoder
+
+        encode_fn, name = pipeline_encoder(cfg.model)
+    return {
+        task: encode_cached(prompt_set, encode_fn, name, cfg.prompts.negative_prompt, cache_dir / f"{task}.safetensors")
+        for task, prompt_set in prompt_sets.items()
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
+                 engine=None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._check_output_dir(resume)
+
+        base = load_transformer(cfg.model).to(self.device)
+        # Teachers are frozen copies of the base with their LoRA merged, made before the student gets its adapter.
+        self.teachers: dict[str, Teacher] = {t.name: load_teacher(t.name, t.teacher, base, cfg.model) for t in cfg.tasks}
+        self.student = base
+        self.peft_config = add_student_lora(self.student, cfg.student.lora)
+        if cfg.model.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        self.student.train()
+        self.engine = engine if engine is not None else SingleEngine(self.student, cfg.optimizer)
+        self.ema = EMA(self.engine.params, cfg.ema) if cfg.ema.enabled else None
+
+        cache_dir = Path(cfg.prompts.cache_dir) if cfg.prompts.cache_dir else self.out_dir / "embeddings"
+        self.prompts = encode_task_prompts(cfg, self.student, cache_dir)
+
+        probe = latent_shape(self.student, cfg.model.family, 1, cfg.sampling.resolution)
+        self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift,
+                                 image_seq_len=probe[1] if cfg.model.family == "flux" else None)
+        self.num_trained = trained_steps(cfg.sampling.num_steps, cfg.sampling.timestep_fraction)
+        self.backend = ops.resolve_backend(cfg.loss.backend, self.device, cfg.loss.estimator)
+        log.info("opd_step backend: %s", self.backend)
+        self.round = 0
+        self.nonfinite_rounds = 0
+        if resume:
+            self._resume()
+        self._write_run_file()
+
+    # -- output folder ---------------------------------------------------------------------------------------------
+    def _check_output_dir(self, resume: bool) -> None:
+        run_file = self.out_dir / "run.json"
+        mine = flat_config(self.cfg.to_dict())
+        if run_file.is_file():
+            if not resume:
+                raise OutputDirError(f"{self.out_dir} already holds a run ({run_file}); pass --resume to continue it "
+                                     "or choose another --out")
+            theirs = flat_config(json.loads(run_file.read_text())["config"])
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            fatal = [k for k in changed if k not in RESUMABLE_CHANGES]
+            if fatal:
+                raise OutputDirError(f"{self.out_dir} holds a run with another config; differing keys: "
+                                     + ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in fatal))
+        elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+            raise OutputDirError(f"{self.out_dir} is not empty and holds no run.json: refusing to write a run into "
+                                 "it; choose an empty or new --out")
+
+    def _write_run_file(self) -> None:
+        """Mark the folder as this run's, once everything loaded: a run that failed to start leaves no claim."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        run_file = self.out_dir / "run.json"
+        tmp = run_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2))
+        tmp.replace(run_file)
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def batch_indices(self, round_idx: int, task_idx: int) -> torch.Tensor:
+        """This rank's prompt indices for (round, task). The global batch is drawn without replacement (when the
+        set is large enough) and split into contiguous, non-overlapping slices per rank."""
+        per_rank = self.cfg.train.micro_batch_size * self.cfg.train.micro_batches_per_task
+        world, rank = self.engine.world_size, self.engine.rank
+        n = len(self.prompts[self.cfg.tasks[task_idx].name].prompts)
+        g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, round_idx, task_idx, 0))
+        total = per_rank * world
+        idx = torch.randperm(n, generator=g)[:total] if total <= n else torch.randint(n, (total,), generator=g)
+        return idx[rank * per_rank : (rank + 1) * per_rank]
+
+    def sample_noise(self, round_idx: int, task_idx: int, first: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """(num_trained + 1, B, ...) noise: initial latent then one per trained step; seeded per global sample, so
+        a sample's trajectory does not depend on how the batch is split across ranks or micro-batches."""
+        per_sample = []
+        for i in range(shape[0]):
+            g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, round_idx, task_idx, 1, first + i))
+            per_sample.append(torch.randn((self.num_trained + 1,) + shape[1:], generator=g))
+        return torch.stack(per_sample, 1).to(self.device)
+
+    # -- one round -------------------------------------------------------------------------------------------------
+    def _step_inputs(self, j: int, batch: int):
+        sigma = self.sigmas[j].expand(batch).to(self.device)
+        return sigma, self.sigmas[j + 1].expand(batch).to(self.device)
+
+    def _transition(self, teacher: Teacher, cond, x, noise, j: int, with_grad: bool):
+        cfg = self.cfg
+        sigma, sigma_next = self._step_inputs(j, x.shape[0])
+        with nvtx_range("student_forward"), torch.set_grad_enabled(with_grad):
+            v_student, student_cfg = velocity(self.student, cfg.model.family, x, sigma, cond, cfg.student.guidance)
+        if with_grad:
+            with nvtx_range("teacher_forward"), torch.no_grad():
+                v_teacher, teacher_cfg = velocity(teacher.model, cfg.model.family, x, sigma, cond, teacher.guidance)
+        else:  # rollout only: the teacher is not needed, the step is the student's own
+            v_teacher, teacher_cfg = v_student, student_cfg
+        with nvtx_range("opd_step"), torch.set_grad_enabled(with_grad):
+            return ops.opd_step(
+                x, v_student, v_teacher, noise, sigma, sigma_next, cfg.sampling.noise_level,
+                kl_normalization=cfg.loss.kl_normalization, reduction=cfg.loss.reduction, backend=self.backend,
+                student_guidance=student_cfg, teacher_guidance=teacher_cfg, estimator=cfg.loss.estimator,
+            )  # fmt: skip
+
+    def _train_micro_batch(self, teacher: Teacher, cond, noise: torch.Tensor, scale: float) -> torch.Tensor:
+        """Roll out from noise[0] and backpropagate the loss of every trained step; returns the per-sample loss
+        summed (or averaged) over steps, detached."""
+        x = noise[0]
+        total = torch.zeros(x.shape[0], device=self.device)
+        states = [x]
+        if self.cfg.train.schedule == "two_pass":
+            with nvtx_range("rollout"):
+                for j in range(self.num_trained - 1):
+                    x, _ = self._transition(teacher, cond, x, noise[j + 1], j, with_grad=False)
+                    states.append(x)
+        for j in range(self.num_trained):
+            x_j = states[j] if self.cfg.train.schedule == "two_pass" else x
+            x_next, loss = self._transition(teacher, cond, x_j, noise[j + 1], j, with_grad=True)
+            with nvtx_range("backward"):
+                self.engine.backward(loss.sum() * scale)
+            total += loss.detach()
+            x = x_next
+        if self.cfg.loss.timestep_reduction == "mean":
+            total /= self.num_trained
+        return total
+
+    def train_round(self) -> RoundResult:
+        cfg = self.cfg
+        mb = cfg.train.micro_batch_size
+        per_rank = mb * cfg.train.micro_batches_per_task
+        scale = 1.0 / (len(cfg.tasks) * per_rank)
+        if cfg.loss.timestep_reduction == "mean":
+            scale /= self.num_trained
+        shape = latent_shape(self.student, cfg.model.family, mb, cfg.sampling.resolution)
+        task_losses = {}
+        for t_idx, task in enumerate(cfg.tasks):
+            with nvtx_range(f"task:{task.name}"):
+                indices = self.batch_indices(self.round, t_idx)
+                losses = []
+                for start in range(0, per_rank, mb):
+                    first = self.engine.rank * per_rank + start
+                    noise = self.sample_noise(self.round, t_idx, first, shape)
+                    cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
+                    losses.append(self._train_micro_batch(self.teachers[task.name], cond, noise, scale))
+                task_losses[task.name] = torch.cat(losses).mean()
+        # One host sync per round: a NaN/inf anywhere shows up in the loss sum or the gradient norm.
+        values = {name: float(v) for name, v in task_losses.items()}
+        loss = sum(values.values()) / len(values)
+        grad_norm = None
+        with nvtx_range("optimizer"):
+            if math.isfinite(loss):
+                grad_norm = self.engine.step()
+            else:
+                self.engine.zero_grad()
+        if grad_norm is not None and self.ema is not None:
+            self.ema.update(self.round)
+        self.round += 1
+        return RoundResult(loss, values, grad_norm)
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard and self.engine.rank == 0, self.round)
+        records = []
+        bar = None
+        if cfg.logging.progress and self.engine.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.rounds, initial=self.round, desc="opd rounds", unit="round")
+        try:
+            while self.round < cfg.train.rounds:
+                t0 = time.perf_counter()
+                result = self.train_round()
+                record = {"step": self.round, "loss": result.loss,
+                          **{f"loss/{k}": v for k, v in result.task_losses.items()},
+                          "grad_norm": result.grad_norm, "lr": self.engine.lr, "skipped": result.grad_norm is None,
+                          "nonfinite_rounds": self.nonfinite_rounds + (result.grad_norm is None),
+                          "seconds": time.perf_counter() - t0, "backend": self.backend}  # fmt: skip
+                if result.grad_norm is None:
+                    self.nonfinite_rounds += 1
+                    log.warning("round %d: non-finite loss or gradient (loss %s), optimizer step skipped (%d so far)",
+                                self.round, result.loss, self.nonfinite_rounds)
+                if self.engine.rank == 0:
+                    metrics.write(record)
+                records.append(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result.loss:.4g}")
+                if self.nonfinite_rounds > cfg.train.max_nonfinite_rounds:
+                    raise TrainingError(
+                        f"{self.nonfinite_rounds} rounds had a non-finite loss or gradient (more than "
+                        f"train.max_nonfinite_rounds={cfg.train.max_nonfinite_rounds}); stopping. The last good "
+                        f"checkpoint is {latest_checkpoint(self.out_dir)}"
+                    )
+                if self.round % cfg.checkpoint.every == 0 or self.round == cfg.train.rounds:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        self.export()
+        return records
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        opt_tensors, opt_rest = flatten_optimizer_state(self.engine.state_dict())
+        tensors = {"student": {n: p for n, p in self.student.named_parameters() if p.requires_grad},
+                   "optimizer": opt_tensors}
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        meta = {"round": self.round, "nonfinite_rounds": self.nonfinite_rounds, "optimizer": opt_rest}
+        if self.engine.rank != 0:
+            return None
+        return save_checkpoint(self.out_dir, self.round, tensors, meta, self.cfg.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            log.info("--resume: no checkpoint in %s, starting from round 0", self.out_dir)
+            return
+        tensors, meta = load_checkpoint(path)
+        params = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+        if set(params) != set(tensors["student"]):
+            raise ConfigError(f"{path}: its student parameters do not match this config's student (other LoRA "
+                              "targets or rank?)")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors["student"][name])
+        self.engine.load_state_dict(unflatten_optimizer_state(tensors["optimizer"], meta["optimizer"]))
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict(tensors["ema"])
+        self.round = meta["round"]
+        self.nonfinite_rounds = meta["nonfinite_rounds"]
+        log.info("resumed from %s at round %d", path, self.round)
+
+    def export(self) -> Path | None:
+        """OUT/lora_diffusers (and OUT/lora_diffusers_ema with EMA) in the diffusers layout; full-parameter
+        students are saved as a diffusers transformer folder OUT/transformer."""
+        if self.engine.rank != 0:
+            return None
+        if self.peft_config is None:
+            self.student.save_pretrained(self.out_dir / "transformer")
+            return self.out_dir / "transformer"
+        path = export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
+                                     self.out_dir / "lora_diffusers")
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
+                                      self.out_dir / "lora_diffusers_ema")
+        return path
+
