@@ -58,6 +58,18 @@ class TeacherConfig:
 
 
 @dataclass(kw_only=True)
+class TeacherRuntimeConfig:
+    """How all teachers run (opd_fast.teachers, opd_fast.fp8): precision, weight layout, CUDA stream."""
+
+    precision: Literal["model", "bf16", "fp32", "fp8"] = "model"  # model: the dtype the base was loaded in
+    fp8_backend: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when it imports on CUDA
+    fp8_scaling: Literal["rowwise", "tensorwise", "delayed"] = "rowwise"  # delayed: TE's DelayedScaling only
+    fp8_skip: list[str] | None = None  # fnmatch patterns of Linear names kept in high precision; null: fp8 default
+    stream: Literal["side", "serial"] = "side"  # side: overlap teacher(x_j+1) with backward(j) on CUDA
+    mode: Literal["merged", "adapter"] = "merged"  # merged: one copy per teacher; adapter: one base + LoRAs
+
+
+@dataclass(kw_only=True)
 class TaskConfig:
     name: str
     prompts: str  # .txt (one prompt per line) or .jsonl ({"prompt": ..., metadata...})
@@ -70,6 +82,9 @@ class PromptsConfig:
     max_tokens: int = 16  # builtin encoder's sequence length
     cache_dir: str | None = None  # default: OUT/embeddings
     negative_prompt: str = ""
+    # pipeline encoder (opd_fast.text_encoders): T5 tokens; null = the pipeline's default (SD3 256, FLUX 512)
+    max_sequence_length: int | None = None
+    encode_batch_size: int = 32  # prompts per text-encoder forward
 
 
 @dataclass(kw_only=True)
@@ -116,6 +131,30 @@ class TrainConfig:
     max_nonfinite_rounds: int = 3  # rounds skipped for a NaN/inf loss or gradient before the run stops
 
 
+LORA_ZERO_STAGE = 1  # engine.zero_stage null with a LoRA student; chosen by measurement (bench/RESULTS.md)
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """How the student update runs (opd_fast.engine, opd_fast.distributed): one process, data parallel, or DeepSpeed.
+
+    zero_stage null means "by student kind": 3 for a full-parameter student (partitions weights, gradients and
+    optimizer state), 1 for a LoRA student (its few weights fit everywhere, and stage 1 communicates once per round
+    where stages 2 and 3 communicate at every backward call; measured in bench/RESULTS.md)."""
+
+    kind: Literal["single", "ddp", "deepspeed"] = "single"
+    zero_stage: int | None = None  # deepspeed only: 0..3, null = by student kind (above)
+    offload: Literal["none", "optimizer", "all"] = "none"  # deepspeed: optimizer state (stage >= 1), + weights (3) to CPU
+    bf16: bool = False  # deepspeed: bf16 weights, activations and gradients; fp32 master weights in the optimizer
+    timeout_s: int = 600  # collective ops: a rank that died or hangs makes the others exit after at most this long
+    persistence_threshold: int = 100_000  # ZeRO-3: parameters this small stay gathered (DeepSpeed's default)
+
+    def resolved_zero_stage(self, lora: bool) -> int:
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return LORA_ZERO_STAGE if lora else 3
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = 10  # rounds
@@ -133,12 +172,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
+    teacher_runtime: TeacherRuntimeConfig = field(default_factory=TeacherRuntimeConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -172,9 +213,39 @@ class RunConfig:
             raise ConfigError(f"sampling.resolution: must be a multiple of 8, got {self.sampling.resolution}")
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas: needs two values, got {self.optimizer.betas}")
+        if self.teacher_runtime.fp8_scaling == "delayed" and self.teacher_runtime.fp8_backend == "torch":
+            raise ConfigError("teacher_runtime.fp8_scaling: 'delayed' is Transformer Engine's recipe; the torch "
+                              "backend scales rowwise or tensorwise")
+        self._validate_engine()
         if self.model.path is None and self.model.preset is None:
             raise ConfigError("model: set model.path (a local diffusers folder) or model.preset")
+        if self.prompts.encoder == "pipeline" and self.model.path is None:
+            raise ConfigError("prompts.encoder: 'pipeline' needs model.path, the local pipeline folder whose text "
+                              "encoders encode the prompts")
         return self
+
+    def _validate_engine(self) -> None:
+        engine = self.engine
+        if engine.timeout_s <= 0:
+            raise ConfigError(f"engine.timeout_s: must be > 0, got {engine.timeout_s}")
+        if engine.persistence_threshold < 0:
+            raise ConfigError(f"engine.persistence_threshold: must be >= 0, got {engine.persistence_threshold}")
+        if engine.kind != "deepspeed":  # these keys would be read by nothing: refuse them rather than ignore them
+            defaults = EngineConfig()
+            for key in ("zero_stage", "offload", "bf16", "persistence_threshold"):
+                value, default = getattr(engine, key), getattr(defaults, key)
+                if value != default:
+                    raise ConfigError(f"engine.{key}: only the deepspeed engine has it (engine.kind is "
+                                      f"{engine.kind!r}); remove it or set engine.kind: deepspeed")
+            return
+        if engine.zero_stage is not None and engine.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.zero_stage: must be 0, 1, 2, 3 or null (by student kind), got "
+                              f"{engine.zero_stage}")
+        stage = engine.resolved_zero_stage(self.student.lora.enabled)
+        if engine.offload == "optimizer" and stage == 0:
+            raise ConfigError("engine.offload: 'optimizer' needs ZeRO stage >= 1 (engine.zero_stage)")
+        if engine.offload == "all" and stage != 3:
+            raise ConfigError(f"engine.offload: 'all' (weights too) needs ZeRO stage 3, got stage {stage}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

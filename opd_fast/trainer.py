@@ -31,14 +31,15 @@ from opd_fast.config import ConfigError, RunConfig
 from opd_fast.engine import EMA, SingleEngine
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
-from opd_fast.profiling import nvtx_range
+from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
 from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, read_prompts
 from opd_fast.schedule import sigma_grid, trained_steps
-from opd_fast.teachers import Teacher, load_teacher
+from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
 
 log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"train.rounds", "checkpoint.every", "checkpoint.keep_last", "logging.progress",
-                     "logging.tensorboard", "loss.backend"}  # fmt: skip
+                     "logging.tensorboard", "loss.backend",
+                     "teacher_runtime.stream", "teacher_runtime.mode"}  # fmt: skip  (speed only: same teacher outputs)
 
 
 class TrainingError(RuntimeError):
@@ -100,10 +101,17 @@ class Trainer:
         self._check_output_dir(resume)
 
         base = load_transformer(cfg.model).to(self.device)
-        # Teachers are frozen copies of the base with their LoRA merged, made before the student gets its adapter.
-        self.teachers: dict[str, Teacher] = {t.name: load_teacher(t.name, t.teacher, base, cfg.model) for t in cfg.tasks}
+        # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
+        # made before the student gets its adapter.
+        self.teachers: dict[str, Teacher] = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+        self.phase_timer: PhaseTimer | None = None  # benchmarks attach one to time the phases
+        self.capture: CaptureWindow | None = None  # opd-fast train --profile-steps a:b
+        self.teacher_runner = TeacherRunner(cfg.model.family, self.device, cfg.teacher_runtime.stream, self._phase)
+        self._sigma_table: torch.Tensor | None = None
         self.student = base
-        self.peft_config = add_student_lora(self.student, cfg.student.lora)
+        with torch.random.fork_rng(devices=[]):  # peft draws the adapter init from the global RNG
+            torch.manual_seed(cfg.train.seed)
+            self.peft_config = add_student_lora(self.student, cfg.student.lora)
         if cfg.model.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.student.train()
@@ -173,21 +181,34 @@ class Trainer:
         return torch.stack(per_sample, 1).to(self.device)
 
     # -- one round -------------------------------------------------------------------------------------------------
-    def _step_inputs(self, j: int, batch: int):
-        sigma = self.sigmas[j].expand(batch).to(self.device)
-        return sigma, self.sigmas[j + 1].expand(batch).to(self.device)
+    def _phase(self, name: str):
+        """An NVTX range around a phase of the round, timed when a benchmark attached a PhaseTimer."""
+        return phase(name, self.phase_timer)
 
-    def _transition(self, teacher: Teacher, cond, x, noise, j: int, with_grad: bool):
+    def _sigma_rows(self, batch: int) -> torch.Tensor:
+        """(num_steps + 1, batch) sigmas on the device, made once: a per-step host-to-device copy would make the host
+        wait for the device (a pageable copy synchronises), and the teacher/backward overlap needs a host that
+        runs ahead."""
+        if self._sigma_table is None or self._sigma_table.shape[1] != batch:
+            self._sigma_table = self.sigmas.to(self.device)[:, None].expand(-1, batch).contiguous()
+        return self._sigma_table
+
+    def _transition(self, cond, x, noise, sigma, sigma_next, teacher: TeacherHandle | None):
+        """Student forward at x and the fused step/loss. teacher: the submitted teacher forward at x for a trained
+        step (the student forward then runs with grad); None in the two-pass rollout, whose step is the student's
+        own. The teacher's result is taken only after the student's forward is launched, so a side-stream teacher
+        runs alongside it."""
         cfg = self.cfg
-        sigma, sigma_next = self._step_inputs(j, x.shape[0])
-        with nvtx_range("student_forward"), torch.set_grad_enabled(with_grad):
+        with_grad = teacher is not None
+        prefix = "" if with_grad else "rollout/"
+        with self._phase(prefix + "student_forward"), torch.set_grad_enabled(with_grad):
             v_student, student_cfg = velocity(self.student, cfg.model.family, x, sigma, cond, cfg.student.guidance)
         if with_grad:
-            with nvtx_range("teacher_forward"), torch.no_grad():
-                v_teacher, teacher_cfg = velocity(teacher.model, cfg.model.family, x, sigma, cond, teacher.guidance)
-        else:  # rollout only: the teacher is not needed, the step is the student's own
+            v_teacher, teacher_cfg = self.teacher_runner.result(teacher)
+            v_teacher = v_teacher.to(v_student.dtype)  # a teacher in another precision than the student
+        else:
             v_teacher, teacher_cfg = v_student, student_cfg
-        with nvtx_range("opd_step"), torch.set_grad_enabled(with_grad):
+        with self._phase(prefix + "loss"), torch.set_grad_enabled(with_grad):
             return ops.opd_step(
                 x, v_student, v_teacher, noise, sigma, sigma_next, cfg.sampling.noise_level,
                 kl_normalization=cfg.loss.kl_normalization, reduction=cfg.loss.reduction, backend=self.backend,
@@ -196,19 +217,32 @@ class Trainer:
 
     def _train_micro_batch(self, teacher: Teacher, cond, noise: torch.Tensor, scale: float) -> torch.Tensor:
         """Roll out from noise[0] and backpropagate the loss of every trained step; returns the per-sample loss
-        summed (or averaged) over steps, detached."""
+        summed (or averaged) over steps, detached.
+
+        Pipelining: the teacher's forward at x_{j+1} is submitted as soon as x_{j+1} exists (after opd_step(j),
+        which needs teacher(x_j)) and BEFORE backward(j), so on a side CUDA stream it runs while backward(j) does;
+        its result is awaited (a stream event, no host sync) only after the student's forward at x_{j+1}. On CPU the
+        runner computes at submit: the same order, serially. No teacher call at untrained steps."""
+        runner = self.teacher_runner
+        sigmas = self._sigma_rows(noise.shape[1])
         x = noise[0]
         total = torch.zeros(x.shape[0], device=self.device)
-        states = [x]
+        states = None  # two-pass: every trained state, from the rollout without grad
         if self.cfg.train.schedule == "two_pass":
-            with nvtx_range("rollout"):
+            states = [x]
+            with self._phase("rollout"):
                 for j in range(self.num_trained - 1):
-                    x, _ = self._transition(teacher, cond, x, noise[j + 1], j, with_grad=False)
+                    x, _ = self._transition(cond, x, noise[j + 1], sigmas[j], sigmas[j + 1], None)
                     states.append(x)
+            x = states[0]
+        pending = runner.submit(teacher, x, sigmas[0], cond)
         for j in range(self.num_trained):
-            x_j = states[j] if self.cfg.train.schedule == "two_pass" else x
-            x_next, loss = self._transition(teacher, cond, x_j, noise[j + 1], j, with_grad=True)
-            with nvtx_range("backward"):
+            x_next, loss = self._transition(cond, x, noise[j + 1], sigmas[j], sigmas[j + 1], pending)
+            if j + 1 < self.num_trained:
+                if states is not None:
+                    x_next = states[j + 1]  # the same state, from the rollout
+                pending = runner.submit(teacher, x_next, sigmas[j + 1], cond)  # overlaps backward(j)
+            with self._phase("backward"):
                 self.engine.backward(loss.sum() * scale)
             total += loss.detach()
             x = x_next
@@ -239,7 +273,7 @@ class Trainer:
         values = {name: float(v) for name, v in task_losses.items()}
         loss = sum(values.values()) / len(values)
         grad_norm = None
-        with nvtx_range("optimizer"):
+        with self._phase("optimizer"):
             if math.isfinite(loss):
                 grad_norm = self.engine.step()
             else:
@@ -262,7 +296,11 @@ class Trainer:
         try:
             while self.round < cfg.train.rounds:
                 t0 = time.perf_counter()
+                if self.capture is not None:
+                    self.capture.before_round(self.round)
                 result = self.train_round()
+                if self.capture is not None:
+                    self.capture.after_round(self.round - 1)
                 record = {"step": self.round, "loss": result.loss,
                           **{f"loss/{k}": v for k, v in result.task_losses.items()},
                           "grad_norm": result.grad_norm, "lr": self.engine.lr, "skipped": result.grad_norm is None,
@@ -287,6 +325,8 @@ class Trainer:
                 if self.round % cfg.checkpoint.every == 0 or self.round == cfg.train.rounds:
                     self.save()
         finally:
+            if self.capture is not None:
+                self.capture.close()
             if bar is not None:
                 bar.close()
             metrics.close()

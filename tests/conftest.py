@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors in the interpreter; it must be set before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """configs/tiny.yaml made smaller still: 4 steps (3 trained), 2 prompts per task, no progress bar."""
+    base = {
+        "sampling.num_steps": 4,
+        "train.rounds": 2,
+        "train.micro_batch_size": 2,
+        "checkpoint.every": 1,
+        "logging.progress": False,
+        "logging.tensorboard": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_config():
+    from opd_fast.config import load_config
+
+    def make(**extra):
+        return load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides(**extra))
+
+    return make

@@ -1,0 +1,188 @@
+"""Bad input gets a clear error naming the problem, and loses nothing."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from opd_fast import checkpoint as ckpt
+from opd_fast.cli import main
+from opd_fast.config import ConfigError, load_config
+from opd_fast.prompts import PromptError, read_prompts
+from opd_fast.safeio import UnsafeFileError
+from opd_fast.teachers import TeacherError
+from opd_fast.trainer import OutputDirError, Trainer, TrainingError
+
+from conftest import ROOT, tiny_overrides
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def run_cli(*args, capsys):
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_missing_and_empty_prompt_files(tiny_config, tmp_path):
+    with pytest.raises(PromptError, match=r"task 'ocr': prompt file not found: .*nope\.txt"):
+        Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "nope.txt")}), tmp_path / "a", device="cpu")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(PromptError, match="prompt file is empty"):
+        Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "empty.txt")}), tmp_path / "b", device="cpu")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "run.json").exists()
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat"}\n{"prompt": 3}\n')
+    with pytest.raises(PromptError, match=r"p\.jsonl:2: expected an object with a string field 'prompt'"):
+        read_prompts(path)
+    path.write_text('{"prompt": "a cat"}\n{broken\n')
+    with pytest.raises(PromptError, match=r"p\.jsonl:2: not valid JSON"):
+        read_prompts(path)
+
+
+def test_teacher_path_that_does_not_exist(tiny_config, tmp_path, capsys):
+    with pytest.raises(TeacherError, match=r"teacher of task 'aesthetic': path does not exist: .*missing"):
+        Trainer(tiny_config(**{"tasks.2.teacher.path": str(tmp_path / "missing")}), tmp_path / "a", device="cpu")
+    code, err = run_cli("train", TINY, "--out", str(tmp_path / "b"), "--set", f"tasks.2.teacher.path={tmp_path}/x",
+                        capsys=capsys)
+    assert code == 2 and "teacher of task 'aesthetic': path does not exist" in err
+
+
+def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from opd_fast.config import ModelConfig
+    from opd_fast.models import load_transformer
+
+    flux = get_peft_model(load_transformer(ModelConfig(family="flux", preset="tiny-flux")),
+                          LoraConfig(r=2, target_modules=["attn.to_q"]))
+    flux.save_pretrained(tmp_path / "flux_lora")
+    with pytest.raises(TeacherError, match=r"teacher of task 'ocr': LoRA targets 'single_transformer_blocks"):
+        Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "flux_lora")}), tmp_path / "a", device="cpu")
+    # a full model folder of another architecture
+    other = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
+    other.register_to_config(num_layers=3)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(TeacherError, match=r"teacher of task 'ocr': its architecture differs .*num_layers: student 2 "
+                                           r"vs teacher 3"):
+        Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "other")}), tmp_path / "b", device="cpu")
+
+
+def test_wrong_config_types_and_unknown_keys(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"train\.rounds: expected an integer, got str 'ten'"):
+        load_config(TINY, ["train.rounds=ten"])
+    with pytest.raises(ConfigError, match=r"unknown config key sampling\.num_step\b"):
+        load_config(TINY, ["sampling.num_step=4"])
+    with pytest.raises(ConfigError, match=r"loss\.kl_normalization: must be one of \['exact', 'official'\]"):
+        load_config(TINY, ["loss.kl_normalization=exakt"])
+    with pytest.raises(ConfigError, match=r"student\.lora\.rank: must be > 0"):
+        load_config(TINY, ["student.lora.rank=0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  family: sd3\n  dtype: 16\n")
+    code, err = run_cli("train", str(bad), "--out", str(tmp_path / "o"), capsys=capsys)
+    assert code == 2 and "model.dtype: must be one of" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu").fit()
+    with pytest.raises(OutputDirError, match="already holds a run .*pass --resume"):
+        Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu")
+    with pytest.raises(OutputDirError, match=r"another config; differing keys: sampling\.noise_level"):
+        Trainer(tiny_config(**{"train.rounds": 1, "sampling.noise_level": 0.5}), out, device="cpu", resume=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, err = run_cli("train", TINY, "--out", str(other), *sum((["--set", o] for o in tiny_overrides()), []),
+                        capsys=capsys)
+    assert code == 2 and "is not empty and holds no run.json" in err
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_nonfinite_loss_skips_then_stops(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.rounds": 6, "train.max_nonfinite_rounds": 2})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    poisoned = {"on": False}
+    teacher = trainer.teachers["ocr"].model
+    teacher.register_forward_hook(lambda m, i, out: (out[0] * float("nan"),) if poisoned["on"] else out)
+
+    trainer.cfg.train.rounds = 1
+    trainer.fit()  # round 1 is good and checkpointed
+    good = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+    poisoned["on"] = True
+    trainer.cfg.train.rounds = 6
+    with pytest.raises(TrainingError, match=r"3 rounds had a non-finite loss .*train\.max_nonfinite_rounds=2"):
+        trainer.fit()
+    for n, p in trainer.student.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, good[n]), "a skipped round changed the weights"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, True, True, True]
+    assert [r["nonfinite_rounds"] for r in records] == [0, 1, 2, 3]
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert all(n.startswith("step_") for n in names), names  # no temp folder left behind
+
+
+def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu")
+    trainer.fit()
+    before = ckpt.latest_checkpoint(out)
+    calls = {"n": 0}
+    real_save = ckpt.save_file
+
+    def dying_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_save)
+    trainer.round = 2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert ckpt.latest_checkpoint(out) == before
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config(**{"train.rounds": 2}), out, device="cpu", resume=True)
+    assert resumed.round == 1
+    resumed.fit()
+    assert ckpt.latest_checkpoint(out).name == "step_00000002"
+    assert not [p for p in (out / "checkpoints").iterdir() if not p.name.startswith("step_")]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_teacher_is_refused_and_runs_no_code(tiny_config, tmp_path):
+    marker = tmp_path / "pwned"
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    with open(teacher / "pytorch_lora_weights.bin", "wb") as f:
+        pickle.dump({"transformer.x.lora_A.weight": _Evil(str(marker))}, f)
+    with pytest.raises(UnsafeFileError, match=r"refusing to load .*pytorch_lora_weights\.bin.*nothing in it was run"):
+        Trainer(tiny_config(**{"tasks.0.teacher.path": str(teacher)}), tmp_path / "run", device="cpu")
+    assert not marker.exists()
+
+    # the same payload inside a torch.save'd peft adapter
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2}))
+    torch.save({"w": _Evil(str(marker))}, peft_dir / "adapter_model.bin")
+    with pytest.raises(UnsafeFileError, match="refusing to load"):
+        Trainer(tiny_config(**{"tasks.0.teacher.path": str(peft_dir)}), tmp_path / "run2", device="cpu")
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_no_pickles(tiny_config, tmp_path):
+    Trainer(tiny_config(**{"train.rounds": 1}), tmp_path / "run", device="cpu").fit()
+    files = [p.name for p in ckpt.latest_checkpoint(tmp_path / "run").iterdir()]
+    assert sorted(files) == ["ema.safetensors", "optimizer.safetensors", "state.json", "student.safetensors"]

@@ -1,0 +1,178 @@
+"""The trainer on the tiny model: schedules agree, micro-batching agrees, resume is exact, the export loads into a
+diffusers pipeline, the teacher is skipped at untrained steps, the loss falls."""
+
+import json
+
+import pytest
+import torch
+
+from opd_fast.checkpoint import list_checkpoints
+from opd_fast.trainer import Trainer
+
+
+def round_gradient(cfg, out) -> dict[str, torch.Tensor]:
+    """The accumulated gradient of round 0 (captured instead of the optimizer step)."""
+    trainer = Trainer(cfg, out, device="cpu")
+    captured = {}
+
+    def capture():
+        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
+        trainer.engine.zero_grad()
+        return 0.0
+
+    trainer.engine.step = capture
+    trainer.train_round()
+    return captured
+
+
+def assert_grads_close(a, b, ratio):
+    """Relative RMS error per tensor, rms(a - b) / rms(a) < ratio (fla's criterion: robust to tiny elements)."""
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name].pow(2).mean().sqrt()
+        err = (a[name] - b[name]).pow(2).mean().sqrt()
+        assert err <= ratio * scale + 1e-12, (name, err.item(), scale.item())
+    assert any(g.abs().max() > 0 for g in a.values())
+
+
+@pytest.mark.parametrize("noise_level", [0.0, 0.7])
+def test_one_pass_and_two_pass_give_the_same_gradient(tiny_config, tmp_path, noise_level):
+    # Same forward at the same states with the same weights: equal up to float32 summation order (rtol 1e-5).
+    one = round_gradient(tiny_config(**{"sampling.noise_level": noise_level}), tmp_path / "one")
+    two = round_gradient(tiny_config(**{"sampling.noise_level": noise_level, "train.schedule": "two_pass"}),
+                         tmp_path / "two")
+    assert_grads_close(one, two, ratio=1e-5)
+
+
+def test_micro_batching_and_gradient_checkpointing_keep_the_gradient(tiny_config, tmp_path):
+    # noise is seeded per global sample, so 2 micro-batches of 2 see the same trajectories as 1 micro-batch of 4
+    whole = round_gradient(tiny_config(**{"train.micro_batch_size": 4}), tmp_path / "whole")
+    split = round_gradient(tiny_config(**{"train.micro_batch_size": 2, "train.micro_batches_per_task": 2,
+                                          "model.gradient_checkpointing": True}), tmp_path / "split")
+    assert_grads_close(whole, split, ratio=1e-5)
+
+
+def test_teacher_runs_only_at_trained_steps(tiny_config, tmp_path):
+    cfg = tiny_config(**{"sampling.num_steps": 5, "sampling.timestep_fraction": 0.6})  # int(5 * 0.6) = 3 trained
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    calls = []
+    for teacher in trainer.teachers.values():
+        teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    student_calls = []
+    trainer.student.register_forward_hook(lambda *args: student_calls.append(1))
+    trainer.train_round()
+    assert trainer.num_trained == 3
+    assert len(calls) == 3 * len(cfg.tasks)  # one micro-batch per task
+    assert len(student_calls) == 3 * len(cfg.tasks)  # one-pass: the rollout stops after the last trained step
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.rounds": 4, "ema.update_every": 1})
+    straight = Trainer(cfg, tmp_path / "straight", device="cpu")
+    straight.fit()
+
+    half = tiny_config(**{"train.rounds": 2, "ema.update_every": 1})
+    Trainer(half, tmp_path / "resumed", device="cpu").fit()
+    resumed = Trainer(cfg, tmp_path / "resumed", device="cpu", resume=True)
+    assert resumed.round == 2
+    resumed.fit()
+
+    for (name, a), (_, b) in zip(straight.student.named_parameters(), resumed.student.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # CPU, same ops: bitwise
+    for a, b in zip(straight.ema.shadow, resumed.ema.shadow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert len(list_checkpoints(tmp_path / "resumed")) == cfg.checkpoint.keep_last
+
+
+def test_loss_falls_and_metrics_are_written(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.rounds": 12, "optimizer.lr": 0.01, "train.micro_batch_size": 4,
+                         "logging.tensorboard": True})
+    records = Trainer(cfg, tmp_path / "run", device="cpu").fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 13))
+    assert {"loss", "loss/geneval", "loss/ocr", "loss/aesthetic", "grad_norm", "lr"} <= set(lines[0])
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_diffusers_export_loads_into_sd3_pipeline(tiny_config, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from opd_fast.config import ModelConfig
+    from opd_fast.models import load_transformer
+
+    cfg = tiny_config(**{"optimizer.lr": 0.01})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer.fit()
+    lora_file = tmp_path / "run" / "lora_diffusers" / "pytorch_lora_weights.safetensors"
+    assert lora_file.is_file()
+
+    base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
+    base.save_pretrained(tmp_path / "base")
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(tmp_path / "base"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None,
+    )  # fmt: skip
+    pipe.load_lora_weights(tmp_path / "run" / "lora_diffusers")
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 32,
+                  generator=g), pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([900., 300.]))
+    with torch.no_grad():
+        ours = trainer.student(**inputs).sample
+        theirs = pipe.transformer(**inputs).sample
+        plain = base(**inputs).sample
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    assert (ours - plain).abs().max() > 1e-4  # the LoRA is not a no-op
+    assert (tmp_path / "run" / "lora_diffusers_ema" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_flux_student_trains_from_a_local_folder(tmp_path):
+    """FLUX: packed latents, guidance embedding, a base loaded from a local folder, a diffusers-layout teacher."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from opd_fast.config import ModelConfig, config_from_dict
+    from opd_fast.models import load_transformer
+
+    base = load_transformer(ModelConfig(family="flux", preset="tiny-flux"))
+    base.save_pretrained(tmp_path / "flux" / "transformer")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v"], init_lora_weights="gaussian")
+    teacher = get_peft_model(load_transformer(ModelConfig(family="flux", preset="tiny-flux")), lora)
+    with torch.no_grad():
+        for n, p in teacher.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(teacher).items()}
+    FluxPipeline.save_lora_weights(tmp_path / "teacher", transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=lora.to_dict())
+    (tmp_path / "p.txt").write_text("a red cup\na blue car\n")
+    cfg = config_from_dict({
+        "model": {"family": "flux", "path": str(tmp_path / "flux"), "preset": None},
+        "student": {"guidance": 3.5, "lora": {"rank": 4, "alpha": 8}},
+        "tasks": [{"name": "t", "prompts": str(tmp_path / "p.txt"),
+                   "teacher": {"path": str(tmp_path / "teacher"), "guidance": 3.5}}],
+        "sampling": {"num_steps": 3, "resolution": 64},
+        "train": {"rounds": 2, "micro_batch_size": 2},
+        "logging": {"progress": False, "tensorboard": False},
+    })  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    records = trainer.fit()
+    assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+    assert (tmp_path / "run" / "lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_full_parameter_student(tiny_config, tmp_path):
+    cfg = tiny_config(**{"student.lora.enabled": False, "optimizer.lr": 1e-4})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    trainer.fit()
+    changed = [n for n, p in trainer.student.named_parameters() if not torch.equal(p, before[n])]
+    assert "transformer_blocks.0.attn.to_q.weight" in changed
+    assert (tmp_path / "run" / "transformer" / "config.json").is_file()
