@@ -1,0 +1,342 @@
+"""Reward adapters for evaluation: a registry name -> scorer class with `score(images, prompts, metadata)`.
+
+Every adapter loads its models from local files only (options name the paths) and says precisely what is missing
+when its package is not installed (`Reward.unavailable()`), so `opd-fast eval` fails before any scoring starts.
+
+    pickscore    PickScore_v1 (a CLIP-H): logit_scale * cos(image, prompt), / 26 as Flow-GRPO reports it
+    clipscore    any CLIP: 100 * max(cos(image, prompt), 0) (torchmetrics' CLIPScore)
+    aesthetic    LAION improved aesthetic predictor: CLIP ViT-L/14 image embedding -> linear MLP head
+    hpsv2        HPS v2.1: open_clip ViT-H-14 with the HPS checkpoint, cos(image, prompt)   [needs open_clip]
+    imagereward  ImageReward v1.0 (BLIP)                                                    [needs image-reward]
+    ocr          1 - normalized edit distance between the quoted text and PaddleOCR's reading [needs paddleocr]
+    geneval      GenEval's object/count/color/position rules (opd_fast.evaluate.geneval)   [needs mmdet]
+
+The CLIP-based ones run on transformers' CLIPModel, so they are tested here on tiny random CLIPs built from config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import torch
+
+REWARDS: dict[str, type[Reward]] = {}
+
+
+class RewardError(ValueError):
+    """A reward that cannot be built: unknown name or option, missing file or package. Names the reward."""
+
+
+def register(name: str):
+    def add(cls):
+        cls.name = name
+        REWARDS[name] = cls
+        return cls
+
+    return add
+
+
+class Reward:
+    """Base class. Subclasses take their options as keyword arguments (paths, thresholds) plus device/batch_size."""
+
+    name = ""
+    requires: tuple[str, ...] = ()  # importable modules
+    install_hint = ""
+
+    def __init__(self, device: str | None = None, batch_size: int = 16):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this reward cannot run here (a missing package, with the install hint), or None."""
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"reward {cls.name!r} needs the Python package(s) {missing} ({cls.install_hint})"
+        return None
+
+    def score(self, images: list, prompts: list[str], metadata: list[dict]) -> list[float]:
+        raise NotImplementedError
+
+    def aggregate(self, scores: list[float], metadata: list[dict]) -> float:
+        """The number a results table reports for a whole prompt set."""
+        return sum(scores) / len(scores)
+
+    def _local(self, option: str, path, kind: str = "any") -> Path:
+        if path is None:
+            raise RewardError(f"reward {self.name!r}: option {option!r} is required (a local path)")
+        path = Path(path)
+        ok = path.is_dir() if kind == "dir" else path.is_file() if kind == "file" else path.exists()
+        if not ok:
+            raise RewardError(f"reward {self.name!r}: {option} {path} not found (models load from local files only)")
+        return path
+
+    def _batches(self, n: int):
+        return (range(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size))
+
+
+def build_reward(name: str, **options) -> Reward:
+    cls = REWARDS.get(name)
+    if cls is None:
+        raise RewardError(f"unknown reward {name!r} (known: {', '.join(sorted(REWARDS))})")
+    reason = cls.unavailable()
+    if reason:
+        raise RewardError(reason)
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise RewardError(f"reward {name!r}: unknown option(s) {unknown} (allowed: {', '.join(sorted(allowed))})")
+    return cls(**options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP-based rewards (transformers)
+
+
+def _features(out) -> torch.Tensor:
+    """get_*_features returns the tensor in transformers 4 and an output with pooler_output in transformers 5."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipReward(Reward):
+    """A transformers CLIPModel + its processor from local folders; unit-norm image and text embeddings."""
+
+    def __init__(self, model: str | None = None, processor: str | None = None, device: str | None = None,
+                 batch_size: int = 16):
+        super().__init__(device, batch_size)
+        from transformers import AutoProcessor, CLIPModel
+
+        model_dir = self._local("model", model, "dir")
+        processor_dir = self._local("processor", processor, "dir") if processor else model_dir
+        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval().to(self.device)
+        self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
+
+    @torch.no_grad()
+    def image_embeds(self, images: list) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        e = _features(self.model.get_image_features(pixel_values=pixels)).float()
+        return e / e.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        max_length = self.model.config.text_config.max_position_embeddings
+        tokens = self.processor(text=prompts, padding=True, truncation=True, max_length=max_length,
+                                return_tensors="pt")  # fmt: skip
+        e = _features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                   attention_mask=tokens["attention_mask"].to(self.device))).float()
+        return e / e.norm(dim=-1, keepdim=True)
+
+    def cosines(self, images: list, prompts: list[str]) -> torch.Tensor:
+        out = []
+        for idx in self._batches(len(images)):
+            img = self.image_embeds([images[i] for i in idx])
+            txt = self.text_embeds([prompts[i] for i in idx])
+            out.append((img * txt).sum(-1).cpu())
+        return torch.cat(out)
+
+
+@register("pickscore")
+class PickScore(ClipReward):
+    """PickScore (Kirstain et al. 2023): model = the PickScore_v1 folder, processor = the
+    CLIP-ViT-H-14-laion2B-s32B-b79K folder (PickScore_v1 ships no processor). scale 1/26 is Flow-GRPO's
+    normalization (the paper's tables); scale 1 gives the raw PickScore (~22)."""
+
+    def __init__(self, model: str | None = None, processor: str | None = None, scale: float = 1 / 26,
+                 device: str | None = None, batch_size: int = 16):
+        super().__init__(model, processor, device, batch_size)
+        self.scale = scale
+
+    def score(self, images, prompts, metadata):
+        logit_scale = self.model.logit_scale.exp().item()
+        return (self.cosines(images, prompts) * logit_scale * self.scale).tolist()
+
+
+@register("clipscore")
+class ClipScore(ClipReward):
+    """CLIPScore as torchmetrics computes it: 100 * max(cos, 0), with e.g. openai/clip-vit-large-patch14."""
+
+    def score(self, images, prompts, metadata):
+        return (100 * self.cosines(images, prompts).clamp(min=0)).tolist()
+
+
+@register("aesthetic")
+class Aesthetic(ClipReward):
+    """LAION's improved aesthetic predictor: model = the openai/clip-vit-large-patch14 folder, head = the
+    sac+logos+ava1-l14-linearMSE.pth (or .safetensors) file. The head is the predictor's MLP: Linear layers
+    `layers.{i}` applied in order with no activation (its dropouts are identities at inference)."""
+
+    def __init__(self, model: str | None = None, head: str | None = None, processor: str | None = None,
+                 device: str | None = None, batch_size: int = 16):
+        super().__init__(model, processor, device, batch_size)
+        from opd_fast.safeio import load_tensors
+
+        state = load_tensors(self._local("head", head, "file"), "reward 'aesthetic' head")
+        indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
+        if not indices:
+            raise RewardError(f"reward 'aesthetic': {head} holds no layers.N.weight (not the LAION MLP head)")
+        self.layers = [(state[f"layers.{i}.weight"].float().to(self.device),
+                        state[f"layers.{i}.bias"].float().to(self.device)) for i in indices]  # fmt: skip
+        embed_dim = self.model.config.projection_dim
+        if self.layers[0][0].shape[1] != embed_dim or self.layers[-1][0].shape[0] != 1:
+            raise RewardError(f"reward 'aesthetic': the head maps {self.layers[0][0].shape[1]} -> "
+                              f"{self.layers[-1][0].shape[0]} but the CLIP embeds {embed_dim} (expects -> 1)")
+
+    def score(self, images, prompts, metadata):
+        out = []
+        for idx in self._batches(len(images)):
+            h = self.image_embeds([images[i] for i in idx])
+            for weight, bias in self.layers:
+                h = torch.nn.functional.linear(h, weight, bias)
+            out.append(h[:, 0].cpu())
+        return torch.cat(out).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewards on other packages: written against their APIs, detected at run time
+
+
+@register("hpsv2")
+class HPSv2(Reward):
+    """HPS v2.1 (Wu et al. 2023) the way the hpsv2 package scores, without its downloads: open_clip's ViT-H-14,
+    the HPS_v2.1_compressed.pt checkpoint (`checkpoint`), score = image_features . text_features (unit norm)."""
+
+    requires = ("open_clip",)
+    install_hint = "pip install open_clip_torch, with the torchvision that matches your torch build"
+
+    def __init__(self, checkpoint: str | None = None, model_name: str = "ViT-H-14", device: str | None = None,
+                 batch_size: int = 16):
+        super().__init__(device, batch_size)
+        import open_clip
+
+        path = self._local("checkpoint", checkpoint, "file")
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None,
+                                                                               device=self.device)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state.get("state_dict", state))
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)  # its BPE vocabulary ships inside open_clip
+
+    @torch.no_grad()
+    def score(self, images, prompts, metadata):
+        out = []
+        for idx in self._batches(len(images)):
+            pixels = torch.stack([self.preprocess(images[i]) for i in idx]).to(self.device)
+            text = self.tokenizer([prompts[i] for i in idx]).to(self.device)
+            img = self.model.encode_image(pixels, normalize=True)
+            txt = self.model.encode_text(text, normalize=True)
+            out.append((img * txt).sum(-1).float().cpu())
+        return torch.cat(out).tolist()
+
+
+@register("imagereward")
+class ImageReward(Reward):
+    """ImageReward v1.0 (Xu et al. 2023): checkpoint = ImageReward.pt, med_config = its med_config.json. The
+    package also reads the bert-base-uncased tokenizer through the Hugging Face cache: have it there and set
+    HF_HUB_OFFLINE=1."""
+
+    requires = ("ImageReward",)
+    install_hint = "pip install image-reward, with the torchvision that matches your torch build"
+
+    def __init__(self, checkpoint: str | None = None, med_config: str | None = None, device: str | None = None,
+                 batch_size: int = 16):
+        super().__init__(device, batch_size)
+        import ImageReward as RM
+
+        self.model = RM.load(str(self._local("checkpoint", checkpoint, "file")), device=str(self.device),
+                             med_config=str(self._local("med_config", med_config, "file")))  # fmt: skip
+
+    @torch.no_grad()
+    def score(self, images, prompts, metadata):
+        return [float(self.model.score(prompt, image)) for image, prompt in zip(images, prompts)]
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions of one character each cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_reward(recognized: str, target: str) -> float:
+    """Flow-GRPO's OCR reward: spaces dropped and case folded; 1 if the target appears in the reading, else
+    1 - edit_distance / len(target), floored at 0."""
+    recognized = recognized.replace(" ", "").lower()
+    target = target.replace(" ", "").lower()
+    if not target:
+        return 0.0
+    if target in recognized:
+        return 1.0
+    return 1.0 - min(edit_distance(recognized, target), len(target)) / len(target)
+
+
+@register("ocr")
+class OCR(Reward):
+    """Text rendering accuracy: the prompt's quoted text (datasets.ocr_target; metadata "text" when present) against
+    what PaddleOCR reads. PaddleOCR's models load from `det_model_dir` / `rec_model_dir` (local folders);
+    `recognizer` (a callable image -> text) replaces PaddleOCR, e.g. for another OCR engine."""
+
+    requires = ("paddleocr",)
+    install_hint = "pip install paddleocr paddlepaddle (or paddlepaddle-gpu), plus its det/rec model folders"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None  # checked in __init__: a custom recognizer needs no paddleocr
+
+    def __init__(self, det_model_dir: str | None = None, rec_model_dir: str | None = None, recognizer=None,
+                 device: str | None = None, batch_size: int = 16):
+        super().__init__(device, batch_size)
+        if recognizer is not None:
+            self.recognize = recognizer
+            return
+        reason = super().unavailable()
+        if reason:
+            raise RewardError(reason)
+        self.recognize = _paddle_recognizer(self._local("det_model_dir", det_model_dir, "dir"),
+                                            self._local("rec_model_dir", rec_model_dir, "dir"), self.device)
+
+    def score(self, images, prompts, metadata):
+        from opd_fast.datasets import ocr_target
+
+        scores = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            target = (metadata[i] if metadata else {}).get("text") or ocr_target(prompt)
+            if target is None:
+                raise RewardError(f"reward 'ocr': prompt {i} has no quoted text to read: {prompt!r}")
+            scores.append(ocr_reward(self.recognize(image), target))
+        return scores
+
+
+def _paddle_recognizer(det_dir: Path, rec_dir: Path, device: torch.device):
+    """image -> the concatenated text PaddleOCR reads (lines with a positive confidence), for paddleocr 3.x
+    (predict API) and 2.x (ocr API)."""
+    import numpy as np
+    import paddleocr
+
+    major = int(getattr(paddleocr, "__version__", "3").split(".")[0])
+    if major >= 3:
+        engine = paddleocr.PaddleOCR(text_detection_model_dir=str(det_dir), text_recognition_model_dir=str(rec_dir),
+                                     use_doc_orientation_classify=False, use_doc_unwarping=False,
+                                     use_textline_orientation=False, device="gpu" if device.type == "cuda" else "cpu")
+
+        def recognize(image) -> str:
+            result = engine.predict(np.asarray(image.convert("RGB")))
+            return "".join(t for r in result for t, s in zip(r["rec_texts"], r["rec_scores"]) if s > 0)
+    else:
+        engine = paddleocr.PaddleOCR(det_model_dir=str(det_dir), rec_model_dir=str(rec_dir), use_angle_cls=False,
+                                     lang="en", use_gpu=device.type == "cuda", show_log=False)
+
+        def recognize(image) -> str:
+            lines = engine.ocr(np.asarray(image.convert("RGB")), cls=False)[0] or []
+            return "".join(text for _, (text, conf) in lines if conf > 0)
+
+    return recognize
+
+
+# GenEval registers itself on import; it lives in its own module (detector output handling and the rules).
+from opd_fast.evaluate import geneval as _geneval  # noqa: F401

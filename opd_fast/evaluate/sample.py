@@ -1,0 +1,161 @@
+"""Images from the real diffusers pipeline (StableDiffusion3Pipeline / FluxPipeline from a local folder), for the
+student (the run's exported LoRA, through `load_lora_weights`), its EMA, the base model, or any task's teacher.
+
+Order of work, so that no two large models need to be resident at once: the prompts (and the negative prompt) are
+encoded with the pipeline's own text encoders (opd_fast.text_encoders), which are then freed; the pipeline is
+loaded without text encoders, given the model's weights, and run on the cached embeddings.
+
+Seeds are per prompt index (seed + index, drawn on a CPU generator): image i is the same whatever the batch size,
+the device or which other prompts are sampled with it.
+
+Output folder: images/00000.png ..., grid.png (the first `grid_max` images), samples.jsonl (one line per image:
+index, prompt, seed, file, metadata) and sample.json (what was sampled and how), which `opd-fast eval` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd_fast.config import ConfigError, RunConfig
+from opd_fast.prompts import PromptSet
+from opd_fast.text_encoders import DTYPES, PipelineTextEncoder, check_pipeline_folder, pipeline_class
+
+log = logging.getLogger(__name__)
+EVAL_STEPS, EVAL_GUIDANCE = 40, 4.5  # the paper's evaluation setting
+
+
+@dataclass
+class SampleSettings:
+    model: str = "student"  # student | ema | base | teacher:TASK
+    task: str = ""  # the prompt set's task (a label for eval)
+    num_steps: int = EVAL_STEPS
+    guidance: float | None = None  # None: the student's (student/ema/base) or the teacher's own from the config
+    resolution: int | None = None  # None: sampling.resolution of the config
+    seed: int = 0
+    batch_size: int = 4
+    grid_max: int = 64
+    extra: dict = field(default_factory=dict)  # filled in: pipeline, weights, guidance actually used
+
+
+def _student_weights(run_dir: Path | None, which: str) -> Path:
+    if run_dir is None:
+        raise ConfigError(f"sample --model {which}: needs the run folder (--run) that holds the exported student")
+    folder = run_dir / ("lora_diffusers_ema" if which == "ema" else "lora_diffusers")
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        return folder
+    if which == "student" and (run_dir / "transformer" / "config.json").is_file():
+        return run_dir / "transformer"  # a full-parameter student
+    hint = " (the run had EMA disabled?)" if which == "ema" else ""
+    raise ConfigError(f"sample --model {which}: no exported student in {run_dir} (expected {folder}){hint}")
+
+
+def load_model_into(pipe, cfg: RunConfig, which: str, run_dir: Path | None) -> tuple[str, float | None]:
+    """Put the weights of `which` into pipe.transformer; returns (a description, the model's own guidance)."""
+    if which == "base":
+        return "base", cfg.student.guidance
+    if which in ("student", "ema"):
+        weights = _student_weights(run_dir, which)
+        if weights.name == "transformer":
+            cls = type(pipe.transformer)
+            pipe.transformer = cls.from_pretrained(weights, torch_dtype=pipe.transformer.dtype, use_safetensors=True)
+        else:
+            pipe.load_lora_weights(weights)  # diffusers' own loader: the exported alpha/r metadata is honoured
+            pipe.fuse_lora()
+        return str(weights), cfg.student.guidance
+    if which.startswith("teacher:"):
+        from opd_fast.teachers import load_teacher
+
+        name = which.split(":", 1)[1]
+        task = next((t for t in cfg.tasks if t.name == name), None)
+        if task is None:
+            raise ConfigError(f"sample --model {which}: no task {name!r} in the config (tasks: "
+                              f"{', '.join(t.name for t in cfg.tasks)})")
+        teacher = load_teacher(name, task.teacher, pipe.transformer, cfg.model)  # the layouts training reads
+        pipe.transformer = teacher.model
+        return task.teacher.path, teacher.guidance
+    raise ConfigError(f"sample --model: expected student, ema, base or teacher:TASK, got {which!r}")
+
+
+def make_grid(images: list, columns: int | None = None):
+    from PIL import Image
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def _encode(cfg: RunConfig, prompts: list[str], device) -> tuple[torch.Tensor, ...]:
+    """(embeds, pooled, negative_embeds, negative_pooled) with the pipeline's text encoders, which are then freed."""
+    encoder = PipelineTextEncoder(cfg.model.path, cfg.model.family, DTYPES[cfg.model.dtype], device,
+                                  max_sequence_length=cfg.prompts.max_sequence_length,
+                                  batch_size=cfg.prompts.encode_batch_size)  # fmt: skip
+    with encoder:
+        embeds, pooled = encoder(prompts)
+        negative, negative_pooled = encoder([cfg.prompts.negative_prompt])
+    return embeds, pooled, negative, negative_pooled
+
+
+def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings: SampleSettings,
+           run_dir: str | Path | None = None, device: str | None = None) -> Path:
+    """Generate one image per prompt of `prompt_set` into `out_dir`; returns out_dir."""
+    if cfg.model.path is None:
+        raise ConfigError("sample: needs model.path, a local diffusers pipeline folder (its VAE decodes the images)")
+    folder = check_pipeline_folder(cfg.model.path, cfg.model.family)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.model.dtype]
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    resolution = settings.resolution or cfg.sampling.resolution
+    run_dir = Path(run_dir) if run_dir is not None else None
+
+    embeds, pooled, negative, negative_pooled = _encode(cfg, prompt_set.prompts, device)
+    pipe = pipeline_class(cfg.model.family).from_pretrained(
+        folder, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, torch_dtype=dtype,
+        local_files_only=True, **({"text_encoder_3": None, "tokenizer_3": None} if cfg.model.family == "sd3" else {}),
+    )  # fmt: skip
+    weights, own_guidance = load_model_into(pipe, cfg, settings.model, run_dir)
+    guidance = settings.guidance if settings.guidance is not None else own_guidance
+    guidance = 1.0 if guidance is None else guidance  # no CFG (SD3), or guidance embedding 1.0 (FLUX)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    from tqdm.auto import tqdm
+
+    records, grid_images = [], []
+    n = len(prompt_set.prompts)
+    for start in tqdm(range(0, n, settings.batch_size), desc=f"sampling {settings.model}", unit="batch"):
+        idx = list(range(start, min(start + settings.batch_size, n)))
+        generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in idx]
+        kwargs = dict(prompt_embeds=embeds[idx].to(device, dtype), pooled_prompt_embeds=pooled[idx].to(device, dtype))
+        if cfg.model.family == "sd3":  # FLUX.1-dev is guidance-distilled: no negative branch
+            kwargs.update(negative_prompt_embeds=negative.expand(len(idx), -1, -1).to(device, dtype),
+                          negative_pooled_prompt_embeds=negative_pooled.expand(len(idx), -1).to(device, dtype))
+        with torch.no_grad():
+            images = pipe(**kwargs, num_inference_steps=settings.num_steps, guidance_scale=guidance,
+                          height=resolution, width=resolution, generator=generators, output_type="pil").images
+        for i, image in zip(idx, images):
+            file = f"images/{i:05d}.png"
+            image.save(out_dir / file)
+            meta = prompt_set.metadata[i] if prompt_set.metadata else {}
+            records.append({"index": i, "prompt": prompt_set.prompts[i], "seed": settings.seed + i, "file": file,
+                            "metadata": meta})
+            if len(grid_images) < settings.grid_max:
+                grid_images.append(image)
+    make_grid(grid_images).save(out_dir / "grid.png")
+    with open(out_dir / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    settings.extra = {"pipeline": str(folder), "weights": weights, "guidance": guidance, "resolution": resolution,
+                      "family": cfg.model.family, "prompts": prompt_set.source}  # fmt: skip
+    (out_dir / "sample.json").write_text(json.dumps(asdict(settings), indent=2))
+    log.info("wrote %d images of %s to %s", n, settings.model, out_dir)
+    return out_dir

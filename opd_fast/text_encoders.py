@@ -1,0 +1,168 @@
+"""Prompt encoding with the real text encoders of a local diffusers pipeline folder (SD3: CLIP-L, CLIP-G, T5;
+FLUX: CLIP-L, T5), for the embedding cache.
+
+Only the text encoders and tokenizers are loaded (no transformer, no VAE), and only when a prompt actually has to be
+encoded: a run whose cache is complete never loads them. The embeddings come from the pipeline's own
+`encode_prompt`, so training sees exactly the conditioning the pipeline gives at inference. The negative prompt is
+encoded like any other prompt (encode_cached asks for it separately), so classifier-free guidance is off here.
+
+    encoder, name = pipeline_encoder(cfg.model, cfg.prompts)
+    with encoder:                      # the encoders are freed on exit (and when the object is dropped)
+        encode_cached(prompt_set, encoder, name, negative, cache_file)
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from opd_fast.config import ConfigError, ModelConfig, PromptsConfig
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' own encode_prompt defaults
+TEXT_COMPONENTS = {
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),
+    "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pipeline_class(family: str):
+    import diffusers
+
+    return getattr(diffusers, PIPELINE_CLASSES[family])
+
+
+def check_pipeline_folder(path: str | Path, family: str) -> Path:
+    """The folder, after checking it is a diffusers pipeline of `family` (model_index.json names the class)."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"model.path: {path} is not a diffusers pipeline folder (no model_index.json); the "
+                          "pipeline text encoders and sampling need the whole pipeline, not only its transformer")
+    cls_name = json.loads(index.read_text()).get("_class_name", "")
+    if cls_name != PIPELINE_CLASSES[family]:
+        raise ConfigError(f"model.path: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
+                          f"{family!r} (expects {PIPELINE_CLASSES[family]})")
+    return path
+
+
+def _fingerprint(path: Path, family: str) -> str:
+    """A short hash of the text components' configs, tokenizer files and weight sizes: a different model copied to
+    the same path changes the cache name, without hashing gigabytes of weights."""
+    h = hashlib.sha256()
+    for component in TEXT_COMPONENTS[family]:
+        folder = path / component
+        for file in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if not file.is_file():
+                continue
+            h.update(file.name.encode())
+            if file.suffix in (".json", ".txt", ".model"):
+                h.update(file.read_bytes())
+            else:  # weights: the size stands in for the content
+                h.update(str(file.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+class PipelineTextEncoder:
+    """encode(prompts) -> (embeds (N, T, D), pooled (N, P)), float32 on the CPU, through the pipeline's own
+    encode_prompt. Callable, so it is the `encode_fn` of prompts.encode_cached."""
+
+    pipe = None  # the text-only pipeline, once loaded
+
+    def __init__(self, path: str | Path, family: str, dtype: torch.dtype = torch.float32, device=None,
+                 max_sequence_length: int | None = None, batch_size: int = 32, progress: bool = True):
+        if family not in PIPELINE_CLASSES:
+            raise ConfigError(f"model.family: no pipeline text encoders for {family!r}")
+        if batch_size < 1:
+            raise ConfigError(f"prompts.encode_batch_size: must be >= 1, got {batch_size}")
+        if max_sequence_length is not None and max_sequence_length < 1:
+            raise ConfigError(f"prompts.max_sequence_length: must be >= 1, got {max_sequence_length}")
+        self.path = check_pipeline_folder(path, family).resolve()
+        self.family = family
+        self.dtype = dtype
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @property
+    def name(self) -> str:
+        """The cache name: a different pipeline, sequence length or dtype is a different encoder."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"pipeline-{self.family}:{self.path}:msl{self.max_sequence_length}:{dtype}:"
+                f"{_fingerprint(self.path, self.family)}")
+
+    def load(self):
+        if self.pipe is None:
+            log.info("loading the %s text encoders from %s", self.family, self.path)
+            # transformer / vae None: diffusers skips them entirely (no weights read).
+            self.pipe = pipeline_class(self.family).from_pretrained(
+                self.path, transformer=None, vae=None, torch_dtype=self.dtype, local_files_only=True
+            ).to(self.device)  # fmt: skip
+        return self.pipe
+
+    @torch.no_grad()
+    def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pipe = self.load()
+        if self.family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )  # fmt: skip
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            )
+        return embeds.float().cpu(), pooled.float().cpu()
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(prompts), self.batch_size)
+        show = self.progress and len(starts) > 1  # no bar for the single negative prompt
+        embeds, pooled = [], []
+        for start in tqdm(starts, desc=f"encoding prompts ({self.family} text encoders)", unit="batch",
+                          disable=not show):
+            e, p = self._encode_batch(list(prompts[start : start + self.batch_size]))
+            embeds.append(e)
+            pooled.append(p)
+        return torch.cat(embeds), torch.cat(pooled)
+
+    def close(self) -> None:
+        """Free the encoders (T5-XXL alone is ~9 GB in bf16): nothing of them stays resident while training. The
+        pipeline's modules sit in reference cycles, so dropping the reference is not enough: collect now."""
+        if self.pipe is not None:
+            self.pipe = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # dropped without close() (trainer's encode_fn): free all the same
+        self.close()
+
+
+def pipeline_encoder(model_cfg: ModelConfig, prompts_cfg: PromptsConfig | None = None, device=None):
+    """(encode_fn, cache_name) for `prompts.encoder: pipeline`: the text encoders of the pipeline at model.path.
+    encode_fn loads them on first use; `with encode_fn:` (or dropping it) frees them."""
+    if model_cfg.path is None:
+        raise ConfigError("prompts.encoder: 'pipeline' needs model.path, a local diffusers pipeline folder")
+    prompts_cfg = prompts_cfg or PromptsConfig()
+    encoder = PipelineTextEncoder(
+        model_cfg.path, model_cfg.family, DTYPES[model_cfg.dtype], device,
+        max_sequence_length=prompts_cfg.max_sequence_length, batch_size=prompts_cfg.encode_batch_size,
+    )  # fmt: skip
+    return encoder, encoder.name
