@@ -9,65 +9,134 @@
 //
 // Work is split into (sample, chunk) tasks run by at::parallel_for, which is torch's own OpenMP runtime (so
 // torch.set_num_threads applies and no second thread pool competes with it; it only goes parallel because this
-// file is compiled with -fopenmp). Each task converts tiles of kTile elements to fp32 buffers, which keeps the
-// arithmetic loops free of dtype branches and lets -O3 vectorise them. The per-sample reduction is deterministic:
-// kLanes independent accumulators per task (fixed order, vectorisable without -ffast-math), one partial per task,
-// then the partials of a sample are summed serially in chunk order. Chunk boundaries come from the caller, not
-// from the thread count, so the loss is bitwise reproducible on any number of threads.
+// file is compiled with -fopenmp). Each task walks tiles of kTile elements as fp32 (fp32 tensors in place, others
+// converted through small buffers), which keeps the arithmetic loops free of dtype branches and lets -O3 vectorise
+// them. The per-sample reduction is deterministic: kLanes independent accumulators per task (fixed order,
+// vectorisable without -ffast-math), one partial per task, then the partials of a sample are summed serially in
+// chunk order. Chunk boundaries come from the caller, not from the thread count, so the loss is bitwise
+// reproducible on any number of threads.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 
 namespace {
 
-constexpr int64_t kTile = 512;  // 5 fp32 tile buffers = 10 KiB: they stay in L1
+constexpr int64_t kTile = 512;  // a handful of fp32 tile buffers (2 KiB each) stay in L1
 constexpr int64_t kLanes = 16;
 
 using LoadFn = void (*)(const char*, int64_t, float*);
 using StoreFn = void (*)(const float*, int64_t, char*);
 
-template <typename T>
-void load_tile(const char* src, int64_t n, float* dst) {
-  const T* p = reinterpret_cast<const T*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+// Tile converters, compiled twice: for the baseline x86-64 ISA and for AVX2 (picked at run time), since converting
+// bf16 / fp16 with SSE2 shuffles is what limits the reduced-precision paths. The default-target c10 conversions
+// inline into the AVX2 copies and vectorise at that width.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OPD_HAVE_AVX2_CLONES 1
+#define OPD_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define OPD_HAVE_AVX2_CLONES 0
+#define OPD_AVX2
+#endif
+
+#define OPD_TILE_CONVERTERS(SUFFIX, ATTR)                                    \
+  template <typename T>                                                      \
+  ATTR void load_tile##SUFFIX(const char* src, int64_t n, float* dst) {      \
+    const T* p = reinterpret_cast<const T*>(src);                            \
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);       \
+  }                                                                          \
+  template <typename T>                                                      \
+  ATTR void store_tile##SUFFIX(const float* src, int64_t n, char* dst) {     \
+    T* p = reinterpret_cast<T*>(dst);                                        \
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(src[i]);          \
+  }
+OPD_TILE_CONVERTERS(_baseline, )
+#if OPD_HAVE_AVX2_CLONES
+OPD_TILE_CONVERTERS(_avx2, OPD_AVX2)
+#endif
+
+bool cpu_has_avx2() {
+#if OPD_HAVE_AVX2_CLONES
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
 }
 
-template <typename T>
-void store_tile(const float* src, int64_t n, char* dst) {
-  T* p = reinterpret_cast<T*>(dst);
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(src[i]);
+// On where the CPU has AVX2; tests switch it off (simd_avx2(False)) to cover the baseline converters too.
+std::atomic<bool>& avx2_enabled() {
+  static std::atomic<bool> on{cpu_has_avx2()};
+  return on;
 }
 
-// A tensor of (rows, N) elements read or written a tile at a time as fp32, whatever its dtype.
+// A tensor of (rows, N) elements read or written a tile at a time as fp32, whatever its dtype. fp32 tensors are
+// read and written in place (no copy); other dtypes go through a caller's fp32 buffer.
 struct Rows {
   char* data;
   int64_t itemsize;
+  bool is_float;
   LoadFn load = nullptr;
   StoreFn store = nullptr;
 
-  explicit Rows(const at::Tensor& t) : data(static_cast<char*>(t.data_ptr())), itemsize(t.element_size()) {
+  explicit Rows(const at::Tensor& t)
+      : data(static_cast<char*>(t.data_ptr())),
+        itemsize(t.element_size()),
+        is_float(t.scalar_type() == at::kFloat) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "opd_step_cpu", [&] {
-      load = &load_tile<scalar_t>;
-      store = &store_tile<scalar_t>;
+      load = &load_tile_baseline<scalar_t>;
+      store = &store_tile_baseline<scalar_t>;
+#if OPD_HAVE_AVX2_CLONES
+      if (avx2_enabled()) {
+        load = &load_tile_avx2<scalar_t>;
+        store = &store_tile_avx2<scalar_t>;
+      }
+#endif
     });
   }
-  void get(int64_t elem, int64_t n, float* out) const { load(data + elem * itemsize, n, out); }
-  void put(int64_t elem, int64_t n, const float* in) const { store(in, n, data + elem * itemsize); }
+  // fp32 values of elements [elem, elem + n): the tensor's own memory when it is fp32, else converted into buf.
+  const float* get(int64_t elem, int64_t n, float* buf) const {
+    if (is_float) return reinterpret_cast<const float*>(data) + elem;
+    load(data + elem * itemsize, n, buf);
+    return buf;
+  }
+  // Where to compute fp32 results for [elem, ...): straight into the tensor when it is fp32, else into buf.
+  float* out(int64_t elem, float* buf) const { return is_float ? reinterpret_cast<float*>(data) + elem : buf; }
+  // Stores results computed in out()'s buffer (nothing to do when they were written in place).
+  void put(int64_t elem, int64_t n, const float* values) const {
+    if (!is_float) store(values, n, data + elem * itemsize);
+  }
 };
 
 // fp32 velocity tile starting at element i of sample b: v_u + gw (v_c - v_u) (rows b, B + b) or the plain row b.
-void velocity_tile(const Rows& v, std::optional<double> guidance, int64_t B, int64_t N, int64_t b, int64_t i,
-                   int64_t n, float* out, float* scratch) {
-  v.get(b * N + i, n, out);
-  if (!guidance) return;
+const float* velocity_tile(const Rows& v, std::optional<double> guidance, int64_t B, int64_t N, int64_t b, int64_t i,
+                           int64_t n, float* buf, float* scratch) {
+  const float* uncond = v.get(b * N + i, n, buf);
+  if (!guidance) return uncond;
   const float gw = static_cast<float>(*guidance);
-  v.get((B + b) * N + i, n, scratch);
-  for (int64_t j = 0; j < n; ++j) out[j] += gw * (scratch[j] - out[j]);
+  const float* cond = v.get((B + b) * N + i, n, scratch);
+  for (int64_t j = 0; j < n; ++j) buf[j] = uncond[j] + gw * (cond[j] - uncond[j]);
+  return buf;
+}
+
+// acc[l] += (v_s - v_t)^2 over kLanes-wide groups, then the ragged tail: a fixed order whatever the thread count.
+void accumulate_squared_gap(const float* v_s, const float* v_t, int64_t n, float* acc) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float gap = v_s[j + l] - v_t[j + l];
+      acc[l] += gap * gap;
+    }
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) {
+    const float gap = v_s[j] - v_t[j];
+    acc[l] += gap * gap;
+  }
 }
 
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t N) {
@@ -112,31 +181,25 @@ void opd_step_forward(const at::Tensor& x, const at::Tensor& v_student, const at
   float* part = partial.data_ptr<float>();
 
   at::parallel_for(0, B * num_chunks, 1, [&](int64_t task_begin, int64_t task_end) {
-    alignas(64) float x_buf[kTile], vs_buf[kTile + kLanes], vt_buf[kTile + kLanes], n_buf[kTile], scratch[kTile];
+    alignas(64) float x_buf[kTile], vs_buf[kTile], vt_buf[kTile], n_buf[kTile], y_buf[kTile], scratch[kTile];
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t b = task / num_chunks, begin = (task % num_chunks) * chunk, end = std::min(N, begin + chunk);
       const float x_coef = c[b], v_coef = c[B + b], sbar = c[2 * B + b];
       float acc[kLanes] = {};
       for (int64_t i = begin; i < end; i += kTile) {
-        const int64_t n = std::min(kTile, end - i);
-        xs.get(b * N + i, n, x_buf);
-        velocity_tile(vs, student_guidance, B, N, b, i, n, vs_buf, scratch);
-        velocity_tile(vt, teacher_guidance, B, N, b, i, n, vt_buf, scratch);
-        for (int64_t j = 0; j < n; ++j) x_buf[j] = x_coef * x_buf[j] + v_coef * vs_buf[j];
+        const int64_t n = std::min(kTile, end - i), elem = b * N + i;
+        const float* x_in = xs.get(elem, n, x_buf);
+        const float* v_s = velocity_tile(vs, student_guidance, B, N, b, i, n, vs_buf, scratch);
+        const float* v_t = velocity_tile(vt, teacher_guidance, B, N, b, i, n, vt_buf, scratch);
+        float* y = out.out(elem, y_buf);
         if (nz) {
-          nz->get(b * N + i, n, n_buf);
-          for (int64_t j = 0; j < n; ++j) x_buf[j] += sbar * n_buf[j];
+          const float* e = nz->get(elem, n, n_buf);
+          for (int64_t j = 0; j < n; ++j) y[j] = x_coef * x_in[j] + v_coef * v_s[j] + sbar * e[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) y[j] = x_coef * x_in[j] + v_coef * v_s[j];
         }
-        out.put(b * N + i, n, x_buf);
-        // zero the ragged end so whole kLanes groups can be summed; (0 - 0)^2 adds nothing
-        const int64_t n_pad = cdiv(n, kLanes) * kLanes;
-        for (int64_t j = n; j < n_pad; ++j) vs_buf[j] = vt_buf[j] = 0.0f;
-        for (int64_t j = 0; j < n_pad; j += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const float gap = vs_buf[j + l] - vt_buf[j + l];
-            acc[l] += gap * gap;
-          }
-        }
+        out.put(elem, n, y);
+        accumulate_squared_gap(v_s, v_t, n, acc);
       }
       float sum = 0.0f;
       for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
@@ -173,28 +236,34 @@ void opd_step_backward(const at::Tensor& v_student, const at::Tensor& v_teacher,
   const int64_t g_stride = grad_loss.stride(0);  // 0 when the gradient came from loss.sum(): no copy needed
 
   at::parallel_for(0, B * num_chunks, 1, [&](int64_t task_begin, int64_t task_end) {
-    alignas(64) float vs_buf[kTile], vt_buf[kTile], scratch[kTile];
+    alignas(64) float vs_buf[kTile], vt_buf[kTile], y_buf[kTile], scratch[kTile];
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t b = task / num_chunks, begin = (task % num_chunks) * chunk, end = std::min(N, begin + chunk);
       // g[b] folds into the per-sample scale: an all-ones g costs the same, no per-element multiply to skip
       const float scale = 2.0f * w[b] * g[b * g_stride];
+      const float gw = static_cast<float>(student_guidance.value_or(0.0));
       for (int64_t i = begin; i < end; i += kTile) {
         const int64_t n = std::min(kTile, end - i);
-        velocity_tile(vs, student_guidance, B, N, b, i, n, vs_buf, scratch);
-        velocity_tile(vt, teacher_guidance, B, N, b, i, n, vt_buf, scratch);
-        for (int64_t j = 0; j < n; ++j) vs_buf[j] = scale * (vs_buf[j] - vt_buf[j]);
-        if (!student_guidance) {
-          out.put(b * N + i, n, vs_buf);
-          continue;
+        const float* v_s = velocity_tile(vs, student_guidance, B, N, b, i, n, vs_buf, scratch);
+        const float* v_t = velocity_tile(vt, teacher_guidance, B, N, b, i, n, vt_buf, scratch);
+        // without CFG one row gets scale * gap; with it [uncond; cond] get (1 - gw) and gw times that
+        const int64_t rows[2] = {b * N + i, (B + b) * N + i};
+        const float row_scale[2] = {student_guidance ? (1.0f - gw) * scale : scale, gw * scale};
+        for (int r = 0; r < (student_guidance ? 2 : 1); ++r) {
+          float* y = out.out(rows[r], y_buf);
+          const float k = row_scale[r];
+          for (int64_t j = 0; j < n; ++j) y[j] = k * (v_s[j] - v_t[j]);
+          out.put(rows[r], n, y);
         }
-        const float gw = static_cast<float>(*student_guidance);
-        for (int64_t j = 0; j < n; ++j) scratch[j] = (1.0f - gw) * vs_buf[j];
-        out.put(b * N + i, n, scratch);
-        for (int64_t j = 0; j < n; ++j) scratch[j] = gw * vs_buf[j];
-        out.put((B + b) * N + i, n, scratch);
       }
     }
   });
+}
+
+// Whether the AVX2 tile converters are in use; `enable` switches them (on only where the CPU has AVX2).
+bool simd_avx2(std::optional<bool> enable) {
+  if (enable) avx2_enabled() = *enable && cpu_has_avx2();
+  return avx2_enabled();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -205,4 +274,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &opd_step_backward, "fused OPD step backward (writes grad of v_student)", py::arg("v_student"),
         py::arg("v_teacher"), py::arg("coef"), py::arg("grad_loss"), py::arg("student_guidance"),
         py::arg("teacher_guidance"), py::arg("grad"), py::arg("chunk"));
+  m.def("simd_avx2", &simd_avx2, "AVX2 converters in use (pass a bool to switch them; for tests)",
+        py::arg("enable") = py::none());
 }

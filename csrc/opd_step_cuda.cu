@@ -35,17 +35,29 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
+// Raw 16-bit patterns <-> fp32, so a 16-byte vector is unpacked in registers (no local-memory round trip).
+__device__ __forceinline__ float bits_to_float(uint32_t bits, __nv_bfloat16) { return __uint_as_float(bits << 16); }
+__device__ __forceinline__ float bits_to_float(uint32_t bits, __half) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+__device__ __forceinline__ uint32_t float_to_bits(float v, __nv_bfloat16) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ uint32_t float_to_bits(float v, __half) { return __half_as_ushort(__float2half_rn(v)); }
+
 // 8 elements p[i .. i+8) as fp32; past `end` (scalar path only) they read as 0.
 template <typename T, bool VEC>
 __device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_t end, float out[kPerThread]) {
-  if constexpr (VEC) {
-    constexpr int kPerLoad = 16 / sizeof(T);
+  if constexpr (VEC && sizeof(T) == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(p + i), b = *reinterpret_cast<const float4*>(p + i + 4);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  } else if constexpr (VEC) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-    for (int h = 0; h < kPerThread / kPerLoad; ++h) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p + i + h * kPerLoad);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kPerLoad; ++k) out[h * kPerLoad + k] = to_float(e[k]);
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = bits_to_float(words[k] & 0xffffu, T{});
+      out[2 * k + 1] = bits_to_float(words[k] >> 16, T{});
     }
   } else {
 #pragma unroll
@@ -55,16 +67,14 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_
 
 template <typename T, bool VEC>
 __device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t end, const float in[kPerThread]) {
-  if constexpr (VEC) {
-    constexpr int kPerLoad = 16 / sizeof(T);
+  if constexpr (VEC && sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(p + i) = make_float4(in[0], in[1], in[2], in[3]);
+    *reinterpret_cast<float4*>(p + i + 4) = make_float4(in[4], in[5], in[6], in[7]);
+  } else if constexpr (VEC) {
+    uint32_t words[4];
 #pragma unroll
-    for (int h = 0; h < kPerThread / kPerLoad; ++h) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kPerLoad; ++k) e[k] = from_float<T>(in[h * kPerLoad + k]);
-      *reinterpret_cast<uint4*>(p + i + h * kPerLoad) = raw;
-    }
+    for (int k = 0; k < 4; ++k) words[k] = float_to_bits(in[2 * k], T{}) | (float_to_bits(in[2 * k + 1], T{}) << 16);
+    *reinterpret_cast<uint4*>(p + i) = make_uint4(words[0], words[1], words[2], words[3]);
   } else {
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k)

@@ -26,7 +26,7 @@ int opd_step_cuda_forward(int x_dtype, int v_dtype, const void* x, const void* v
                           int64_t N, int64_t chunk, int student_cfg, float student_guidance, int teacher_cfg,
                           float teacher_guidance, cudaStream_t stream);
 
-// grad = 2 w[b] g[b] (v_s - v_t), split (1 - gw, gw) over [uncond; cond] when student_cfg; g[b] = grad_loss[b * stride].
+// grad = 2 w[b] g[b] (v_s - v_t), split (1 - gw, gw) over [uncond; cond] if student_cfg; g[b] = grad_loss[b * stride]
 int opd_step_cuda_backward(int v_dtype, const void* v_student, const void* v_teacher, const float* coef,
                            const float* grad_loss, int64_t grad_loss_stride, void* grad, int64_t B, int64_t N,
                            int64_t chunk, int student_cfg, float student_guidance, int teacher_cfg,

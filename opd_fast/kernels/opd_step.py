@@ -129,8 +129,8 @@ def opd_step_bwd_kernel(
 
 
 def _num_warps(block: int) -> int:
-    # 16-byte accesses need BLOCK / (32 * num_warps) >= 4 fp32 elements per thread; more warps hide DRAM latency.
-    return 8 if block >= 4096 else 4
+    # >= 8 elements per thread, so bf16/fp16 get 16-byte accesses too; up to 8 warps to keep loads in flight.
+    return max(1, min(8, block // 256))
 
 
 def opd_step_forward(

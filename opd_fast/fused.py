@@ -1,0 +1,285 @@
+"""Fused backends of opd_step: one pass forward (x_next and the per-sample loss), one pass backward (dL/dv_student).
+
+    triton  opd_fast.kernels (opd_fast/kernels/opd_step.py): CUDA tensors; CPU tensors only under TRITON_INTERPRET=1
+            set before opd_fast.kernels is imported (the interpreter is slow, so it is never picked automatically)
+    cuda    opd_fast._C_cuda (csrc/opd_step_cuda.cu + csrc/opd_step_cuda_binding.cpp): CUDA tensors
+    cpp     opd_fast._C (csrc/opd_step_cpu.cpp, OpenMP): CPU tensors; the fast path for CPU training
+
+The per-sample scalars (x_coef, v_coef, sbar, w) are computed here in torch with opd_fast.reference, so every backend
+shares one scalar math and the kernels only do the elementwise work and the per-sample reduction (see OpdStep).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from opd_fast import reference
+
+FUSED_BACKENDS = ("triton", "cuda", "cpp")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BUILD_HINT = "run `pip install --no-build-isolation -e .` in the repository"
+
+# Elements per (sample, chunk) program/task. Tests lower it to force several chunks and ragged ends.
+_CHUNK_OVERRIDE: int | None = None
+_CPP_CHUNK = 16384  # 64 KiB of fp32 per operand per task: enough tasks to balance threads, few partials
+_INTERPRET_MAX_BLOCK = 1 << 16  # the interpreter costs milliseconds per program, little per element: few, big
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocates every kernel output. Tests swap in a NaN-filled allocator so an element left unwritten fails."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- availability
+
+
+@functools.cache
+def _import(module: str):
+    """(module, None) or (None, the import error as text). Cached: a failed import is not retried per call."""
+    try:
+        return importlib.import_module(module), None
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the import (a .so built against another torch, a
+        # triton that fails with this numpy) makes the backend unavailable, with the reason, instead of crashing
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def backend_order(device: torch.device) -> list[str]:
+    """Fused backends worth trying on `device`, fastest first (before availability is checked)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ["triton", "cuda"]  # triton first until measured otherwise: bench/gpu_check.py times both
+    if device.type == "cpu":
+        return ["cpp"]  # triton on CPU is the interpreter: correct but slow, tests only, never picked automatically
+    return []
+
+
+def backend_available(name: str, device: torch.device) -> bool:
+    return _reason(name, torch.device(device)) is None
+
+
+def why_unavailable(name: str, device: torch.device | None = None) -> str:
+    """Why backend `name` cannot run (on `device`, when given; otherwise what it needs)."""
+    reason = _reason(name, None if device is None else torch.device(device))
+    return reason if reason is not None else f"{name} is available on {device}"
+
+
+def _reason(name: str, device: torch.device | None) -> str | None:
+    if name == "cpp":
+        if _import("opd_fast._C")[0] is None:
+            return f"opd_fast._C is not built: {_BUILD_HINT} (needs a C++ compiler); {_import('opd_fast._C')[1]}"
+        if device is None or device.type != "cpu":
+            return "the cpp backend (opd_fast._C) runs on CPU tensors only"
+        return None
+    if name == "cuda":
+        if torch.version.cuda is None:
+            return f"opd_fast._C_cuda needs a CUDA build of torch (this torch {torch.__version__} is CPU-only)"
+        if _import("opd_fast._C_cuda")[0] is None:
+            return (
+                f"opd_fast._C_cuda is not built: {_BUILD_HINT} with CUDA_HOME pointing at a CUDA toolkit; "
+                f"{_import('opd_fast._C_cuda')[1]}"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        if device is None or device.type != "cuda":
+            return "the cuda backend (opd_fast._C_cuda) runs on CUDA tensors only"
+        return None
+    if name == "triton":
+        kernels, err = _import("opd_fast.kernels")
+        if kernels is None:
+            return f"triton is not installed or opd_fast.kernels failed to import ({err})"
+        if kernels.INTERPRETED:
+            return None  # the interpreter takes CPU and CUDA tensors
+        if device is not None and device.type == "cuda" and torch.cuda.is_available():
+            return None
+        return (
+            "triton on CPU tensors needs TRITON_INTERPRET=1 set before opd_fast.kernels (and triton.jit) is imported; "
+            "compiled triton runs on CUDA tensors only"
+        )
+    return f"unknown fused backend {name!r}; fused backends are {FUSED_BACKENDS}"
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gpu_chunk(B: int, N: int, device: torch.device, largest: int, smallest: int) -> int:
+    """Largest power-of-2 multiple of `smallest` up to `largest` that still gives >= 4 programs per SM (when it can):
+    big programs amortise index math, but a (4, 16, 64, 64) batch at 4096 per program would leave SMs idle."""
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    chunk = largest
+    while chunk > smallest and B * -(-N // chunk) < target:
+        chunk //= 2
+    return chunk
+
+
+def _triton_chunk(B: int, N: int, device: torch.device) -> int:
+    import triton
+
+    if _CHUNK_OVERRIDE is not None:
+        return triton.next_power_of_2(_CHUNK_OVERRIDE)
+    if device.type != "cuda":
+        return min(triton.next_power_of_2(N), _INTERPRET_MAX_BLOCK)
+    return _gpu_chunk(B, N, device, largest=min(4096, triton.next_power_of_2(N)), smallest=512)
+
+
+def _cuda_chunk(B: int, N: int, device: torch.device) -> int:
+    quantum = _import("opd_fast._C_cuda")[0].CHUNK_QUANTUM
+    if _CHUNK_OVERRIDE is not None:
+        return -(-_CHUNK_OVERRIDE // quantum) * quantum
+    return _gpu_chunk(B, N, device, largest=4 * quantum, smallest=quantum)
+
+
+def _cpp_chunk(B: int, N: int, device: torch.device) -> int:
+    return _CHUNK_OVERRIDE if _CHUNK_OVERRIDE is not None else _CPP_CHUNK
+
+
+def _triton_impl():
+    kernels = _import("opd_fast.kernels")[0]
+    return _triton_chunk, kernels.opd_step_forward, kernels.opd_step_backward
+
+
+def _extension_impl(module: str, chunk_fn):
+    def impl():
+        ext = _import(module)[0]
+        return chunk_fn, ext.forward, ext.backward
+
+    return impl
+
+
+# name -> () -> (chunk(B, N, device), forward(...), backward(...)); all three share one calling convention:
+#   forward(x, v_student, v_teacher, noise | None, coef, student_guidance, teacher_guidance, x_next, partial, loss,
+#           chunk)
+#   backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, chunk)
+_IMPLS = {
+    "triton": _triton_impl,
+    "cuda": _extension_impl("opd_fast._C_cuda", _cuda_chunk),
+    "cpp": _extension_impl("opd_fast._C", _cpp_chunk),
+}
+
+
+def _kernel_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """One storage dtype for a pair of operands (x and noise; v_student and v_teacher). Anything outside
+    fp32/bf16/fp16 (float64) runs as fp32, which is what opd_fast.reference computes in anyway."""
+    dtype = torch.promote_types(a, b)
+    return dtype if dtype in _KERNEL_DTYPES else torch.float32
+
+
+def _as_rows(t: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, N) contiguous view of t in dtype: free when t already is contiguous in that dtype."""
+    return t.detach().to(dtype).contiguous().view(rows, -1)
+
+
+class OpdStep(torch.autograd.Function):
+    """Fused OPD step. Per sample b, with v_s, v_t the velocities (CFG-guided in registers when a guidance is set:
+    v = v_u + gw (v_c - v_u) from a (2B, ...) = [uncond; cond] input) and coef = (x_coef, v_coef, sbar, w) (4, B):
+
+        x_next[b] = x_coef[b] x[b] + v_coef[b] v_s[b] + sbar[b] noise[b]        (x.dtype, no gradient)
+        loss[b]   = w[b] sum_n (v_s[b] - v_t[b])^2                              (float32)
+        dL/dv_s   = 2 w[b] g[b] (v_s[b] - v_t[b]);   with CFG: dv_u = (1 - gw) dv_s, dv_c = gw dv_s
+
+    All arithmetic in fp32 whatever the storage dtype. noise=None means it is not read (ODE: every sbar is 0).
+    Only v_student gets a gradient (the teacher is a constant; x's terms cancel in mu_S - mu_T).
+    """
+
+    @staticmethod
+    def forward(ctx, x, v_student, v_teacher, noise, coef, backend, student_guidance, teacher_guidance):
+        chunk_fn, forward, _ = _IMPLS[backend]()
+        B, device = x.shape[0], x.device
+        x_dtype = _kernel_dtype(x.dtype, x.dtype if noise is None else noise.dtype)
+        v_dtype = _kernel_dtype(v_student.dtype, v_teacher.dtype)
+        x_rows = _as_rows(x, B, x_dtype)
+        N = x_rows.shape[1]
+        v_student_rows = _as_rows(v_student, v_student.shape[0], v_dtype)
+        v_teacher_rows = _as_rows(v_teacher, v_teacher.shape[0], v_dtype)
+        noise_rows = None if noise is None else _as_rows(noise, B, x_dtype)
+        chunk = chunk_fn(B, N, device)
+
+        x_next = _empty((B, N), x_dtype, device)
+        partial = _empty((B, -(-N // chunk)), torch.float32, device)
+        loss = _empty((B,), torch.float32, device)
+        forward(x_rows, v_student_rows, v_teacher_rows, noise_rows, coef, student_guidance, teacher_guidance,
+                x_next, partial, loss, chunk)  # fmt: skip
+
+        ctx.save_for_backward(v_student_rows, v_teacher_rows, coef)  # the backward re-reads the velocities
+        ctx.backend, ctx.chunk = backend, chunk
+        ctx.guidance = (student_guidance, teacher_guidance)
+        ctx.v_student_meta = (v_student.shape, v_student.dtype)
+        ctx.set_materialize_grads(False)
+        x_next = x_next.view(x.shape).to(x.dtype)
+        ctx.mark_non_differentiable(x_next)
+        return x_next, loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x_next, grad_loss):
+        none = (None,) * 8
+        if grad_loss is None or not ctx.needs_input_grad[1]:
+            return none
+        _, _, backward = _IMPLS[ctx.backend]()
+        v_student_rows, v_teacher_rows, coef = ctx.saved_tensors
+        grad = _empty(v_student_rows.shape, v_student_rows.dtype, v_student_rows.device)
+        # grad_loss keeps its strides: loss.sum() gives a stride-0 expand of ones, which the kernels read as is.
+        backward(v_student_rows, v_teacher_rows, coef, grad_loss.float(), *ctx.guidance, grad, ctx.chunk)
+        shape, dtype = ctx.v_student_meta
+        return (None, grad.view(shape).to(dtype)) + none[2:]
+
+
+_COEF_CACHE: dict[tuple, torch.Tensor] = {}
+_COEF_CACHE_SIZE = 256
+
+
+def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="exact", reduction="sum"):
+    """(4, B) float32 = x_coef, v_coef, sbar, w from opd_fast.reference: the one scalar math of all backends.
+
+    For CPU sigmas the result is memoised by value: a sampling grid has a handful of distinct steps, and these ~15
+    tiny torch ops cost as much as the fused CPU kernel itself at 512 px. CUDA sigmas are recomputed every time
+    (reading their values would synchronise the device). The cached tensor is only ever read.
+    """
+    key = None
+    if sigma.device.type == "cpu" and sigma_next.device.type == "cpu":
+        key = (tuple(sigma.tolist()), tuple(sigma_next.tolist()), float(noise_level), numel, kl_normalization)
+        key += (reduction,)
+        if (coef := _COEF_CACHE.get(key)) is not None:
+            return coef
+    x_coef, v_coef, sbar, std_t = reference.transition_coefficients(sigma, sigma_next, noise_level)
+    w = reference.loss_weight(v_coef, sbar, std_t, numel, kl_normalization, reduction)
+    coef = torch.stack([x_coef, v_coef, sbar, w]).contiguous()
+    if key is not None:
+        if len(_COEF_CACHE) >= _COEF_CACHE_SIZE:
+            _COEF_CACHE.clear()
+        _COEF_CACHE[key] = coef
+    return coef
+
+
+def opd_step_fused(
+    name,
+    x,
+    v_student,
+    v_teacher,
+    noise,
+    sigma,
+    sigma_next,
+    noise_level,
+    *,
+    kl_normalization="exact",
+    reduction="sum",
+    student_guidance=None,
+    teacher_guidance=None,
+):
+    """opd_step on fused backend `name` (availability already checked by opd_fast.ops.resolve_backend)."""
+    if name not in _IMPLS:
+        raise ValueError(f"unknown fused backend {name!r}; fused backends are {FUSED_BACKENDS}")
+    coef = step_coefficients(
+        sigma.to(x.device), sigma_next.to(x.device), noise_level, x[0].numel(), kl_normalization, reduction
+    )
+    # noise_level == 0 makes every sbar exactly 0: skip reading noise (a fifth of the forward's traffic)
+    noise = noise if float(noise_level) != 0 else None
+    return OpdStep.apply(x, v_student, v_teacher, noise, coef, name, student_guidance, teacher_guidance)

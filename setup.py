@@ -1,0 +1,70 @@
+"""opd-fast packaging. Pure-Python package plus the csrc extension (see csrc/README.md for what is built where).
+
+setup.py imports torch to build the extensions against it, so install torch first and build without isolation:
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+"""
+
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def extensions():
+    """opd_fast._C (CPU, always: it is the fast CPU path, so a failed build must fail the install) and
+    opd_fast._C_cuda (only where torch has CUDA and a CUDA toolkit is found; OPD_FAST_NO_CUDA=1 skips it)."""
+    # -fopenmp makes at::parallel_for (an OpenMP region in ATen's headers) actually run in parallel; at run time it
+    # binds to the libgomp.so.1 that torch has already loaded, so there is one OpenMP runtime in the process.
+    cpu = CppExtension(
+        "opd_fast._C",
+        ["csrc/opd_step_cpu.cpp"],
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+        extra_link_args=["-fopenmp"],
+    )
+    exts = [cpu]
+    if torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("OPD_FAST_NO_CUDA") != "1":
+        # Set TORCH_CUDA_ARCH_LIST (e.g. "9.0") to build for one architecture; the default is the visible GPU's.
+        exts.append(
+            CUDAExtension(
+                "opd_fast._C_cuda",
+                ["csrc/opd_step_cuda_binding.cpp", "csrc/opd_step_cuda.cu"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
+            )
+        )
+    return exts
+
+
+CPU_STACK = ["torch==2.13.0", "triton==3.7.1"]  # torch pinned: an unpinned torch pulls the multi-GB CUDA build
+
+setup(
+    name="opd-fast",
+    version="0.1.0",
+    description="High-throughput multi-task on-policy distillation (DiffusionOPD) for SD3.5 / FLUX",
+    python_requires=">=3.10",
+    packages=find_packages(include=["opd_fast", "opd_fast.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "diffusers>=0.35",
+        "peft>=0.17",
+        "transformers>=4.50",
+        "safetensors",
+        "pyyaml",
+        "numpy",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+        "nvtx",
+    ],
+    extras_require={
+        "cpu": CPU_STACK,
+        "deepspeed": ["deepspeed>=0.16"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "deepspeed>=0.16"],
+        # GPU-only: never required, detected at run time.
+        "fp8": ["transformer-engine[pytorch]"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["opd-fast = opd_fast.cli:main"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+)
