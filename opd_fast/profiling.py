@@ -1,19 +1,131 @@
-"""NVTX ranges for Nsight Systems. The `nvtx` package works on CPU builds (torch.cuda.nvtx does not); with no
-profiler attached a range costs well under a microsecond. Without the package the ranges are no-ops."""
+"""Observability: NVTX ranges for Nsight Systems, per-phase timing for benchmarks, and the capture window.
+
+Phases of a round (the names NVTX shows and bench/bench_round.py reports): rollout (two-pass only), teacher,
+student_forward, loss, backward, optimizer; inside the two-pass rollout its steps show as rollout/student_forward
+and rollout/loss. The `nvtx` package works on CPU builds (torch.cuda.nvtx does not); with no profiler attached a
+range costs well under a microsecond. Without the package the ranges are no-ops.
+
+Capture window (`opd-fast train --profile-steps a:b`): cudaProfilerStart before round a, cudaProfilerStop after
+round b-1, so `nsys profile --capture-range=cudaProfilerApi` records only those rounds (the first rounds pay for
+allocator growth, cuDNN/cuBLAS heuristics and compilation, and would swamp a trace).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
+from collections import defaultdict
+
+import torch
 
 try:
     import nvtx as _nvtx
 except ImportError:  # optional at run time; listed in install_requires
     _nvtx = None
 
+log = logging.getLogger(__name__)
 DOMAIN = "opd_fast"
+PHASES = ("rollout", "teacher", "student_forward", "loss", "backward", "optimizer")
 
 
 def nvtx_range(name: str):
     if _nvtx is None:
         return contextlib.nullcontext()
     return _nvtx.annotate(name, domain=DOMAIN)
+
+
+class PhaseTimer:
+    """Seconds spent per phase name, summed until read().
+
+    CUDA: an event pair per phase on the stream that is current when the phase starts (the side stream for
+    teacher forwards), resolved in read(): timing adds no host synchronisation inside the loop. Phases on two
+    streams overlap, so their sum can exceed the wall time. CPU: perf_counter around the phase (CPU ops return when
+    done, so no sync is needed).
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def measure(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._pending.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._seconds[name] += time.perf_counter() - t0
+
+    def read(self) -> dict[str, float]:
+        """Seconds per phase since the last read (synchronises the device once)."""
+        if self._pending:
+            torch.cuda.synchronize()
+            for name, start, end in self._pending:
+                self._seconds[name] += start.elapsed_time(end) / 1e3
+            self._pending.clear()
+        out = dict(self._seconds)
+        self._seconds.clear()
+        return out
+
+
+@contextlib.contextmanager
+def phase(name: str, timer: PhaseTimer | None = None):
+    """An NVTX range, timed too when a PhaseTimer is given."""
+    with nvtx_range(name):
+        if timer is None:
+            yield
+        else:
+            with timer.measure(name):
+                yield
+
+
+def parse_window(spec: str) -> tuple[int, int]:
+    """'a:b' -> (a, b): rounds a..b-1 (0-based round index, as Trainer.round counts before training it)."""
+    try:
+        first, stop = (int(part) for part in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--profile-steps expects a:b (two integers, e.g. 2:4), got {spec!r}") from None
+    if not 0 <= first < stop:
+        raise ValueError(f"--profile-steps {spec}: needs 0 <= a < b")
+    return first, stop
+
+
+class CaptureWindow:
+    """cudaProfilerStart/Stop around rounds [first, stop) for `nsys profile --capture-range=cudaProfilerApi`.
+    Without CUDA it only logs that it does nothing."""
+
+    def __init__(self, first: int, stop: int, device: torch.device | str):
+        self.first, self.stop = first, stop
+        self.cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        self.active = False
+        if not self.cuda:
+            log.info("profile window %d:%d: no CUDA device, so no cudaProfilerStart/Stop (a no-op)", first, stop)
+
+    def before_round(self, round_idx: int) -> None:
+        if self.cuda and not self.active and self.first <= round_idx < self.stop:
+            torch.cuda.synchronize()  # earlier rounds' kernels stay out of the capture
+            torch.cuda.cudart().cudaProfilerStart()
+            self.active = True
+            log.info("profiler capture started before round %d", round_idx)
+
+    def after_round(self, round_idx: int) -> None:
+        """round_idx: the round just trained."""
+        if self.active and round_idx + 1 >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            torch.cuda.synchronize()  # the window's kernels finish inside the capture
+            torch.cuda.cudart().cudaProfilerStop()
+            self.active = False
+            log.info("profiler capture stopped")

@@ -1,8 +1,17 @@
-"""Task teachers: frozen transformers with their LoRA merged into the weights.
+"""Task teachers: frozen transformers with their LoRA merged into the weights, and the runtime that runs them.
 
 A teacher comes as a LoRA on the student's base (peft adapter folder, or diffusers `pytorch_lora_weights` file) or
 as a full transformer folder. It must fit the base: a LoRA that targets modules the base lacks, or whose shapes
 differ, or a full model of another architecture, is a TeacherError naming the teacher and the mismatch.
+
+Runtime (cfg.teacher_runtime, see load_teachers and TeacherRunner at the end of this file):
+- mode "merged": one frozen copy per teacher with its LoRA merged (no LoRA work per forward); "adapter": one
+  frozen copy of the base shared by all LoRA teachers, each an unmerged peft adapter activated before its forward
+  (memory of one base + the LoRAs, for a few % more FLOPs; full-model teachers keep their own copy).
+- precision "model" (as loaded), "bf16", "fp32", or "fp8" (opd_fast.fp8: e4m3 weights for attention and MLP
+  linears through Transformer Engine or torch._scaled_mm; adapters' LoRA factors stay high).
+- stream "side": on CUDA, teacher forwards run on their own stream, so teacher(x_{j+1}) overlaps the student's
+  backward(j); CPU (or "serial") runs the same schedule in order.
 """
 
 from __future__ import annotations
@@ -10,14 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from opd_fast.config import ModelConfig, TeacherConfig
-from opd_fast.models import TRANSFORMER_CLASSES, frozen_copy, transformer_folder
+from opd_fast import fp8
+from opd_fast.config import ModelConfig, TaskConfig, TeacherConfig, TeacherRuntimeConfig
+from opd_fast.models import TRANSFORMER_CLASSES, Conditioning, frozen_copy, transformer_folder
+from opd_fast.models import velocity as model_velocity
+from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
 
 log = logging.getLogger(__name__)
@@ -37,6 +51,14 @@ class Teacher:
     name: str
     model: torch.nn.Module
     guidance: float | None
+    adapter: str | None = None  # mode "adapter": the peft adapter of `model` (shared base) that is this teacher
+
+    def velocity(self, family: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        """(v, guidance) as models.velocity returns them, without grad."""
+        if self.adapter is not None:
+            activate_adapter(self.model, self.adapter)
+        with torch.no_grad(), fp8.forward_context(self.model):
+            return model_velocity(self.model, family, x, sigma, cond, self.guidance)
 
 
 @dataclass
@@ -93,7 +115,9 @@ def _scale(alpha: float, rank: int, rslora: bool) -> float:
 
 
 def _module_scales(pairs, config: dict, prefix_in_patterns: str = "") -> dict[str, float]:
-    """alpha / r per module, honouring peft's rank_pattern / alpha_pattern (keys matched as suffixes)."""
+    """alpha / r per module, honouring peft's rank_pattern (through the factors' shapes) and alpha_pattern. Pattern
+    keys match as peft matches them (peft.utils.other.get_pattern_key): a regex against a dotted suffix of the module
+    name, the first matching key in file order wins."""
     rslora = bool(config.get("use_rslora", False))
     default_alpha = config.get("lora_alpha")
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -102,9 +126,9 @@ def _module_scales(pairs, config: dict, prefix_in_patterns: str = "") -> dict[st
         rank = A.shape[0]
         alpha = default_alpha if default_alpha is not None else rank
         for pattern, value in alpha_pattern.items():
-            pattern = pattern.removeprefix(prefix_in_patterns)
-            if module == pattern or module.endswith("." + pattern):
+            if re.match(rf"(.*\.)?({pattern.removeprefix(prefix_in_patterns)})$", module):
                 alpha = value
+                break
         scales[module] = _scale(alpha, rank, rslora)
     return scales
 
@@ -199,3 +223,168 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg
         merge_lora(model, lora, where)
     log.info("%s: loaded %s teacher from %s", where, fmt, path)
     return Teacher(name, model, cfg.guidance)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runtime: modes, precision, and the side-stream runner
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _lora_or_none(name: str, cfg: TeacherConfig) -> LoraWeights | None:
+    """The teacher's LoRA, or None for a full-model teacher."""
+    where = f"teacher of task {name!r}"
+    path = Path(cfg.path)
+    if not path.exists():
+        raise TeacherError(f"{where}: path does not exist: {path}")
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    if fmt == "full":
+        return None
+    return read_peft_lora(path, where) if fmt == "peft" else read_diffusers_lora(path, where)
+
+
+@torch.no_grad()
+def add_lora_adapter(model: torch.nn.Module, adapter: str, lora: LoraWeights, where: str) -> None:
+    """Attach `lora` to `model` as the unmerged peft adapter `adapter`, with its exact per-module scales, its
+    factors in the base's dtype, frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    modules = dict(model.named_modules())
+    for name, (A, B) in lora.pairs.items():
+        module = modules.get(name)
+        module = getattr(module, "base_layer", module)  # a layer that already carries another teacher's adapter
+        if not isinstance(module, torch.nn.Linear):
+            raise TeacherError(f"{where}: LoRA targets {name!r}, which the student's base has no Linear layer for "
+                               "(a LoRA for another base model or other target modules?)")
+        W = module.weight
+        if A.shape[1] != W.shape[1] or B.shape[0] != W.shape[0] or A.shape[0] != B.shape[1]:
+            raise TeacherError(f"{where}: LoRA for {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+                               f"but the base weight is {tuple(W.shape)} (a LoRA for another base model?)")
+    ranks = {name: A.shape[0] for name, (A, _) in lora.pairs.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    config = PeftLoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(lora.pairs), init_lora_weights=False,
+                            rank_pattern={n: r for n, r in ranks.items() if r != rank})  # fmt: skip
+    with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        model.add_adapter(config, adapter_name=adapter)
+    modules = dict(model.named_modules())
+    dtype = next(model.parameters()).dtype
+    for name, (A, B) in lora.pairs.items():
+        layer = modules[name]
+        layer.lora_A[adapter].to(dtype).weight.copy_(A)
+        layer.lora_B[adapter].to(dtype).weight.copy_(B)
+        layer.scaling[adapter] = lora.scales[name]  # alpha / r (or rsLoRA) as read, whatever the config said
+    model.requires_grad_(False)
+
+
+def activate_adapter(model: torch.nn.Module, adapter: str) -> None:
+    """Make `adapter` the only active one in every LoRA layer, without touching requires_grad (peft's default
+    set_adapter marks the active adapter trainable). Cached: a no-op when it is already active."""
+    if getattr(model, "_opd_active_adapter", None) == adapter:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(adapter, inference_mode=True)
+    model._opd_active_adapter = adapter
+
+
+def apply_precision(model: torch.nn.Module, runtime: TeacherRuntimeConfig) -> torch.nn.Module:
+    """Cast or quantize a frozen teacher model in place, as runtime.precision says."""
+    if runtime.precision in PRECISION_DTYPES:  # nn.Module.to: diffusers' override warns on every cast
+        torch.nn.Module.to(model, PRECISION_DTYPES[runtime.precision])
+    elif runtime.precision == "fp8":
+        fp8.quantize_model(model, runtime.fp8_backend, runtime.fp8_scaling, runtime.fp8_skip)
+    return model
+
+
+def load_teachers(tasks: list[TaskConfig], base: torch.nn.Module, model_cfg: ModelConfig,
+                  runtime: TeacherRuntimeConfig) -> dict[str, Teacher]:
+    """Every task's teacher on top of `base` (the student's base transformer, before it gets its LoRA), in the
+    runtime's mode and precision."""
+    if runtime.mode == "merged":
+        teachers = {t.name: load_teacher(t.name, t.teacher, base, model_cfg) for t in tasks}
+        for teacher in teachers.values():
+            apply_precision(teacher.model, runtime)
+        return teachers
+    teachers, shared = {}, None
+    for task in tasks:
+        lora = _lora_or_none(task.name, task.teacher)
+        if lora is None:  # a full model cannot share the base
+            teachers[task.name] = load_teacher(task.name, task.teacher, base, model_cfg)
+            apply_precision(teachers[task.name].model, runtime)
+            log.info("teacher of task %r: a full model, kept as its own copy in adapter mode", task.name)
+            continue
+        shared = frozen_copy(base) if shared is None else shared
+        add_lora_adapter(shared, task.name, lora, f"teacher of task {task.name!r}")
+        teachers[task.name] = Teacher(task.name, shared, task.teacher.guidance, adapter=task.name)
+    if shared is not None:
+        apply_precision(shared, runtime)  # FP8 wraps the base layers; the LoRA factors stay high
+    return teachers
+
+
+def teacher_memory_bytes(teachers: dict[str, Teacher]) -> int:
+    """Bytes of all teachers' parameters and buffers, a storage shared by several teachers counted once."""
+    seen, total = set(), 0
+    for teacher in teachers.values():
+        for t in list(teacher.model.parameters()) + list(teacher.model.buffers()):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+@dataclass
+class TeacherHandle:
+    """A submitted teacher forward: its velocity (valid once `ready` has passed on the consumer's stream)."""
+
+    velocity: torch.Tensor
+    guidance: float | None
+    ready: torch.cuda.Event | None  # None: computed serially, ready now
+
+
+class TeacherRunner:
+    """Runs teacher forwards: submit() launches one, result() hands its velocity to the caller's stream.
+
+    stream "side" on CUDA: the forward is launched on a dedicated stream after it waits for the caller's stream
+    (so x, written there, is complete), and an event marks its end; result() makes the caller's stream wait for that
+    event. Neither blocks the host. Allocator safety across streams: the inputs, allocated on the caller's stream
+    and read on the side stream, are record_stream'ed on the side stream (their memory is not reused before the
+    side stream is done with them); the output, allocated on the side stream and read on the caller's, is
+    record_stream'ed on the caller's stream in result(). Otherwise (CPU, or stream "serial") submit() computes at
+    once, and result() returns it: the same schedule, run in order.
+    """
+
+    def __init__(self, family: str, device: torch.device | str, stream: str = "side", phase=None):
+        self.family = family
+        self.device = torch.device(device)
+        self.side = stream == "side" and self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.side else None
+        self.phase = phase or nvtx_range
+        if stream == "side" and not self.side:
+            log.info("teacher_runtime.stream side: no CUDA device, teacher forwards run serially")
+
+    def submit(self, teacher: Teacher, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> TeacherHandle:
+        if not self.side:
+            with self.phase("teacher"):
+                v, guidance = teacher.velocity(self.family, x, sigma, cond)
+            return TeacherHandle(v, guidance, None)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            with self.phase("teacher"):
+                v, guidance = teacher.velocity(self.family, x, sigma, cond)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        for t in (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled):
+            t.record_stream(self.stream)
+        return TeacherHandle(v, guidance, ready)
+
+    def result(self, handle: TeacherHandle) -> tuple[torch.Tensor, float | None]:
+        if handle.ready is not None:
+            caller = torch.cuda.current_stream(self.device)
+            caller.wait_event(handle.ready)
+            handle.velocity.record_stream(caller)
+        return handle.velocity, handle.guidance

@@ -1,0 +1,384 @@
+"""One OPD round (3 tasks), end to end, from the official-like schedule to ours, one optimisation at a time.
+
+    python bench/bench_round.py                                   # tiny-sd3 on CPU, 64 px (about two minutes)
+    python bench/bench_round.py --preset sd3.5-medium --device cuda --resolution 512
+    python bench/bench_round.py --preset sd3.5-medium --device cuda --resolution 1024 --variants official,fp8,side
+
+Each variant is a real opd_fast.trainer.Trainer round (SPEC defaults: 10 steps, 9 trained, student CFG 4.5,
+teachers' CFG 1.0 / 4.5 / 4.5, 3 prompts per task, student LoRA r32 on large presets), on a random-weight base and
+random LoRA teachers (peft layout, official targets) written to a scratch folder. The ladder is cumulative:
+
+    official   two-pass (rollout, then recompute with grad), teachers as adapter swaps on the student (as the released
+               code: set_adapter(teacher) / forward / set_adapter(student)), loss.backend reference
+    one_pass   + one-pass rollout-train          fused    + fused opd_step (loss.backend auto)
+    merged     + frozen merged teacher copies     fp8      + FP8 teachers (opd_fast.fp8, backend auto, rowwise)
+    side       + teacher on a side CUDA stream    cudnn    + cuDNN attention first in SDPA's priority
+    compile    + torch.compile of every transformer block (student and teachers)
+    adapter    alternative to merged at the fp8+side state: one shared FP8 base + unmerged LoRA adapters
+
+Reported per variant, from the fastest of its timed rounds: images/s (tasks x prompts per round / round time),
+seconds per phase (opd_fast.profiling PhaseTimer: CUDA events on the stream running the phase, so side-stream
+teacher time overlaps others; CPU: perf_counter), peak device memory, teacher weight memory, and MFU = FLOPs of one
+round / (round time x the measured matmul ceiling). FLOPs are counted with torch.utils.flop_counter.FlopCounterMode
+on the real device: one student forward + backward and one forward of each task's teacher at batch 3 with their
+CFG, times the 9 trained steps; the same useful work for every variant (the official-like rollout's recompute is
+not counted as useful). The ceiling is a square bf16 torch.matmul (8192) on CUDA, float32 (1024) on CPU where the
+tiny model runs float32. The teacher weight memory of each runtime mode is printed from the architecture's shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fp8_accuracy import build_random_transformer
+
+import opd_fast.trainer as trainer_module
+from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
+from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, latent_shape, velocity
+from opd_fast.profiling import PHASES, PhaseTimer
+from opd_fast.teachers import Teacher, add_lora_adapter, read_peft_lora, teacher_memory_bytes
+
+TASKS = (("geneval", 1.0), ("ocr", 4.5), ("aesthetic", 4.5))  # official teachers' CFG
+START = {"schedule": "two_pass", "backend": "reference", "teachers": "swap", "precision": "model",
+         "stream": "serial", "attention": "sdpa", "compile": False}  # fmt: skip
+LADDER = [
+    ("official", "official-like", {}),
+    ("one_pass", "+ one-pass", {"schedule": "one_pass"}),
+    ("fused", "+ fused opd_step", {"backend": "auto"}),
+    ("merged", "+ merged teacher copies", {"teachers": "merged"}),
+    ("fp8", "+ FP8 teachers", {"precision": "fp8"}),
+    ("side", "+ side stream", {"stream": "side"}),
+    ("cudnn", "+ cuDNN attention", {"attention": "cudnn"}),
+    ("compile", "+ torch.compile", {"compile": True}),
+]
+ALTERNATIVES = [("adapter", "alt: adapter-mode FP8 teachers (at side)", "side", {"teachers": "adapter"})]
+CUDA_ONLY = {"side": "no CUDA stream on CPU (runs serially: same as the row above)",
+             "cudnn": "cuDNN attention is a CUDA backend"}  # fmt: skip
+
+
+class StudentSwapTeacher(Teacher):
+    """The released code's teacher: its LoRA is another adapter on the student, swapped in for the forward and
+    swapped back out (diffusers set_adapter, which also flips requires_grad, as theirs does)."""
+
+    def velocity(self, family, x, sigma, cond):
+        self.model.set_adapter(self.adapter)
+        try:
+            with torch.no_grad():
+                return velocity(self.model, family, x, sigma, cond, self.guidance)
+        finally:
+            self.model.set_adapter("default")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scratch world: prompts and random LoRA teachers
+
+
+def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompts: int) -> list[dict]:
+    """Prompt files and peft-layout LoRA teachers (B ~ N(0, 0.02^2): a teacher visibly off the base)."""
+    targets = [name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)
+               and any(name.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)]  # fmt: skip
+    tasks = []
+    for seed, (task, guidance) in enumerate(TASKS):
+        (root / "prompts").mkdir(parents=True, exist_ok=True)
+        prompt_file = root / "prompts" / f"{task}.txt"
+        prompt_file.write_text("".join(f"{task} prompt number {i}\n" for i in range(prompts)))
+        g = torch.Generator().manual_seed(100 + seed)
+        state = {}
+        for name in targets:
+            out_f, in_f = base.get_submodule(name).weight.shape
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.02
+        folder = root / "teachers" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
+                                                                "target_modules": list(OFFICIAL_LORA_TARGETS)}))
+        teacher = {"path": str(folder), "guidance": guidance}
+        tasks.append({"name": task, "prompts": str(prompt_file), "teacher": teacher})
+    return tasks
+
+
+def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
+    large = not args.preset.startswith("tiny")
+    return config_from_dict({
+        "model": {"family": PRESETS[args.preset][0], "preset": args.preset, "dtype": args.dtype},
+        "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
+        "tasks": tasks,
+        "teacher_runtime": {"precision": state["precision"], "stream": state["stream"],
+                            "mode": "adapter" if state["teachers"] == "adapter" else "merged"},
+        "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
+        "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
+        "loss": {"backend": state["backend"]},
+        "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": state["schedule"]},
+        "logging": {"progress": False, "tensorboard": False},
+    })  # fmt: skip
+
+
+def build_trainer(args, tasks, state, scratch: Path, index: int, pristine) -> trainer_module.Trainer:
+    cfg = make_config(args, tasks, state, scratch / "embeddings")
+    # The Trainer loads its base through load_transformer; hand it a copy of the one random base instead of
+    # initialising billions of parameters again for every variant.
+    trainer_module.load_transformer = lambda _cfg: copy.deepcopy(pristine)
+    trainer = trainer_module.Trainer(cfg, scratch / f"run{index}", device=args.device)
+    if state["teachers"] == "swap":
+        swap = {}
+        for task in cfg.tasks:
+            lora = read_peft_lora(Path(task.teacher.path), task.name)
+            add_lora_adapter(trainer.student, task.name, lora, task.name)
+            swap[task.name] = StudentSwapTeacher(task.name, trainer.student, task.teacher.guidance, adapter=task.name)
+        trainer.student.set_adapter("default")  # add_lora_adapter froze everything; the student trains again
+        trainer.teachers = swap  # the merged copies the Trainer made are dropped
+    if state["compile"]:
+        models = {id(m): m for m in [trainer.student] + [t.model for t in trainer.teachers.values()]}
+        for model in models.values():
+            for block in model.transformer_blocks:
+                block.compile()
+    return trainer
+
+
+def attention_context(state):
+    if state["attention"] != "cudnn":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurements
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(device: str) -> tuple[float, str]:
+    """FLOP/s of a square matmul in the dtype the benchmark's GEMMs run in (bf16 on CUDA, float32 on CPU)."""
+    cuda = torch.device(device).type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0), f"{str(dtype).removeprefix('torch.')} matmul {n}^3"
+
+
+def count_round_flops(trainer) -> float:
+    """FLOPs of one round's useful work: per trained step and task, one student forward + backward and one teacher
+    forward, each at the micro-batch with its CFG (counted once per task, times the trained steps)."""
+    cfg, device = trainer.cfg, trainer.device
+    mb, family = cfg.train.micro_batch_size, cfg.model.family
+    x = torch.randn(latent_shape(trainer.student, family, mb, cfg.sampling.resolution), device=device)
+    sigma = trainer.sigmas[1].expand(mb).to(device)
+    total = 0.0
+    for task in cfg.tasks:
+        cond = trainer.prompts[task.name].conditioning(torch.arange(mb), device)
+        with FlopCounterMode(display=False) as counter:
+            v, _ = velocity(trainer.student, family, x, sigma, cond, cfg.student.guidance)
+            v.float().square().mean().backward()
+            trainer.teachers[task.name].velocity(family, x, sigma, cond)
+        total += counter.get_total_flops()
+    trainer.engine.zero_grad()
+    return total * trainer.num_trained
+
+
+def timed_round(trainer, state, args) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one round (device synchronised before and after) and its seconds per phase."""
+    with attention_context(state):
+        trainer.phase_timer.read()
+        sync(args.device)
+        t0 = time.perf_counter()
+        trainer.train_round()
+        sync(args.device)
+        seconds = time.perf_counter() - t0
+    return seconds, trainer.phase_timer.read()
+
+
+def warm_up(trainer, state, args) -> None:
+    trainer.phase_timer = PhaseTimer(args.device)
+    for _ in range(args.warmup):
+        timed_round(trainer, state, args)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def summarize(trainer, rounds: list[tuple[float, dict]], args) -> dict:
+    """The fastest round (the least disturbed by anything else on the machine) and its phases."""
+    seconds, phases = min(rounds, key=lambda r: r[0])
+    cuda = torch.device(args.device).type == "cuda"
+    return {"round_s": seconds, "images_per_s": len(trainer.cfg.tasks) * args.prompts / seconds,
+            "phases_s": {p: phases.get(p, 0.0) for p in PHASES}, "rounds_s": [r[0] for r in rounds],
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "teacher_mb": teacher_bytes(trainer) / 2**20, "backend": trainer.backend}  # fmt: skip
+
+
+def teacher_bytes(trainer) -> int:
+    """Weights the teachers add: their own copies, or for swap teachers only their adapters on the student."""
+    if not isinstance(next(iter(trainer.teachers.values())), StudentSwapTeacher):
+        return teacher_memory_bytes(trainer.teachers)
+    names = [f".{task}." for task in trainer.teachers]
+    return sum(p.nbytes for n, p in trainer.student.named_parameters() if any(t in n for t in names))
+
+
+def teacher_memory_by_mode(preset: str, dtype: torch.dtype, teachers: int = 3, rank: int = 32) -> str:
+    """Teacher weight memory of each runtime mode, from the architecture's shapes (meta device, nothing allocated):
+    merged = one copy per teacher; adapter = one shared base + a LoRA (official targets) per teacher; fp8 = the
+    linears opd_fast.fp8 quantizes at 1 byte per weight, the rest in `dtype`."""
+    from opd_fast import fp8
+
+    family, kwargs = PRESETS[preset]
+    with torch.device("meta"):
+        model = TRANSFORMER_CLASSES[family](**kwargs)
+    width = torch.finfo(dtype).bits // 8
+    total = sum(p.numel() for p in model.parameters())
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantized = sum(m.weight.numel() for n, m in linears if not fp8.is_skipped(n, fp8.DEFAULT_SKIP))
+    lora = sum(rank * (m.in_features + m.out_features) for n, m in linears
+               if any(n.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)) * width  # fmt: skip
+    copy_hp, copy_fp8 = total * width, quantized + (total - quantized) * width
+    mib = 2**20
+    return (f"teacher weights, {teachers} teachers of {preset} ({total / 1e6:.2f} M params, {quantized / 1e6:.2f} M in "
+            f"FP8 linears, LoRA r{rank} {lora / mib:.2f} MiB each): merged {teachers * copy_hp / mib:.1f} MiB, "
+            f"merged fp8 {teachers * copy_fp8 / mib:.1f} MiB, adapter {(copy_hp + teachers * lora) / mib:.1f} MiB, "
+            f"adapter fp8 {(copy_fp8 + teachers * lora) / mib:.1f} MiB ({str(dtype).removeprefix('torch.')} base)")
+
+
+def free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def table(results: dict, flops: float, ceiling: float) -> str:
+    timed = [label for label, r in results.items() if "round_s" in r]
+    base_label = "official-like" if "official-like" in timed else timed[0]
+    base = results[base_label]
+    head = (f"| variant | img/s | x {base_label} | round s | " + " | ".join(PHASES) + " | peak GB | teacher MB | MFU |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, r in results.items():
+        if "round_s" not in r:
+            lines.append(f"| {label} | {r.get('skipped') or r.get('error')} |" + " |" * (head.count("|") - 3))
+            continue
+        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
+        phases = " | ".join(f"{r['phases_s'][p]:.3f}" for p in PHASES)
+        mfu = flops / (r["round_s"] * ceiling)
+        lines.append(f"| {label} | {r['images_per_s']:.3f} | {base['round_s'] / r['round_s']:.2f} | "
+                     f"{r['round_s']:.3f} | {phases} | {peak} | {r['teacher_mb']:.2f} | {100 * mfu:.2f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(p for p in PRESETS if PRESETS[p][0] == "sd3"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 512 otherwise)")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--prompts", type=int, default=3, help="prompts per task (one micro-batch)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (the fastest is reported)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny GEMMs gain nothing from more)")
+    ap.add_argument("--variants", default=None, help="comma-separated keys (default: the whole ladder)")
+    ap.add_argument("--compile", action="store_true", help="include torch.compile on CPU (always tried on CUDA)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    args.resolution = args.resolution or (64 if args.preset.startswith("tiny") else 512)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    wanted = args.variants.split(",") if args.variants else [k for k, _, _ in LADDER] + [k for k, *_ in ALTERNATIVES]
+
+    ceiling, ceiling_what = matmul_ceiling(args.device)
+    pristine = build_random_transformer(args.preset, args.device, getattr(torch, args.dtype))
+    large = not args.preset.startswith("tiny")
+    results, states, flops = {}, {}, None
+    # CPU: every variant's trainer is built first and their timed rounds interleave, so load from other processes
+    # hits all variants alike. CUDA: one variant at a time (the GPU is ours; memory allows one set of models).
+    interleave = not cuda
+    with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
+        scratch = Path(tmp)
+        tasks = write_world(scratch / "world", pristine, rank=32 if large else 4, alpha=64 if large else 8,
+                            prompts=args.prompts)  # fmt: skip
+        state, live = dict(START), {}
+        plan = [(k, label, None, changes) for k, label, changes in LADDER] + list(ALTERNATIVES)
+        for index, (key, label, based_on, changes) in enumerate(plan):
+            state = dict(states[based_on] if based_on else state, **changes)
+            states[key] = state
+            if key not in wanted:
+                continue
+            if not cuda and key in CUDA_ONLY:
+                results[label] = {"skipped": f"skipped: {CUDA_ONLY[key]}"}
+                continue
+            if key == "compile" and not (cuda or args.compile):
+                results[label] = {"skipped": "skipped on CPU (pass --compile)"}
+                continue
+            t0 = time.perf_counter()
+            try:
+                trainer = build_trainer(args, tasks, state, scratch, index, pristine)
+                if flops is None:
+                    flops = count_round_flops(trainer)
+                warm_up(trainer, state, args)
+                if interleave:
+                    live[label] = (trainer, state, [])
+                    continue
+                rounds = [timed_round(trainer, state, args) for _ in range(args.rounds)]
+                results[label] = summarize(trainer, rounds, args)
+            except Exception as e:  # noqa: BLE001  (a variant that fails here, e.g. compile, is reported, not fatal)
+                results[label] = {"error": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            trainer = None
+            free(args.device)
+            print(f"{label}: {results[label]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        for _ in range(args.rounds):
+            for label, (trainer, state, rounds) in live.items():
+                rounds.append(timed_round(trainer, state, args))
+        for label, (trainer, _, rounds) in live.items():
+            results[label] = summarize(trainer, rounds, args)
+    order = [label for _, label, *_ in LADDER + ALTERNATIVES]
+    results = {label: results[label] for label in order if label in results}
+
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU"
+    print(f"\n{args.preset} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, torch {torch.__version__}), "
+          f"{len(TASKS)} tasks x {args.prompts} prompts, 10 steps / 9 trained, fastest of {args.rounds} round(s) "
+          f"after {args.warmup} warm-up{', interleaved' if interleave else ''}"
+          f"{f', {torch.get_num_threads()} thread(s)' if not cuda else ''}")
+    print(f"ceiling: {ceiling / 1e12:.3f} TFLOP/s ({ceiling_what}); useful work per round: {flops / 1e12:.4f} TFLOP "
+          "(FlopCounterMode)\n")
+    print(teacher_memory_by_mode(args.preset, getattr(torch, args.dtype),
+                                 rank=32 if large else 4) + "\n")  # fmt: skip
+    print(table(results, flops, ceiling))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "resolution": args.resolution, "device": machine,
+                                               "dtype": args.dtype, "ceiling_flops": ceiling, "round_flops": flops,
+                                               "results": results}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The teacher runtime: adapter mode equals merged mode in less memory, the side-stream schedule (teacher(x_{j+1})
+submitted before backward(j)) gives the serial result, phases and the profiler window."""
+
+import logging
+
+import pytest
+import torch
+
+from opd_fast.config import ConfigError, ModelConfig
+from opd_fast.models import Conditioning, load_transformer
+from opd_fast.profiling import PHASES, CaptureWindow, PhaseTimer, parse_window
+from opd_fast.teachers import Teacher, TeacherRunner, load_teachers, teacher_memory_bytes
+from opd_fast.trainer import Trainer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny GEMMs gain nothing from intra-op threads, and on a shared 2-core machine extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_trainer(tiny_config, tmp_path):
+    """Trainers on configs/tiny reduced to its ocr task (diffusers-layout LoRA, CFG 4.5): one task keeps a round
+    at about a second on 2 cores."""
+    count = []
+
+    def make(device="cpu", **overrides):
+        cfg = tiny_config(**overrides)
+        cfg.tasks = [t for t in cfg.tasks if t.name == "ocr"]
+        count.append(1)
+        return Trainer(cfg, tmp_path / f"run{len(count)}", device=device)
+
+    return make
+
+
+def conditioning(batch=2):
+    g = torch.Generator().manual_seed(0)
+    return Conditioning(torch.randn(batch, 16, 32, generator=g), torch.randn(batch, 32, generator=g),
+                        torch.randn(1, 16, 32, generator=g), torch.randn(1, 32, generator=g))  # fmt: skip
+
+
+def test_adapter_mode_matches_merged_mode_in_less_memory(tiny_config):
+    # All three layouts of configs/tiny: peft and diffusers LoRAs become adapters of one shared base; the full-model
+    # teacher keeps its own copy. Unmerged LoRA vs merged weights: equal up to float32 rounding.
+    cfg = tiny_config()
+    base = load_transformer(cfg.model)
+    merged = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+    cfg.teacher_runtime.mode = "adapter"
+    adapter = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+    assert adapter["geneval"].model is adapter["ocr"].model and adapter["aesthetic"].adapter is None
+    assert not any(p.requires_grad for p in adapter["ocr"].model.parameters())
+    x, sigma, cond = torch.randn(2, 4, 8, 8), torch.tensor([0.8, 0.4]), conditioning()
+    for name in merged:  # in an order that switches adapters back and forth
+        v_merged, g_merged = merged[name].velocity("sd3", x, sigma, cond)
+        v_adapter, g_adapter = adapter[name].velocity("sd3", x, sigma, cond)
+        assert g_merged == g_adapter
+        torch.testing.assert_close(v_adapter, v_merged, rtol=1e-5, atol=1e-6)
+    assert teacher_memory_bytes(adapter) < teacher_memory_bytes(merged)
+
+
+def test_adapter_mode_in_fp8_keeps_the_lora_factors_high(tiny_config):
+    cfg = tiny_config(**{"teacher_runtime.mode": "adapter", "teacher_runtime.precision": "fp8"})
+    teachers = load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)
+    shared = teachers["ocr"].model
+    lora_a = [m for n, m in shared.named_modules() if n.endswith("lora_A.ocr")]
+    assert lora_a and all(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 for m in lora_a)
+    v, _ = teachers["ocr"].velocity("sd3", torch.randn(2, 4, 8, 8), torch.tensor([0.8, 0.4]), conditioning())
+    assert torch.isfinite(v).all()
+
+
+def test_side_stream_on_cpu_runs_the_serial_schedule(tiny_trainer):
+    side = tiny_trainer(**{"teacher_runtime.stream": "side", "sampling.num_steps": 3})
+    serial = tiny_trainer(**{"teacher_runtime.stream": "serial", "sampling.num_steps": 3})
+    assert not side.teacher_runner.side and side.teacher_runner.stream is None
+    side.train_round()
+    serial.train_round()
+    for (name, a), (_, b) in zip(side.student.named_parameters(), serial.student.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # same ops in the same order: bitwise
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+def test_teacher_of_the_next_state_is_submitted_before_the_backward(tiny_trainer, schedule):
+    # The overlap the side stream exploits: submit(j+1) comes after opd_step(j) and before backward(j), and its
+    # result is taken after the student's forward at j+1; no submit for the untrained last state.
+    trainer = tiny_trainer(**{"train.schedule": schedule, "sampling.num_steps": 3})
+    events = []
+    runner, engine = trainer.teacher_runner, trainer.engine
+    submit, result, backward = runner.submit, runner.result, engine.backward
+    runner.submit = lambda *a: events.append("submit") or submit(*a)
+    runner.result = lambda h: events.append("result") or result(h)
+    engine.backward = lambda loss: events.append("backward") or backward(loss)
+    trainer.train_round()
+    steps = trainer.num_trained
+    one_micro_batch = ["submit"] + ["result", "submit", "backward"] * (steps - 1) + ["result", "backward"]
+    assert events == one_micro_batch * len(trainer.cfg.tasks)
+
+
+def test_phase_timer_covers_every_phase(tiny_trainer):
+    trainer = tiny_trainer(**{"train.schedule": "two_pass", "sampling.num_steps": 3})
+    trainer.phase_timer = PhaseTimer("cpu")
+    trainer.train_round()
+    seconds = trainer.phase_timer.read()
+    assert set(PHASES) <= set(seconds) and all(seconds[p] > 0 for p in PHASES)
+    assert {"rollout/student_forward", "rollout/loss"} <= set(seconds)
+    assert trainer.phase_timer.read() == {}
+
+
+def test_capture_window_is_a_logged_no_op_on_cpu(caplog):
+    assert parse_window("2:4") == (2, 4)
+    for bad in ("4:2", "a:b", "3"):
+        with pytest.raises(ValueError, match="--profile-steps"):
+            parse_window(bad)
+    with caplog.at_level(logging.INFO, logger="opd_fast.profiling"):
+        window = CaptureWindow(0, 1, "cpu")
+    assert "no-op" in caplog.text
+    window.before_round(0)
+    window.after_round(0)
+    assert not window.active
+
+
+def test_delayed_scaling_needs_transformer_engine(tiny_config):
+    with pytest.raises(ConfigError, match="teacher_runtime.fp8_scaling"):
+        tiny_config(**{"teacher_runtime.fp8_backend": "torch", "teacher_runtime.fp8_scaling": "delayed"})
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["model", "fp8"])
+def test_side_stream_gives_the_serial_result_on_cuda(tiny_trainer, precision):
+    # Same kernels on another stream, ordered by events: the round's gradient equals the serial run's (tolerance
+    # for cuBLAS picking other algorithms under concurrency).
+    grads = []
+    for stream in ("side", "serial"):
+        trainer = tiny_trainer(device="cuda", **{"teacher_runtime.stream": stream,
+                                                 "teacher_runtime.precision": precision})  # fmt: skip
+        assert trainer.teacher_runner.side == (stream == "side")
+        trainer.engine.step = lambda: 0.0  # keep the accumulated gradient
+        trainer.train_round()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.engine.params]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@needs_cuda
+def test_pipelined_micro_batch_does_not_synchronise_the_host(tiny_trainer):
+    trainer = tiny_trainer(device="cuda")
+    task = trainer.cfg.tasks[0]
+    noise = trainer.sample_noise(0, 0, 0, (2, 4, 8, 8))
+    cond = trainer.prompts[task.name].conditioning(torch.arange(2), trainer.device)
+    trainer._sigma_rows(2)  # made once, before the loop
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer._train_micro_batch(trainer.teachers[task.name], cond, noise, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_runner_keeps_cross_stream_tensors_alive():
+    # The caller frees its input right after submit and at once allocates and writes a tensor of the same size,
+    # while the side stream is still busy: record_stream must keep the input's memory until the side stream has
+    # read it, or the teacher would read NaN.
+    teacher = Teacher("t", load_transformer(ModelConfig()).cuda(), 4.5)
+    runner = TeacherRunner("sd3", "cuda", "side")
+    cond = Conditioning(*(t.cuda() for t in vars(conditioning()).values()))
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    sigma = torch.tensor([0.8, 0.4], device="cuda")
+    expected, _ = teacher.velocity("sd3", x, sigma, cond)
+    with torch.cuda.stream(runner.stream):
+        torch.cuda._sleep(50_000_000)  # the side stream reaches the teacher forward late
+    handle = runner.submit(teacher, x.clone(), sigma, cond)  # the clone's last reference dies here
+    junk = torch.full((2, 4, 8, 8), float("nan"), device="cuda")
+    v, _ = runner.result(handle)
+    torch.testing.assert_close(v, expected)
+    del junk
