@@ -137,7 +137,7 @@ def latent_shape(model: torch.nn.Module, family: str, batch: int, resolution: in
 
 
 def flux_image_ids(tokens: int, device) -> torch.Tensor:
-    side = int(round(tokens**0.5))
+    side = round(tokens**0.5)
     ids = torch.zeros(side, side, 3, device=device)
     ids[..., 1] = torch.arange(side, device=device)[:, None]
     ids[..., 2] = torch.arange(side, device=device)[None, :]

@@ -4,12 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from opd_fast.config import ConfigError, apply_override, load_config
 from opd_fast.prompts import BuiltinTextEncoder, encode_cached, read_prompts
-
-from conftest import ROOT
 
 
 def test_overrides_reach_nested_keys_and_list_items():
@@ -72,7 +71,7 @@ def test_prompt_files_txt_and_jsonl():
 def test_builtin_encoder_is_deterministic_and_word_sensitive():
     enc = BuiltinTextEncoder(32, 16, 8)
     a, pa = enc.encode(["a red cat", "a blue cat", ""])
-    b, pb = BuiltinTextEncoder(32, 16, 8).encode(["a red cat", "a blue cat", ""])
+    b, _ = BuiltinTextEncoder(32, 16, 8).encode(["a red cat", "a blue cat", ""])
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a[0], a[1]) and torch.equal(a[0, 0], a[1, 0])  # differ at "red"/"blue" only
     assert a[2].abs().sum() == 0 and pa[2].abs().sum() == 0  # the empty prompt is all padding

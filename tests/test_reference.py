@@ -25,7 +25,7 @@ def test_ode_step_equals_diffusers_scheduler_step():
         v = _rand(2, 4, 8, 8, seed=10 + i)
         expected = sched.step(v, t, x, return_dict=False)[0]
         sigma, sigma_next = sched.sigmas[i].expand(2), sched.sigmas[i + 1].expand(2)
-        ours, loss = opd_step(x, v, v + 0.1, _rand(2, 4, 8, 8, seed=99), sigma, sigma_next, 0.0, backend="reference")
+        ours, _ = opd_step(x, v, v + 0.1, _rand(2, 4, 8, 8, seed=99), sigma, sigma_next, 0.0, backend="reference")
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
         x = expected
 
