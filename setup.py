@@ -58,8 +58,8 @@ setup(
     ],
     extras_require={
         "cpu": CPU_STACK,
-        "deepspeed": ["deepspeed>=0.16"],
-        "test": ["pytest", "pytest-benchmark", "ruff", "deepspeed>=0.16"],
+        "deepspeed": ["deepspeed>=0.19"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "deepspeed>=0.19"],
         # GPU-only: never required, detected at run time.
         "fp8": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,16 @@ def _train(args) -> int:
     config = Path(args.config) if args.config else DEFAULT_CONFIG
     cfg = load_config(config, args.set)
     trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device)
+    if args.profile_steps is not None:
+        from opd_fast.profiling import CaptureWindow
+
+        trainer.capture = CaptureWindow(*args.profile_steps, trainer.device)
     records = trainer.fit()
+    from opd_fast import distributed
+
+    distributed.shutdown()
+    if trainer.engine.rank != 0:  # one summary per run
+        return 0
     if records:
         first, last = records[0]["loss"], records[-1]["loss"]
         print(f"trained rounds {records[0]['step']}..{records[-1]['step']}: loss {first:.4g} -> {last:.4g}; "
@@ -34,9 +44,21 @@ def _tiny_world(args) -> int:
     return 0
 
 
+def _profile_window(spec: str) -> tuple[int, int]:
+    from opd_fast.profiling import parse_window
+
+    try:
+        return parse_window(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-fast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes --local_rank=N before the verb; torchrun exports LOCAL_RANK only.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (the same as the LOCAL_RANK it exports)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="multi-task on-policy distillation of a student from task teachers")
@@ -46,11 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.rounds=4 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    train.add_argument("--profile-steps", type=_profile_window, default=None, metavar="A:B",
+                       help="cudaProfilerStart/Stop around rounds A..B-1 (0-based), for nsys profile "
+                       "--capture-range=cudaProfilerApi; a no-op without CUDA")
     train.set_defaults(func=_train)
 
     tiny = sub.add_parser("tiny-world", help="write the tiny default's prompt sets and seeded teachers")
     tiny.add_argument("out", help="folder to write (configs/tiny holds the copy configs/tiny.yaml uses)")
     tiny.set_defaults(func=_tiny_world)
+
+    from opd_fast.evaluate.cli import add_subcommands as add_sample_and_eval
+
+    add_sample_and_eval(sub)
     return parser
 
 
@@ -63,12 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     from opd_fast.teachers import TeacherError
     from opd_fast.trainer import OutputDirError, TrainingError
 
+    local_rank = None if args.local_rank is None else str(args.local_rank)
+    if local_rank is not None and os.environ.setdefault("LOCAL_RANK", local_rank) != local_rank:
+        print(f"opd-fast: error: --local_rank={local_rank} but LOCAL_RANK={os.environ['LOCAL_RANK']}", file=sys.stderr)
+        return 2
+    many_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         return args.func(args)
     except (ConfigError, PromptError, TeacherError, OutputDirError, TrainingError, UnsafeFileError,
             FileNotFoundError) as e:
-        print(f"opd-fast: error: {e}", file=sys.stderr)
+        rank = f"rank {os.environ.get('RANK', '0')}: " if many_ranks else ""
+        print(f"opd-fast: error: {rank}{e}", file=sys.stderr, flush=True)
+        if many_ranks:  # the other ranks may be waiting on this one: leave without the group's teardown
+            os._exit(2)
         return 2
+    except Exception as e:
+        if many_ranks:
+            from opd_fast import distributed
+
+            distributed.fail(e)  # one clear line, and an exit that cannot block on a dead peer
+        raise
 
 
 if __name__ == "__main__":

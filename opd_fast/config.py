@@ -131,7 +131,7 @@ class TrainConfig:
     max_nonfinite_rounds: int = 3  # rounds skipped for a NaN/inf loss or gradient before the run stops
 
 
-LORA_ZERO_STAGE = 1  # engine.zero_stage null with a LoRA student; chosen by measurement (bench/RESULTS.md)
+LORA_ZERO_STAGE = 0  # engine.zero_stage null with a LoRA student; chosen by measurement (bench/RESULTS.md)
 
 
 @dataclass(kw_only=True)
@@ -139,8 +139,9 @@ class EngineConfig:
     """How the student update runs (opd_fast.engine, opd_fast.distributed): one process, data parallel, or DeepSpeed.
 
     zero_stage null means "by student kind": 3 for a full-parameter student (partitions weights, gradients and
-    optimizer state), 1 for a LoRA student (its few weights fit everywhere, and stage 1 communicates once per round
-    where stages 2 and 3 communicate at every backward call; measured in bench/RESULTS.md)."""
+    optimizer state), 0 for a LoRA student: its state is small enough to replicate (SD3.5-M r32: ~19 M weights, 0.3 GB
+    with gradients and Adam), stage 0 all-reduces once per round where stages 2-3 communicate at every backward call,
+    and it was the fastest DeepSpeed stage for LoRA in bench/bench_engine.py (bench/RESULTS.md)."""
 
     kind: Literal["single", "ddp", "deepspeed"] = "single"
     zero_stage: int | None = None  # deepspeed only: 0..3, null = by student kind (above)
@@ -242,6 +243,10 @@ class RunConfig:
             raise ConfigError(f"engine.zero_stage: must be 0, 1, 2, 3 or null (by student kind), got "
                               f"{engine.zero_stage}")
         stage = engine.resolved_zero_stage(self.student.lora.enabled)
+        if engine.bf16 and stage == 0:
+            raise ConfigError("engine.bf16: needs ZeRO stage >= 1 (at stage 0 DeepSpeed sums a round's gradients in "
+                              "bf16); set engine.zero_stage, or for a LoRA student keep engine.bf16 false and set "
+                              "model.dtype: bfloat16 (bf16 base, fp32 LoRA weights, gradients and Adam)")
         if engine.offload == "optimizer" and stage == 0:
             raise ConfigError("engine.offload: 'optimizer' needs ZeRO stage >= 1 (engine.zero_stage)")
         if engine.offload == "all" and stage != 3:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import ops
+from opd_fast import distributed, ops
 from opd_fast.checkpoint import (
     export_diffusers_lora, flatten_optimizer_state, latest_checkpoint, load_checkpoint, save_checkpoint,
     unflatten_optimizer_state,
 )  # fmt: skip
 from opd_fast.config import ConfigError, RunConfig
-from opd_fast.engine import EMA, SingleEngine
+from opd_fast.engine import EMA, make_engine
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
@@ -38,7 +38,8 @@ from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teache
 
 log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"train.rounds", "checkpoint.every", "checkpoint.keep_last", "logging.progress",
-                     "logging.tensorboard", "loss.backend",
+                     "logging.tensorboard", "loss.backend", "engine.kind", "engine.zero_stage", "engine.offload",
+                     "engine.bf16", "engine.timeout_s", "engine.persistence_threshold",
                      "teacher_runtime.stream", "teacher_runtime.mode"}  # fmt: skip  (speed only: same teacher outputs)
 
 
@@ -85,7 +86,7 @@ def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Pat
     else:
         from opd_fast.text_encoders import pipeline_encoder
 
-        encode_fn, name = pipeline_encoder(cfg.model)
+        encode_fn, name = pipeline_encoder(cfg.model, cfg.prompts)
     return {
         task: encode_cached(prompt_set, encode_fn, name, cfg.prompts.negative_prompt, cache_dir / f"{task}.safetensors")
         for task, prompt_set in prompt_sets.items()
@@ -97,8 +98,11 @@ class Trainer:
                  engine=None):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
+        self.dist = distributed.setup(cfg.engine, device)
+        self.device = self.dist.device
         self._check_output_dir(resume)
+        self.dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
 
         base = load_transformer(cfg.model).to(self.device)
         # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
@@ -115,11 +119,13 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.student.train()
-        self.engine = engine if engine is not None else SingleEngine(self.student, cfg.optimizer)
-        self.ema = EMA(self.engine.params, cfg.ema) if cfg.ema.enabled else None
+        # After the teachers were copied: DeepSpeed ZeRO-3 partitions the student it is given, and only the student.
+        self.engine = engine if engine is not None else make_engine(cfg, self.student, self.dist)
+        self.ema = EMA(self.engine.params, cfg.ema, self.engine) if cfg.ema.enabled else None
 
         cache_dir = Path(cfg.prompts.cache_dir) if cfg.prompts.cache_dir else self.out_dir / "embeddings"
-        self.prompts = encode_task_prompts(cfg, self.student, cache_dir)
+        with distributed.rank_zero_first(self.dist):  # rank 0 fills the cache, the others read it
+            self.prompts = encode_task_prompts(cfg, self.student, cache_dir)
 
         probe = latent_shape(self.student, cfg.model.family, 1, cfg.sampling.resolution)
         self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift,
@@ -153,6 +159,8 @@ class Trainer:
 
     def _write_run_file(self) -> None:
         """Mark the folder as this run's, once everything loaded: a run that failed to start leaves no claim."""
+        if not self.dist.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         run_file = self.out_dir / "run.json"
         tmp = run_file.with_suffix(".json.tmp")
@@ -202,7 +210,8 @@ class Trainer:
         with_grad = teacher is not None
         prefix = "" if with_grad else "rollout/"
         with self._phase(prefix + "student_forward"), torch.set_grad_enabled(with_grad):
-            v_student, student_cfg = velocity(self.student, cfg.model.family, x, sigma, cond, cfg.student.guidance)
+            v_student, student_cfg = velocity(self.engine.forward_model, cfg.model.family, x, sigma, cond,
+                                              cfg.student.guidance)
         if with_grad:
             v_teacher, teacher_cfg = self.teacher_runner.result(teacher)
             v_teacher = v_teacher.to(v_student.dtype)  # a teacher in another precision than the student
@@ -269,8 +278,10 @@ class Trainer:
                     cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
                     losses.append(self._train_micro_batch(self.teachers[task.name], cond, noise, scale))
                 task_losses[task.name] = torch.cat(losses).mean()
-        # One host sync per round: a NaN/inf anywhere shows up in the loss sum or the gradient norm.
-        values = {name: float(v) for name, v in task_losses.items()}
+        # One host sync per round: a NaN/inf anywhere shows up in the loss sum or the gradient norm. Averaged over
+        # ranks first, so every rank takes the same step-or-skip decision (and logs the global batch's loss).
+        averaged = self.engine.average(torch.stack(list(task_losses.values())))
+        values = {name: float(v) for name, v in zip(task_losses, averaged)}
         loss = sum(values.values()) / len(values)
         grad_norm = None
         with self._phase("optimizer"):
@@ -284,9 +295,12 @@ class Trainer:
         return RoundResult(loss, values, grad_norm)
 
     # -- the run ---------------------------------------------------------------------------------------------------
-    def fit(self) -> list[dict]:
+    def fit(self, on_round=None) -> list[dict]:
+        """Train up to cfg.train.rounds. on_round(trainer, record), if given, runs after each round's record is
+        written (e.g. an evaluation, as the demo's reward curves); its time is not in the record's seconds."""
         cfg = self.cfg
-        metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard and self.engine.rank == 0, self.round)
+        # Rank 0 alone touches the log: ranks truncating it at once on resume would race.
+        metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard, self.round) if self.engine.rank == 0 else None
         records = []
         bar = None
         if cfg.logging.progress and self.engine.rank == 0:
@@ -313,6 +327,8 @@ class Trainer:
                 if self.engine.rank == 0:
                     metrics.write(record)
                 records.append(record)
+                if on_round is not None:
+                    on_round(self, record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.loss:.4g}")
@@ -329,15 +345,16 @@ class Trainer:
                 self.capture.close()
             if bar is not None:
                 bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         self.export()
         return records
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
+        # Full tensors gathered to rank 0 (a collective under ZeRO: every rank takes part), one layout for all engines.
         opt_tensors, opt_rest = flatten_optimizer_state(self.engine.state_dict())
-        tensors = {"student": {n: p for n, p in self.student.named_parameters() if p.requires_grad},
-                   "optimizer": opt_tensors}
+        tensors = {"student": self.engine.trainable_state(), "optimizer": opt_tensors}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         meta = {"round": self.round, "nonfinite_rounds": self.nonfinite_rounds, "optimizer": opt_rest}
@@ -355,29 +372,48 @@ class Trainer:
         if set(params) != set(tensors["student"]):
             raise ConfigError(f"{path}: its student parameters do not match this config's student (other LoRA "
                               "targets or rank?)")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors["student"][name])
+        self.engine.load_trainable_state(tensors["student"])
         self.engine.load_state_dict(unflatten_optimizer_state(tensors["optimizer"], meta["optimizer"]))
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
         self.round = meta["round"]
         self.nonfinite_rounds = meta["nonfinite_rounds"]
         log.info("resumed from %s at round %d", path, self.round)
+        self._check_ranks_agree(self.round)
+
+    def _check_ranks_agree(self, round_idx: int) -> None:
+        """Every rank must resume the same round (OUT on a filesystem that not all nodes share would break this)."""
+        if self.dist.world_size == 1:
+            return
+        rounds = torch.tensor([round_idx, -round_idx], dtype=torch.float64)
+        torch.distributed.all_reduce(rounds, op=torch.distributed.ReduceOp.MAX)
+        if rounds[0] != -rounds[1]:
+            raise OutputDirError(f"ranks resumed different rounds ({int(-rounds[1])}..{int(rounds[0])}): is "
+                                 f"{self.out_dir} on a filesystem that every node shares?")
 
     def export(self) -> Path | None:
         """OUT/lora_diffusers (and OUT/lora_diffusers_ema with EMA) in the diffusers layout; full-parameter
         students are saved as a diffusers transformer folder OUT/transformer."""
-        if self.engine.rank != 0:
-            return None
+        from peft.utils import get_peft_model_state_dict
+
+        main = self.engine.rank == 0
         if self.peft_config is None:
-            self.student.save_pretrained(self.out_dir / "transformer")
-            return self.out_dir / "transformer"
+            with self.engine.gathered():  # ZeRO-3: every rank takes part in gathering the whole model
+                if main:
+                    self.student.save_pretrained(self.out_dir / "transformer")
+            return self.out_dir / "transformer" if main else None
+        # The weights as full tensors on rank 0 (ZeRO-3 keeps only shards in the module): every rank takes part.
+        weights = self.engine.trainable_state()
+        ema = self.ema.state_dict() if self.ema is not None else None
+        if not main:
+            return None
         path = export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
-                                     self.out_dir / "lora_diffusers")
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
-                                      self.out_dir / "lora_diffusers_ema")
+                                     self.out_dir / "lora_diffusers",
+                                     lora_state=get_peft_model_state_dict(self.student, state_dict=weights))
+        if ema is not None:  # EMA keeps the trainable tensors in the engine's order, which is trainable_state's
+            ema_weights = dict(zip(weights, ema.values()))
+            export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
+                                  self.out_dir / "lora_diffusers_ema",
+                                  lora_state=get_peft_model_state_dict(self.student, state_dict=ema_weights))
         return path
 

@@ -1,0 +1,158 @@
+"""Process groups for the multi-process engines: joined from the launcher's environment, with a bounded timeout.
+
+torchrun and the deepspeed launcher both export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (the
+deepspeed launcher also passes --local_rank=N, which opd_fast.cli checks against LOCAL_RANK). The backend follows the
+device: NCCL for cuda:LOCAL_RANK, gloo on CPU. Every collective gets engine.timeout_s, so a rank that died or hangs
+makes the others fail instead of waiting forever: gloo raises at once on a closed connection and after the timeout
+on a silent peer; NCCL's watchdog aborts the process after the timeout. `fail()` turns such an error into one clear
+line and a prompt exit (os._exit: interpreter shutdown could block on the dead group again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from opd_fast.config import ConfigError, EngineConfig
+
+log = logging.getLogger(__name__)
+EXIT_PEER_LOST = 3  # the exit status of a rank that lost contact with another one
+
+
+class DistributedError(RuntimeError):
+    """A collective op failed: another rank died, hung past engine.timeout_s, or the group could not form."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    timeout_s: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as the launcher exported them; (0, 1, 0) for a plain `python` start."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank if world == 1 else -1)))
+    except ValueError as e:
+        raise ConfigError(f"launcher environment: RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from None
+    if world > 1 and local < 0:
+        raise ConfigError("launcher environment: WORLD_SIZE > 1 but LOCAL_RANK is not set; start the ranks with "
+                          "torchrun or the deepspeed launcher (they set it)")
+    if not 0 <= rank < world:
+        raise ConfigError(f"launcher environment: RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
+    """Join the process group the environment describes (idempotent) and pick this rank's device.
+
+    The single engine never forms a group. DeepSpeed needs one even for one process: a world of one is formed on an
+    in-process store, so no port is needed.
+    """
+    rank, world, local = launcher_env()
+    if cfg.kind == "single" and world > 1:
+        raise ConfigError(f"engine.kind: 'single' but the launcher started WORLD_SIZE={world} ranks; set "
+                          "engine.kind: deepspeed or ddp (or start one process)")
+    if device is not None:
+        dev = torch.device(device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world, local, dev, cfg.timeout_s)
+    if cfg.kind == "single" or dist.is_initialized():
+        return info
+    for var, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+        os.environ.setdefault(var, str(value))  # DeepSpeed reads them even for a world of one
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise ConfigError(f"launcher environment: WORLD_SIZE={world} but {var} is not set; start the ranks "
+                                  "with torchrun or the deepspeed launcher")
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=dev if dev.type == "cuda" else None)
+        except Exception as e:  # the store did not form within the timeout: a rank never came up
+            raise DistributedError(f"rank {rank}: could not form the {world}-rank {backend} group at "
+                                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+                                   f"{cfg.timeout_s}s ({_first_line(e)})") from e
+    log.info("rank %d of %d (local rank %d) on %s, %s, collective timeout %ds", rank, world, local, dev, backend,
+             cfg.timeout_s)
+    return info
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_zero_first(info: DistInfo):
+    """Rank 0 runs the block first (e.g. writes a cache), then the others (which then read it)."""
+    if not info.is_main:
+        info.barrier()
+    yield
+    if info.is_main:
+        info.barrier()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether an exception is a collective op failing (gloo/NCCL error, timeout), not a bug of this rank."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "nccl", "connection reset",
+                                                                   "connection closed", "timed out"))
+
+
+def fail(e: BaseException) -> None:
+    """Report a fatal error of a multi-rank run on stderr and exit now, never returning.
+
+    A lost peer gets one line naming this rank and the likely cause; anything else also gets its traceback. os._exit
+    skips atexit handlers and process-group teardown, which can block on a dead peer; it also closes this rank's
+    connections at once, so the other ranks fail fast instead of waiting out their timeout."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if isinstance(e, DistributedError):
+        msg, code = f"opd-fast: error: {e}", EXIT_PEER_LOST
+    elif is_peer_failure(e):
+        msg = (f"opd-fast: error: rank {rank} of {world}: lost contact with another rank (it died, or hung longer "
+               f"than engine.timeout_s); see the other ranks' logs. Collective error: {_first_line(e)}")
+        code = EXIT_PEER_LOST
+    else:
+        traceback.print_exception(e)
+        msg, code = f"opd-fast: error: rank {rank} of {world} failed: {type(e).__name__}: {_first_line(e)}", 1
+    sys.stdout.flush()
+    print(msg, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,274 @@
+"""The student update on 2 CPU ranks (gloo): DeepSpeed ZeRO-3 / the LoRA default stage / DDP train the tiny model to
+the same weights as one process on the same global batch; ZeRO really partitions; prompts split without overlap;
+save + resume under ZeRO-3 continues identically; the ZeRO-3 export loads like the single-process one; a dead rank
+makes the other exit with a clear error instead of hanging.
+
+All 2-rank training runs as one launch of tests/dist_worker.py (jobs one after another in the same two processes),
+so imports, the process group and DeepSpeed's one-time op build are paid for once.
+
+Tolerance of "the same weights": the 2-rank gradient is the sum of two half-batch gradients, all-reduced, where one
+process sums the same terms in another order; fp32 rounding then differs by ~1e-7 relative per step, and Adam's
+normalisation m / (sqrt(v) + eps) passes relative gradient errors through unamplified. So after a few steps weights
+agree to ~1e-6 of their scale: atol 1e-5 with rtol 1e-4 leaves margin and is still far below one step's change
+(lr 3e-3 moves every LoRA weight by ~1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_launch import ROOT, logs, start, wait
+from dist_worker import discard_rounds
+from safetensors.torch import load_file
+
+from opd_fast.config import ConfigError, load_config
+from opd_fast.trainer import Trainer
+
+pytest.importorskip("deepspeed")
+CONFIG = ROOT / "configs" / "tiny.yaml"
+WORLD = 2
+ROUNDS = 2
+RTOL, ATOL = 1e-4, 1e-5
+COMMON = [
+    "sampling.num_steps=4", "train.micro_batch_size=2", "checkpoint.every=1", "checkpoint.keep_last=3",
+    "logging.progress=false", "logging.tensorboard=false", "ema.update_every=1",
+]  # fmt: skip
+# persistence 0: no parameter stays gathered; gradient checkpointing: ZeRO-3 must gather again in the recompute
+ZERO3 = ["engine.kind=deepspeed", "engine.zero_stage=3", "engine.persistence_threshold=0",
+         "model.gradient_checkpointing=true"]  # fmt: skip
+FULL = ["student.lora.enabled=false", "train.schedule=two_pass"]  # two-pass: rollout forwards without grad, too
+DISCARD = [1]  # rounds whose loss the DDP / LoRA-default jobs see as NaN: the round's gradients must be dropped
+# name -> overrides of a 2-rank job (each rank: 1 micro-batch of 2 prompts per task; global batch 4)
+JOBS = {
+    "zero3": ZERO3 + [f"train.rounds={ROUNDS}"],
+    "zero3_half": ZERO3 + [f"train.rounds={ROUNDS // 2}"],
+    "zero3_resumed": ZERO3 + [f"train.rounds={ROUNDS}"],  # same folder as zero3_half, --resume
+    "lora_default": ["engine.kind=deepspeed", "train.rounds=3"],  # and DISCARD
+    "ddp": ["engine.kind=ddp", "train.rounds=3"],  # and DISCARD
+    "zero2_half": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS // 2}"],
+    "zero2_resumed": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS}"],  # --resume
+    "zero3_full": ZERO3 + FULL + ["train.rounds=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Every 2-rank job, run once for the module: name -> output folder."""
+    root = tmp_path_factory.mktemp("dist")
+    folder = {name: root / name for name in JOBS}
+    folder["zero3_resumed"], folder["zero2_resumed"] = folder["zero3_half"], folder["zero2_half"]
+    jobs = [{"out": str(folder[name]), "overrides": COMMON + JOBS[name], "resume": name.endswith("_resumed"),
+             "discard": DISCARD if name in ("lora_default", "ddp") else []} for name in JOBS]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    procs = start(["tests/dist_worker.py", str(root / "jobs.json")], WORLD, root / "logs")
+    codes = wait(procs, timeout=900)
+    assert codes == [0] * WORLD, logs(root / "logs")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, Path]:
+    """The same global batches in one process: 2 micro-batches of 2 prompts per task."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("single")
+    out = {}
+    runs = {"lora": [f"train.rounds={ROUNDS}"], "lora_discard": ["train.rounds=3"], "full": FULL + ["train.rounds=1"]}
+    for name, extra in runs.items():
+        cfg = load_config(CONFIG, COMMON + extra + ["train.micro_batches_per_task=2"])
+        trainer = Trainer(cfg, root / name, device="cpu")
+        discard_rounds(trainer, DISCARD if name == "lora_discard" else [])
+        indices = {f"{r}/{t}": trainer.batch_indices(r, t).tolist() for r in range(ROUNDS) for t in range(3)}
+        (root / name / "indices.json").write_text(json.dumps(indices))
+        trainer.fit()
+        out[name] = root / name
+    return out
+
+
+def probe(folder: Path, rank: int) -> dict:
+    return json.loads((folder / f"probe_rank{rank}.json").read_text())
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for k, value in a.items():
+        torch.testing.assert_close(value, b[k], rtol=RTOL, atol=ATOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def checkpoint(folder: Path, step: int, part: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / "checkpoints" / f"step_{step:08d}" / f"{part}.safetensors")
+
+
+def losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- same weights as one process ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("job", ["zero3", "zero2_resumed", "lora_default", "ddp"])
+def test_two_ranks_train_like_one_process(runs, single, job):
+    """zero3 and zero2 (resumed half-way): 2 rounds. lora_default (the DeepSpeed stage a LoRA student gets) and ddp:
+    3 rounds, the middle one dropped for a NaN loss, so gradients of a dropped round must not leak into the next."""
+    reference, rounds = (single["lora_discard"], 3) if job in ("lora_default", "ddp") else (single["lora"], ROUNDS)
+    for part in ("student", "optimizer", "ema"):  # weights, Adam moments, EMA: the whole state, gathered to rank 0
+        assert_same_tensors(checkpoint(runs[job], rounds, part), checkpoint(reference, rounds, part))
+    # ... in the same layout, key for key: a checkpoint of either resumes the other
+    meta = [json.loads((f / "checkpoints" / f"step_{rounds:08d}" / "state.json").read_text()) for f in (runs[job],
+            reference)]  # fmt: skip
+    assert meta[0] == meta[1]
+    torch.testing.assert_close(losses(runs[job]), losses(reference), rtol=1e-5, atol=0, equal_nan=True)
+    assert probe(runs[job], 0)["rounds_trained"] == rounds - (ROUNDS // 2 if job.endswith("_resumed") else 0)
+
+
+def test_zero3_full_parameter_student_trains_like_one_process(runs, single):
+    assert_same_tensors(checkpoint(runs["zero3_full"], 1, "student"), checkpoint(single["full"], 1, "student"))
+    # the full-parameter export (a diffusers transformer folder) is gathered from the shards
+    ours = load_file(runs["zero3_full"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    theirs = load_file(single["full"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert_same_tensors(ours, theirs)
+
+
+def test_one_optimizer_step_per_round(runs):
+    assert probe(runs["lora_default"], 0)["before"]["stage"] == 0  # what engine.zero_stage null gives a LoRA student
+    for job in ("zero3", "lora_default", "zero3_full"):
+        report = probe(runs[job], 1)
+        dropped = len(DISCARD) if job == "lora_default" else 0
+        assert report["optimizer_steps"] == report["rounds_trained"] - dropped, job
+
+
+# -- partitioning ---------------------------------------------------------------------------------------------------
+def test_zero3_partitions_every_student_tensor_and_no_teacher(runs):
+    for job in ("zero3", "zero3_full"):
+        for rank in range(WORLD):
+            report = probe(runs[job], rank)
+            assert report["before"]["stage"] == 3
+            assert report["before"]["teacher_params_under_zero"] == 0, "a teacher was handed to ZeRO"
+            for when in (report["before"]["partition"], report["after"]):
+                for name, p in when["params"].items():
+                    assert p["shard"] == -(-p["numel"] // WORLD), name  # this rank keeps ceil(numel / 2)
+                    assert p["held"] == 0, f"{name}: gathered outside a forward"
+    full = probe(runs["zero3_full"], 0)["before"]["partition"]["params"]
+    assert "proj_out.weight" in full and sum(p["numel"] for p in full.values()) > 50_000  # every weight, not a LoRA
+
+
+def test_zero2_partitions_the_lora_optimizer_state(runs):
+    reports = [probe(runs["zero2_half"], r) for r in range(WORLD)]  # the resumed job's report
+    assert reports[0]["before"]["stage"] == 2
+    params = reports[0]["before"]["partition"]["params"]
+    total = sum(p["numel"] for p in params.values())
+    assert all(p["held"] == p["numel"] for p in params.values())  # stage 1-2: weights replicated
+    for report in reports:  # the fp32 master weights (and Adam's moments, the same size): half per rank, padded
+        assert total // WORLD <= report["before"]["partition"]["optimizer_elements"] <= total // WORLD + 64
+
+
+def test_prompts_are_split_across_ranks_without_overlap(runs, single):
+    one_process = json.loads((single["lora"] / "indices.json").read_text())
+    for job in ("zero3", "ddp"):
+        ranks = [probe(runs[job], r)["before"]["indices"] for r in range(WORLD)]
+        for key, global_batch in one_process.items():  # round/task
+            assert len(ranks[0][key]) == len(ranks[1][key]) == 2
+            assert not set(ranks[0][key]) & set(ranks[1][key]), key
+            assert ranks[0][key] + ranks[1][key] == global_batch  # one global batch, cut in rank order
+
+
+# -- checkpoints and export -----------------------------------------------------------------------------------------
+def test_zero3_resume_continues_identically(runs):
+    assert probe(runs["zero3_half"], 0)["before"]["start_round"] == ROUNDS // 2  # the resumed job's report
+    for part in ("student", "optimizer", "ema"):
+        a, b = checkpoint(runs["zero3_half"], ROUNDS, part), checkpoint(runs["zero3"], ROUNDS, part)
+        assert a.keys() == b.keys()
+        for k in a:  # same process layout, same reduction order: bit-identical
+            assert torch.equal(a[k], b[k]), (part, k)
+    assert losses(runs["zero3_half"]) == losses(runs["zero3"])
+
+
+def test_zero3_export_loads_like_the_single_process_one(runs, single, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from opd_fast.config import ModelConfig
+    from opd_fast.models import load_transformer
+
+    load_transformer(ModelConfig(family="sd3", preset="tiny-sd3")).save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 32,
+                  generator=g), pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([900., 300.]))
+
+    def output(lora_folder: Path) -> torch.Tensor:
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel.from_pretrained(tmp_path / "base"),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+            tokenizer_3=None,
+        )  # fmt: skip
+        pipe.load_lora_weights(lora_folder)
+        with torch.no_grad():
+            return pipe.transformer(**inputs).sample
+
+    for export in ("lora_diffusers", "lora_diffusers_ema"):
+        ours, theirs = output(runs["zero3"] / export), output(single["lora"] / export)
+        torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
+    with torch.no_grad():
+        plain = SD3Transformer2DModel.from_pretrained(tmp_path / "base")(**inputs).sample
+    assert (ours - plain).abs().max() > 1e-4  # the exported LoRA is not a no-op
+
+
+# -- failure --------------------------------------------------------------------------------------------------------
+TIMEOUT_S = 20  # the hung case waits all of it; shorter risks a slow rank's start-up counting as hung
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_rank_makes_the_other_exit_with_a_clear_error(tmp_path, how):
+    """Rank 1 dies (or stops answering) mid-run: rank 0 exits non-zero with our message, within the timeout."""
+    out = tmp_path / "run"
+    args = ["-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out)]
+    for kv in COMMON + ZERO3 + ["train.rounds=1000", "checkpoint.every=1000", f"engine.timeout_s={TIMEOUT_S}"]:
+        args += ["--set", kv]
+    procs = start(args, WORLD, tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 600
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):  # a round went through: mid-run
+            assert time.monotonic() < deadline and procs[0].poll() is None, logs(tmp_path / "logs")
+            time.sleep(0.5)
+        procs[1].send_signal(how)
+        lost = time.monotonic()
+        code = wait(procs[:1], timeout=TIMEOUT_S + 30)[0]
+        elapsed = time.monotonic() - lost
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = (tmp_path / "logs" / "rank0.err").read_text()
+    assert code == 3, logs(tmp_path / "logs")
+    assert "rank 0 of 2: lost contact with another rank" in err
+    assert elapsed < TIMEOUT_S + 15, elapsed  # a closed connection is seen at once; a silent peer at the timeout
+
+
+# -- configuration --------------------------------------------------------------------------------------------------
+def test_engine_config_is_validated_and_the_stage_follows_the_student():
+    cfg = load_config(CONFIG, ["engine.kind=deepspeed"])
+    assert cfg.engine.resolved_zero_stage(lora=False) == 3
+    assert load_config(CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=2"]).engine.resolved_zero_stage(True) == 2
+    bad = {
+        "engine.zero_stage: must be 0, 1, 2, 3": ["engine.kind=deepspeed", "engine.zero_stage=4"],
+        "engine.zero_stage: only the deepspeed engine": ["engine.kind=ddp", "engine.zero_stage=3"],
+        "engine.offload: 'all' (weights too) needs ZeRO stage 3": ["engine.kind=deepspeed", "engine.offload=all",
+                                                                   "engine.zero_stage=2"],
+        "engine.timeout_s: must be > 0": ["engine.timeout_s=0"],
+        "engine.bf16: needs ZeRO stage >= 1": ["engine.kind=deepspeed", "engine.bf16=true"],  # LoRA: stage 0
+    }
+    for message, overrides in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(CONFIG, overrides)
+
+
+def test_deepspeed_launcher_local_rank_argument(monkeypatch):
+    from opd_fast.cli import build_parser, main
+
+    assert build_parser().parse_args(["--local_rank=1", "tiny-world", "x"]).local_rank == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["--local_rank=1", "tiny-world", "unused"]) == 2  # disagrees with the launcher's LOCAL_RANK
