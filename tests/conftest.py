@@ -35,3 +35,20 @@ def tiny_config():
         return load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides(**extra))
 
     return make
+
+
+@pytest.fixture
+def tiny_trainer(tiny_config, tmp_path):
+    """Trainers on configs/tiny reduced to its ocr task (diffusers-layout LoRA, CFG 4.5): one task keeps a round
+    at about a second on 2 cores."""
+    from opd_fast.trainer import Trainer
+
+    count = []
+
+    def make(device="cpu", **overrides):
+        cfg = tiny_config(**overrides)
+        cfg.tasks = [t for t in cfg.tasks if t.name == "ocr"]
+        count.append(1)
+        return Trainer(cfg, tmp_path / f"run{len(count)}", device=device)
+
+    return make

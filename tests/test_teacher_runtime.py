@@ -10,33 +10,8 @@ from opd_fast.config import ConfigError, ModelConfig
 from opd_fast.models import Conditioning, load_transformer
 from opd_fast.profiling import PHASES, CaptureWindow, PhaseTimer, parse_window
 from opd_fast.teachers import Teacher, TeacherRunner, load_teachers, teacher_memory_bytes
-from opd_fast.trainer import Trainer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny GEMMs gain nothing from intra-op threads, and on a shared 2-core machine extra threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def tiny_trainer(tiny_config, tmp_path):
-    """Trainers on configs/tiny reduced to its ocr task (diffusers-layout LoRA, CFG 4.5): one task keeps a round
-    at about a second on 2 cores."""
-    count = []
-
-    def make(device="cpu", **overrides):
-        cfg = tiny_config(**overrides)
-        cfg.tasks = [t for t in cfg.tasks if t.name == "ocr"]
-        count.append(1)
-        return Trainer(cfg, tmp_path / f"run{len(count)}", device=device)
-
-    return make
 
 
 def conditioning(batch=2):
