@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch pinned to the CPU build on CPU machines: an unpinned torch pulls the multi-GB CUDA build.
 CPU_STACK := torch==2.13.0 triton==3.7.1
 
-.PHONY: setup train test bench lint
+.PHONY: setup demo train test bench lint
 setup: $(BIN)/opd-fast
 $(BIN)/opd-fast: setup.py
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,10 @@ $(BIN)/opd-fast: setup.py
 	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
-train: setup  ## the tiny built-in default: 3 teachers distilled into one student on the CPU
+demo: setup  ## the main job: the paper's comparison in miniature on the CPU (opd-fast demo), report in runs/demo
+	$(BIN)/opd-fast demo --out runs/demo
+
+train: setup  ## the trainer alone on configs/tiny.yaml: 3 seeded tiny teachers distilled into one student
 	$(BIN)/opd-fast train configs/tiny.yaml --out runs/tiny --resume
 
 test: setup

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from opd_fast.evaluate.cli import add_subcommands as add_sample_and_eval
 
     add_sample_and_eval(sub)
+    from opd_fast.demo.cli import add_subcommand as add_demo
+
+    add_demo(sub)
     return parser
 
 

@@ -24,7 +24,11 @@ import torch
 
 from opd_fast import distributed, ops
 from opd_fast.checkpoint import (
-    export_diffusers_lora, flatten_optimizer_state, latest_checkpoint, load_checkpoint, save_checkpoint,
+    export_diffusers_lora,
+    flatten_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
     unflatten_optimizer_state,
 )  # fmt: skip
 from opd_fast.config import ConfigError, RunConfig

@@ -1,0 +1,163 @@
+"""The demo's world (rewards against hand-made images) and a reduced end-to-end run (`opd-fast demo --quick`)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from opd_fast.demo import world
+
+RNG = np.random.default_rng(0)
+
+
+def _row(task: str, prompt: str) -> dict:
+    return next(r for r in world.task_prompts(task) if r["prompt"] == prompt)
+
+
+# -- composition ---------------------------------------------------------------------------------------------------
+def test_composition_perfect_render_scores_one():
+    for row in world.task_prompts("composition"):
+        img = world.render_perfect("composition", row, RNG)
+        assert world.reward("composition", img, row) == 1.0, row["prompt"]
+
+
+def test_composition_detector_finds_the_blocks():
+    img = world.render_composition(3, "blue", "top", RNG)
+    blobs = world.detect_blocks(img)
+    assert [b[0] for b in blobs] == ["blue"] * 3
+    assert all(r < 7.5 for _, r, _ in blobs)
+
+
+@pytest.mark.parametrize(
+    "render, expected",
+    [
+        (dict(count=2, color="green", side="left"), 0.0),  # wrong colour: no red block at all
+        (dict(count=2, color="red", side="right"), 2 / 3),  # wrong side
+        (dict(count=3, color="red", side="left"), 2 / 3),  # wrong count
+        (dict(count=1, color="red", side="right"), 1 / 3),  # wrong count and side
+    ],
+)
+def test_composition_wrong_attributes_score_low(render, expected):
+    row = _row("composition", "two red blocks on the left")
+    img = world.render_composition(render["count"], render["color"], render["side"], RNG)
+    assert world.reward("composition", img, row) == pytest.approx(expected)
+
+
+def test_composition_blank_and_other_colour_majority_score_low():
+    row = _row("composition", "one yellow blocks on the bottom")
+    assert world.reward("composition", world._canvas(world.BACKGROUND), row) == 0.0
+    img = world.render_composition(1, "yellow", "bottom", np.random.default_rng(1))
+    img[0:4, 0:4] = world.COLORS["blue"]  # two foreign blocks outnumber the one yellow block
+    img[0:4, 12:16] = world.COLORS["blue"]
+    assert world.reward("composition", img, row) < 1.0
+
+
+# -- glyph ---------------------------------------------------------------------------------------------------------
+def test_glyph_perfect_render_scores_one_and_is_read():
+    for glyph in world.FONT:
+        img = world.render_glyph(glyph)
+        assert world.read_glyph(img)[0] == glyph
+        assert world.glyph_reward(img, glyph) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_glyph_wrong_glyph_scores_zero():
+    for glyph in world.FONT:
+        for other in world.FONT:
+            if other != glyph:
+                assert world.glyph_reward(world.render_glyph(other), glyph) == 0.0, (glyph, other)
+
+
+def test_glyph_tolerates_a_pixel_shift_and_noise():
+    img = world.render_glyph("t", dy=1, dx=-1) + RNG.normal(0, 0.05, (16, 16, 3)).astype(np.float32)
+    assert world.glyph_reward(np.clip(img, 0, 1), "t") > 0.8
+
+
+def test_glyph_blank_panel_scores_zero():
+    assert world.glyph_reward(world._canvas(world.PANEL), "o") == 0.0
+
+
+# -- aesthetic -----------------------------------------------------------------------------------------------------
+def test_aesthetic_ideal_scene_scores_high_and_wrong_palette_low():
+    for scene in world.SCENES:
+        ideal = world.render_scene(scene)
+        assert world.aesthetic_reward(ideal, scene) > 0.95
+        others = [world.aesthetic_reward(ideal, other) for other in world.SCENES if other != scene]
+        assert max(others) < 0.75, scene
+
+
+def test_aesthetic_speckle_lowers_the_score():
+    ideal = world.render_scene("ocean")
+    noisy = np.clip(ideal + RNG.normal(0, 0.15, ideal.shape).astype(np.float32), 0, 1)
+    assert world.aesthetic_reward(noisy, "ocean") < world.aesthetic_reward(ideal, "ocean") - 0.3
+
+
+# -- the model-space round trip and the batch API ------------------------------------------------------------------
+def test_rewards_take_model_space_images():
+    rows = world.task_prompts("glyph")[:3]
+    images = np.stack([world.render_perfect("glyph", r, RNG) for r in rows])
+    x = world.to_model(images)
+    assert x.shape == (3, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    np.testing.assert_allclose(world.rewards("glyph", x, rows), 1.0, atol=1e-5)
+
+
+# -- the reduced demo, end to end ----------------------------------------------------------------------------------
+def test_quick_demo_end_to_end(tmp_path):
+    from opd_fast.demo.run import run_demo
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    summary = run_demo(out, quick=True, cache=cache)
+    for name in ("results.md", "results.json", "samples.png", "curves.png", "gradient_variance.png", "details.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results == summary
+    assert set(results) == {"tasks", "student", "joint_baseline", "teachers", "models"}
+    assert results["tasks"] == list(world.TASKS)
+    for model in results["models"].values():
+        assert set(model) == {"rewards", "average", "seconds"} and set(model["rewards"]) == set(world.TASKS)
+    models, student = results["models"], results["student"]
+    for task in world.TASKS:  # the ordering that must hold even at the reduced size
+        assert models[student]["rewards"][task] > models["base"]["rewards"][task] + 0.05, task
+        teacher = results["teachers"][task]
+        assert models[teacher]["rewards"][task] > models["base"]["rewards"][task] + 0.1, task
+    details = json.loads((out / "details.json").read_text())
+    assert details["gradient_variance"]["ratio"] > 1.0  # the PPO-style estimator is the noisier one
+
+    # every stage is cached now: a second run only reads and reports
+    again = run_demo(tmp_path / "out2", quick=True, cache=cache)
+    assert {n: m["rewards"] for n, m in again["models"].items()} == {n: m["rewards"] for n, m in models.items()}
+
+
+# -- the budget the baselines get ----------------------------------------------------------------------------------
+def test_units_per_round_counts_the_trainers_transformer_passes(tiny_config, tmp_path):
+    """units_per_round (the OPD budget every baseline gets) against the sample-passes a real round makes, counted by
+    forward hooks: a student forward with grad is 1 + 2 for its backward, a teacher forward 1. configs/tiny.yaml has
+    CFG on the student and on two of its three teachers, so the doubling is checked too."""
+    import torch
+
+    from opd_fast.demo.stages import units_per_round
+    from opd_fast.trainer import Trainer
+
+    cfg = tiny_config()
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    counted = [0]
+
+    def hook(weight):
+        def count(module, args, kwargs, output):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            counted[0] += weight(torch.is_grad_enabled()) * x.shape[0]
+
+        return count
+
+    trainer.student.register_forward_hook(hook(lambda grad: 3 if grad else 1), with_kwargs=True)
+    for teacher in trainer.teachers.values():
+        teacher.model.register_forward_hook(hook(lambda grad: 1), with_kwargs=True)
+    trainer.train_round()
+    assert counted[0] == units_per_round(cfg) > 0
+
+
+def test_demo_is_an_opd_fast_subcommand():
+    from opd_fast.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--out", "somewhere", "--quick", "--workers", "1"])
+    assert (args.out, args.quick, args.workers, args.force) == ("somewhere", True, 1, False)
+    assert args.func.__module__ == "opd_fast.demo.cli"
