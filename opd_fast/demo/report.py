@@ -258,7 +258,9 @@ At the fresh student every OPD run starts from, SDE rollouts (a = {run.SDE_NOISE
 noise draws for both estimators: mean per-parameter variance of the round gradient over the draws, closed form
 {variance['variance_closed_form']:.3e}, PPO-style {variance['variance_ppo']:.3e}: **{variance['ratio']:.1f}x** higher
 for PPO ({variance['parameters']:,} parameters with a gradient; cosine of the two mean gradients
-{variance['mean_gradient_cosine']:.3f}: the same expected gradient). Plot: gradient_variance.png.
+{variance['mean_gradient_cosine']:.3f}: both estimate the same expected gradient, as tests/test_reference.py checks
+with many draws, but {variance['draws']} draws of the PPO-style one leave its mean this noisy). Plot:
+gradient_variance.png.
 
 ## Files
 
