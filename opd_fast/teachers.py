@@ -166,19 +166,25 @@ def read_diffusers_lora(path: Path, where: str) -> LoraWeights:
     return LoraWeights(pairs, _module_scales(pairs, config))
 
 
+def _target_linear(module, name: str, A: torch.Tensor, B: torch.Tensor, where: str) -> torch.nn.Linear:
+    """`module` (the base's layer named `name`, or None) if it is a Linear that LoRA factors A, B fit; else the error
+    that names the layer and the shapes."""
+    if not isinstance(module, torch.nn.Linear):
+        raise TeacherError(f"{where}: LoRA targets {name!r}, which the student's base has no Linear layer for "
+                           "(a LoRA for another base model or other target modules?)")
+    W = module.weight
+    if A.shape[1] != W.shape[1] or B.shape[0] != W.shape[0] or A.shape[0] != B.shape[1]:
+        raise TeacherError(f"{where}: LoRA for {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+                           f"but the base weight is {tuple(W.shape)} (a LoRA for another base model?)")
+    return module
+
+
 @torch.no_grad()
 def merge_lora(model: torch.nn.Module, lora: LoraWeights, where: str) -> None:
     """W += scale * B @ A for every module of the LoRA, in float32, written back in the weight's dtype."""
     modules = dict(model.named_modules())
     for name, (A, B) in lora.pairs.items():
-        module = modules.get(name)
-        if module is None or not isinstance(module, torch.nn.Linear):
-            raise TeacherError(f"{where}: LoRA targets {name!r}, which the student's base has no Linear layer for "
-                               "(a LoRA for another base model or other target modules?)")
-        W = module.weight
-        if A.shape[1] != W.shape[1] or B.shape[0] != W.shape[0] or A.shape[0] != B.shape[1]:
-            raise TeacherError(f"{where}: LoRA for {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
-                               f"but the base weight is {tuple(W.shape)} (a LoRA for another base model?)")
+        W = _target_linear(modules.get(name), name, A, B, where).weight
         delta = lora.scales[name] * (B.float() @ A.float())
         W.copy_((W.float() + delta.to(W.device)).to(W.dtype))
 
@@ -197,13 +203,22 @@ def _check_architecture(base: torch.nn.Module, teacher: torch.nn.Module, where: 
         raise TeacherError(f"{where}: its architecture differs from the student's: {'; '.join(diffs)}")
 
 
-def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg: ModelConfig) -> Teacher:
-    """A frozen teacher for task `name` on top of `base` (the student's base transformer, without its LoRA)."""
+def _locate(name: str, cfg: TeacherConfig) -> tuple[str, Path, str]:
+    """(where, path, format) of task `name`'s teacher: `where` names it in errors; the path must exist."""
     where = f"teacher of task {name!r}"
     path = Path(cfg.path)
     if not path.exists():
         raise TeacherError(f"{where}: path does not exist: {path}")
-    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    return where, path, detect_format(path) if cfg.format == "auto" else cfg.format
+
+
+def _read_lora(path: Path, fmt: str, where: str) -> LoraWeights:
+    return read_peft_lora(path, where) if fmt == "peft" else read_diffusers_lora(path, where)
+
+
+def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg: ModelConfig) -> Teacher:
+    """A frozen teacher for task `name` on top of `base` (the student's base transformer, without its LoRA)."""
+    where, path, fmt = _locate(name, cfg)
     if fmt == "full":
         cls = TRANSFORMER_CLASSES[model_cfg.family]
         try:
@@ -218,9 +233,8 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg
         model = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
         model = frozen_copy(model)
     else:
-        lora = read_peft_lora(path, where) if fmt == "peft" else read_diffusers_lora(path, where)
         model = frozen_copy(base)
-        merge_lora(model, lora, where)
+        merge_lora(model, _read_lora(path, fmt, where), where)
     log.info("%s: loaded %s teacher from %s", where, fmt, path)
     return Teacher(name, model, cfg.guidance)
 
@@ -233,14 +247,8 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def _lora_or_none(name: str, cfg: TeacherConfig) -> LoraWeights | None:
     """The teacher's LoRA, or None for a full-model teacher."""
-    where = f"teacher of task {name!r}"
-    path = Path(cfg.path)
-    if not path.exists():
-        raise TeacherError(f"{where}: path does not exist: {path}")
-    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
-    if fmt == "full":
-        return None
-    return read_peft_lora(path, where) if fmt == "peft" else read_diffusers_lora(path, where)
+    where, path, fmt = _locate(name, cfg)
+    return None if fmt == "full" else _read_lora(path, fmt, where)
 
 
 @torch.no_grad()
@@ -253,13 +261,7 @@ def add_lora_adapter(model: torch.nn.Module, adapter: str, lora: LoraWeights, wh
     for name, (A, B) in lora.pairs.items():
         module = modules.get(name)
         module = getattr(module, "base_layer", module)  # a layer that already carries another teacher's adapter
-        if not isinstance(module, torch.nn.Linear):
-            raise TeacherError(f"{where}: LoRA targets {name!r}, which the student's base has no Linear layer for "
-                               "(a LoRA for another base model or other target modules?)")
-        W = module.weight
-        if A.shape[1] != W.shape[1] or B.shape[0] != W.shape[0] or A.shape[0] != B.shape[1]:
-            raise TeacherError(f"{where}: LoRA for {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
-                               f"but the base weight is {tuple(W.shape)} (a LoRA for another base model?)")
+        _target_linear(module, name, A, B, where)
     ranks = {name: A.shape[0] for name, (A, _) in lora.pairs.items()}
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     config = PeftLoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(lora.pairs), init_lora_weights=False,

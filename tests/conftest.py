@@ -52,3 +52,40 @@ def tiny_trainer(tiny_config, tmp_path):
         return Trainer(cfg, tmp_path / f"run{len(count)}", device=device)
 
     return make
+
+
+def capture_round_gradient(trainer) -> dict[str, torch.Tensor]:
+    """The student's accumulated gradient of one train_round, captured in place of the optimizer step."""
+    captured = {}
+
+    def capture():
+        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
+        trainer.engine.zero_grad()
+        return 0.0
+
+    trainer.engine.step = capture
+    trainer.train_round()
+    return captured
+
+
+def tiny_sd3_inputs() -> dict[str, torch.Tensor]:
+    """Fixed transformer inputs for the tiny-sd3 preset (batch 2, 8x8 latents, 5 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 32,
+                generator=g), pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([900., 300.]))
+
+
+def sd3_pipeline_output(base_folder: Path, lora_folder: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What StableDiffusion3Pipeline's transformer outputs on `inputs` after load_lora_weights(lora_folder), the
+    base transformer read from base_folder: how a user loads our diffusers-layout export."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(base_folder),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None,
+    )  # fmt: skip
+    pipe.load_lora_weights(lora_folder)
+    with torch.no_grad():
+        return pipe.transformer(**inputs).sample

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sd3_pipeline_output, tiny_sd3_inputs
 from dist_launch import ROOT, logs, start, wait
 from dist_worker import discard_rounds
 from safetensors.torch import load_file
@@ -187,29 +188,16 @@ def test_zero3_resume_continues_identically(runs):
 
 
 def test_zero3_export_loads_like_the_single_process_one(runs, single, tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     from opd_fast.config import ModelConfig
     from opd_fast.models import load_transformer
 
     load_transformer(ModelConfig(family="sd3", preset="tiny-sd3")).save_pretrained(tmp_path / "base")
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 32,
-                  generator=g), pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([900., 300.]))
-
-    def output(lora_folder: Path) -> torch.Tensor:
-        pipe = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel.from_pretrained(tmp_path / "base"),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-            tokenizer_3=None,
-        )  # fmt: skip
-        pipe.load_lora_weights(lora_folder)
-        with torch.no_grad():
-            return pipe.transformer(**inputs).sample
-
+    inputs = tiny_sd3_inputs()
     for export in ("lora_diffusers", "lora_diffusers_ema"):
-        ours, theirs = output(runs["zero3"] / export), output(single["lora"] / export)
+        ours = sd3_pipeline_output(tmp_path / "base", runs["zero3"] / export, inputs)
+        theirs = sd3_pipeline_output(tmp_path / "base", single["lora"] / export, inputs)
         torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
     with torch.no_grad():
         plain = SD3Transformer2DModel.from_pretrained(tmp_path / "base")(**inputs).sample

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import capture_round_gradient
 
 from opd_fast import fp8
 from opd_fast.config import ModelConfig
@@ -151,17 +152,8 @@ def round_gradient(trainer, precision: str) -> torch.Tensor:
     cfg = trainer.cfg
     cfg.teacher_runtime.precision = precision
     trainer.teachers = load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)
-    captured = {}
-
-    def capture():
-        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
-        trainer.engine.zero_grad()
-        return 0.0
-
-    trainer.engine.step = capture
     trainer.round = 0
-    trainer.train_round()
-    return torch.cat([g.flatten() for g in captured.values()])
+    return torch.cat([g.flatten() for g in capture_round_gradient(trainer).values()])
 
 
 @pytest.mark.skipif(not fp8.te_available()[0], reason=f"Transformer Engine: {fp8.te_available()[1]}")

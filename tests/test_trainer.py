@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import capture_round_gradient, sd3_pipeline_output, tiny_sd3_inputs
 
 from opd_fast.checkpoint import list_checkpoints
 from opd_fast.trainer import Trainer
@@ -12,17 +13,7 @@ from opd_fast.trainer import Trainer
 
 def round_gradient(cfg, out) -> dict[str, torch.Tensor]:
     """The accumulated gradient of round 0 (captured instead of the optimizer step)."""
-    trainer = Trainer(cfg, out, device="cpu")
-    captured = {}
-
-    def capture():
-        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
-        trainer.engine.zero_grad()
-        return 0.0
-
-    trainer.engine.step = capture
-    trainer.train_round()
-    return captured
+    return capture_round_gradient(Trainer(cfg, out, device="cpu"))
 
 
 def assert_grads_close(a, b, ratio):
@@ -99,8 +90,6 @@ def test_loss_falls_and_metrics_are_written(tiny_config, tmp_path):
 
 
 def test_diffusers_export_loads_into_sd3_pipeline(tiny_config, tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     from opd_fast.config import ModelConfig
     from opd_fast.models import load_transformer
 
@@ -112,20 +101,10 @@ def test_diffusers_export_loads_into_sd3_pipeline(tiny_config, tmp_path):
 
     base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
     base.save_pretrained(tmp_path / "base")
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel.from_pretrained(tmp_path / "base"),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-        tokenizer_3=None,
-    )  # fmt: skip
-    pipe.load_lora_weights(tmp_path / "run" / "lora_diffusers")
-
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 32,
-                  generator=g), pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([900., 300.]))
+    inputs = tiny_sd3_inputs()
+    theirs = sd3_pipeline_output(tmp_path / "base", tmp_path / "run" / "lora_diffusers", inputs)
     with torch.no_grad():
         ours = trainer.student(**inputs).sample
-        theirs = pipe.transformer(**inputs).sample
         plain = base(**inputs).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
     assert (ours - plain).abs().max() > 1e-4  # the LoRA is not a no-op

@@ -12,7 +12,7 @@ from diffusers import SD3Transformer2DModel
 
 from opd_fast.models import Conditioning, velocity
 from opd_fast.prompts import BuiltinTextEncoder
-from opd_fast.reference import transition_coefficients
+from opd_fast.reference import apply_cfg, transition_coefficients
 from opd_fast.schedule import sigma_grid
 
 # A small SD3 transformer over the 16x16 RGB image itself: patch 2 -> 64 image tokens; in/out channels 3 (no VAE).
@@ -77,9 +77,7 @@ def sample(model, cond: Conditioning, noise: torch.Tensor, grid: torch.Tensor, g
     for j in range(len(grid) - 1):
         sigma, sigma_next = grid[j].expand(batch), grid[j + 1].expand(batch)
         v, cfg = velocity(model, FAMILY, x, sigma.to(x.device), cond, guidance)
-        if cfg is not None:
-            uncond, cond_v = v.chunk(2)
-            v = uncond + cfg * (cond_v - uncond)
+        v = apply_cfg(v, cfg)
         x_coef, v_coef, _, _ = transition_coefficients(sigma, sigma_next, 0.0)
         x = x_coef.view(-1, 1, 1, 1).to(x.device) * x + v_coef.view(-1, 1, 1, 1).to(x.device) * v.float()
         if meter is not None:
