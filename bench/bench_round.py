@@ -188,7 +188,7 @@ def matmul_ceiling(device: str) -> tuple[float, str]:
 
 def count_round_flops(trainer) -> float:
     """FLOPs of one round's useful work: per trained step and task, one student forward + backward and one teacher
-    forward, each at the micro-batch with its CFG (counted once per task, times the trained steps)."""
+    forward, each at the micro-batch with its CFG (counted once per task, times its trained steps and micro-batches)."""
     cfg, device = trainer.cfg, trainer.device
     mb, family = cfg.train.micro_batch_size, cfg.model.family
     x = torch.randn(latent_shape(trainer.student, family, mb, cfg.sampling.resolution), device=device)
@@ -200,9 +200,9 @@ def count_round_flops(trainer) -> float:
             v, _ = velocity(trainer.student, family, x, sigma, cond, cfg.student.guidance)
             v.float().square().mean().backward()
             trainer.teachers[task.name].velocity(family, x, sigma, cond)
-        total += counter.get_total_flops()
+        total += counter.get_total_flops() * trainer.num_trained[task.name]
     trainer.engine.zero_grad()
-    return total * trainer.num_trained
+    return total * cfg.train.micro_batches_per_task
 
 
 def timed_round(trainer, state, args) -> tuple[float, dict[str, float]]:

@@ -15,7 +15,8 @@
 // vectorisable without -ffast-math), one partial per task, then the partials of a sample are summed serially in
 // chunk order. Chunk boundaries come from the caller, not from the thread count, so the loss is bitwise
 // reproducible on any number of threads.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

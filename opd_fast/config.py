@@ -74,6 +74,10 @@ class TaskConfig:
     name: str
     prompts: str  # .txt (one prompt per line) or .jsonl ({"prompt": ..., metadata...})
     teacher: TeacherConfig
+    # this task's trained leading steps, as sampling.timestep_fraction (null: that value). A task whose reward is
+    # decided early (layout, count, glyph shape) can train fewer steps, and its rollout stops there
+    timestep_fraction: float | None = None
+    loss_weight: float = 1.0  # this task's share of the round's loss (1: the tasks' mean, as the official code)
 
 
 @dataclass(kw_only=True)
@@ -108,6 +112,7 @@ class LossConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     lr: float = 3e-4
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr (1 + cos(pi r / train.rounds)) / 2 in round r
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     eps: float = 1e-8
@@ -184,6 +189,12 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def trained_steps(self, task: TaskConfig) -> int:
+        """How many leading steps of `task`'s rollout are trained: int(num_steps * timestep_fraction), as the
+        official code (9 of 10), with the task's own fraction when it sets one."""
+        fraction = self.sampling.timestep_fraction if task.timestep_fraction is None else task.timestep_fraction
+        return int(self.sampling.num_steps * fraction)
+
     def validate(self) -> RunConfig:
         """Cross-field checks that types alone cannot express."""
         if not self.tasks:
@@ -201,11 +212,17 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
-        if not 0 < self.sampling.timestep_fraction <= 1:
-            raise ConfigError(f"sampling.timestep_fraction: must be in (0, 1], got {self.sampling.timestep_fraction}")
-        if int(self.sampling.num_steps * self.sampling.timestep_fraction) < 1:
-            raise ConfigError("sampling.timestep_fraction: trains no step at all with sampling.num_steps="
-                              f"{self.sampling.num_steps}")
+        fractions = {"sampling.timestep_fraction": self.sampling.timestep_fraction}
+        fractions.update({f"tasks.{i}.timestep_fraction": t.timestep_fraction for i, t in enumerate(self.tasks)
+                          if t.timestep_fraction is not None})
+        for key, fraction in fractions.items():
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
+            if int(self.sampling.num_steps * fraction) < 1:
+                raise ConfigError(f"{key}: trains no step at all with sampling.num_steps={self.sampling.num_steps}")
+        for i, task in enumerate(self.tasks):
+            if task.loss_weight <= 0:
+                raise ConfigError(f"tasks.{i}.loss_weight: must be > 0, got {task.loss_weight}")
         if self.sampling.noise_level < 0:
             raise ConfigError(f"sampling.noise_level: must be >= 0, got {self.sampling.noise_level}")
         if self.loss.estimator == "ppo" and self.sampling.noise_level == 0:

@@ -32,7 +32,6 @@ import torch.distributed as dist
 from opd_fast import distributed
 from opd_fast.config import EMAConfig, OptimizerConfig, RunConfig
 from opd_fast.distributed import DistInfo
-from opd_fast.schedule import trained_steps
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,18 @@ def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
+def lr_at(cfg: OptimizerConfig, round_idx: int, rounds: int) -> float:
+    """The learning rate of round `round_idx` (0-based) of `rounds`: a function of the round alone, so a resumed run
+    continues the schedule without saving it. cosine anneals towards 0 over the run: the last rounds average out the
+    gradient noise that a constant rate leaves in the weights."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(round_idx / rounds, 1.0)))
+
+
 def backwards_per_round(cfg: RunConfig) -> int:
     """The trainer's backward calls per round: every trained step of every micro-batch of every task."""
-    steps = trained_steps(cfg.sampling.num_steps, cfg.sampling.timestep_fraction)
-    return steps * len(cfg.tasks) * cfg.train.micro_batches_per_task
+    return sum(cfg.trained_steps(task) for task in cfg.tasks) * cfg.train.micro_batches_per_task
 
 
 def make_engine(cfg: RunConfig, model: torch.nn.Module, info: DistInfo | None = None):
@@ -186,6 +193,11 @@ class SingleEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
 
     # -- full state: the same on every engine (rank 0 holds it; other ranks only take part in gathering it) --------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -332,6 +344,11 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
+    @lr.setter
+    def lr(self, value: float) -> None:  # as DeepSpeed's own schedulers: the wrapper's groups are the base optimizer's
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = value
+
     # -- full state ------------------------------------------------------------------------------------------------
     def _base_optimizer(self) -> torch.optim.Optimizer:
         """The torch-style optimizer over DeepSpeed's fp32 master partitions (or over the parameters: plain)."""
@@ -391,7 +408,7 @@ class DeepSpeedEngine:
         if self._plain:
             return base.state_dict()
         groups = [{**make_optimizer([torch.zeros(1)], self.opt_cfg).state_dict()["param_groups"][0],
-                   "params": list(range(len(self._trainable)))}]
+                   "lr": self.lr, "params": list(range(len(self._trainable)))}]
         if not base.state:  # no step taken yet
             return {"state": {}, "param_groups": groups}
         step = float(next(iter(base.state.values()))["step"])

@@ -1,4 +1,4 @@
-"""The sigma grid of a rollout and which of its steps are trained.
+"""The sigma grid of a rollout.
 
 The grid comes from diffusers' FlowMatchEulerDiscreteScheduler, never re-derived: SD3 uses a static shift (3.0 for
 SD3.5), FLUX the resolution-dependent dynamic shift its pipeline uses.
@@ -34,7 +34,3 @@ def sigma_grid(family: str, num_steps: int, shift: float, image_seq_len: int | N
         scheduler.set_timesteps(num_steps)
     return scheduler.sigmas.float()
 
-
-def trained_steps(num_steps: int, timestep_fraction: float) -> int:
-    """How many leading steps are trained: int(num_steps * timestep_fraction), as the official code (9 of 10)."""
-    return int(num_steps * timestep_fraction)

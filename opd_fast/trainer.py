@@ -32,12 +32,12 @@ from opd_fast.checkpoint import (
     unflatten_optimizer_state,
 )  # fmt: skip
 from opd_fast.config import ConfigError, RunConfig
-from opd_fast.engine import EMA, make_engine
+from opd_fast.engine import EMA, lr_at, make_engine
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
 from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, read_prompts
-from opd_fast.schedule import sigma_grid, trained_steps
+from opd_fast.schedule import sigma_grid
 from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Trainer:
         probe = latent_shape(self.student, cfg.model.family, 1, cfg.sampling.resolution)
         self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift,
                                  image_seq_len=probe[1] if cfg.model.family == "flux" else None)
-        self.num_trained = trained_steps(cfg.sampling.num_steps, cfg.sampling.timestep_fraction)
+        self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.backend = ops.resolve_backend(cfg.loss.backend, self.device, cfg.loss.estimator)
         log.info("opd_step backend: %s", self.backend)
         self.round = 0
@@ -184,12 +184,13 @@ class Trainer:
         return idx[rank * per_rank : (rank + 1) * per_rank]
 
     def sample_noise(self, round_idx: int, task_idx: int, first: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """(num_trained + 1, B, ...) noise: initial latent then one per trained step; seeded per global sample, so
-        a sample's trajectory does not depend on how the batch is split across ranks or micro-batches."""
+        """(trained steps + 1, B, ...) noise: initial latent then one per trained step of the task; seeded per global
+        sample, so a sample's trajectory does not depend on how the batch is split across ranks or micro-batches."""
+        steps = self.num_trained[self.cfg.tasks[task_idx].name]
         per_sample = []
         for i in range(shape[0]):
             g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, round_idx, task_idx, 1, first + i))
-            per_sample.append(torch.randn((self.num_trained + 1,) + shape[1:], generator=g))
+            per_sample.append(torch.randn((steps + 1,) + shape[1:], generator=g))
         return torch.stack(per_sample, 1).to(self.device)
 
     # -- one round -------------------------------------------------------------------------------------------------
@@ -229,14 +230,15 @@ class Trainer:
             )  # fmt: skip
 
     def _train_micro_batch(self, teacher: Teacher, cond, noise: torch.Tensor, scale: float) -> torch.Tensor:
-        """Roll out from noise[0] and backpropagate the loss of every trained step; returns the per-sample loss
-        summed (or averaged) over steps, detached.
+        """Roll out from noise[0] and backpropagate the loss of every trained step (one per noise[1:]); returns the
+        per-sample loss summed (or averaged) over steps, detached.
 
         Pipelining: the teacher's forward at x_{j+1} is submitted as soon as x_{j+1} exists (after opd_step(j),
         which needs teacher(x_j)) and BEFORE backward(j), so on a side CUDA stream it runs while backward(j) does;
         its result is awaited (a stream event, no host sync) only after the student's forward at x_{j+1}. On CPU the
         runner computes at submit: the same order, serially. No teacher call at untrained steps."""
         runner = self.teacher_runner
+        steps = noise.shape[0] - 1
         sigmas = self._sigma_rows(noise.shape[1])
         x = noise[0]
         total = torch.zeros(x.shape[0], device=self.device)
@@ -244,14 +246,14 @@ class Trainer:
         if self.cfg.train.schedule == "two_pass":
             states = [x]
             with self._phase("rollout"):
-                for j in range(self.num_trained - 1):
+                for j in range(steps - 1):
                     x, _ = self._transition(cond, x, noise[j + 1], sigmas[j], sigmas[j + 1], None)
                     states.append(x)
             x = states[0]
         pending = runner.submit(teacher, x, sigmas[0], cond)
-        for j in range(self.num_trained):
+        for j in range(steps):
             x_next, loss = self._transition(cond, x, noise[j + 1], sigmas[j], sigmas[j + 1], pending)
-            if j + 1 < self.num_trained:
+            if j + 1 < steps:
                 if states is not None:
                     x_next = states[j + 1]  # the same state, from the rollout
                 pending = runner.submit(teacher, x_next, sigmas[j + 1], cond)  # overlaps backward(j)
@@ -260,7 +262,7 @@ class Trainer:
             total += loss.detach()
             x = x_next
         if self.cfg.loss.timestep_reduction == "mean":
-            total /= self.num_trained
+            total /= steps
         return total
 
     def train_round(self) -> RoundResult:
@@ -268,19 +270,20 @@ class Trainer:
         mb = cfg.train.micro_batch_size
         per_rank = mb * cfg.train.micro_batches_per_task
         scale = 1.0 / (len(cfg.tasks) * per_rank)
-        if cfg.loss.timestep_reduction == "mean":
-            scale /= self.num_trained
         shape = latent_shape(self.student, cfg.model.family, mb, cfg.sampling.resolution)
         task_losses = {}
         for t_idx, task in enumerate(cfg.tasks):
             with nvtx_range(f"task:{task.name}"):
                 indices = self.batch_indices(self.round, t_idx)
+                task_scale = scale * task.loss_weight
+                if cfg.loss.timestep_reduction == "mean":
+                    task_scale /= self.num_trained[task.name]
                 losses = []
                 for start in range(0, per_rank, mb):
                     first = self.engine.rank * per_rank + start
                     noise = self.sample_noise(self.round, t_idx, first, shape)
                     cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
-                    losses.append(self._train_micro_batch(self.teachers[task.name], cond, noise, scale))
+                    losses.append(self._train_micro_batch(self.teachers[task.name], cond, noise, task_scale))
                 task_losses[task.name] = torch.cat(losses).mean()
         # One host sync per round: a NaN/inf anywhere shows up in the loss sum or the gradient norm. Averaged over
         # ranks first, so every rank takes the same step-or-skip decision (and logs the global batch's loss).
@@ -290,6 +293,7 @@ class Trainer:
         grad_norm = None
         with self._phase("optimizer"):
             if math.isfinite(loss):
+                self.engine.lr = lr_at(cfg.optimizer, self.round, cfg.train.rounds)
                 grad_norm = self.engine.step()
             else:
                 self.engine.zero_grad()

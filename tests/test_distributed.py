@@ -39,6 +39,7 @@ RTOL, ATOL = 1e-4, 1e-5
 COMMON = [
     "sampling.num_steps=4", "train.micro_batch_size=2", "checkpoint.every=1", "checkpoint.keep_last=3",
     "logging.progress=false", "logging.tensorboard=false", "ema.update_every=1",
+    "optimizer.schedule=cosine",  # lr 3e-3 then 1.5e-3: every engine must set the rate it steps with
 ]  # fmt: skip
 # persistence 0: no parameter stays gathered; gradient checkpointing: ZeRO-3 must gather again in the recompute
 ZERO3 = ["engine.kind=deepspeed", "engine.zero_stage=3", "engine.persistence_threshold=0",

@@ -8,6 +8,8 @@ import torch
 from conftest import capture_round_gradient, sd3_pipeline_output, tiny_sd3_inputs
 
 from opd_fast.checkpoint import list_checkpoints
+from opd_fast.config import ConfigError
+from opd_fast.engine import backwards_per_round
 from opd_fast.trainer import Trainer
 
 
@@ -43,18 +45,37 @@ def test_micro_batching_and_gradient_checkpointing_keep_the_gradient(tiny_config
     assert_grads_close(whole, split, ratio=1e-5)
 
 
-def test_teacher_runs_only_at_trained_steps(tiny_config, tmp_path):
-    cfg = tiny_config(**{"sampling.num_steps": 5, "sampling.timestep_fraction": 0.6})  # int(5 * 0.6) = 3 trained
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+def test_teacher_runs_only_at_trained_steps(tiny_config, tmp_path, schedule):
+    # int(5 * 0.6) = 3 trained steps; the first task sets its own fraction: int(5 * 0.2) = 1
+    cfg = tiny_config(**{"sampling.num_steps": 5, "sampling.timestep_fraction": 0.6, "tasks.0.timestep_fraction": 0.2,
+                         "train.schedule": schedule})
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")
-    calls = []
-    for teacher in trainer.teachers.values():
-        teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    calls = {}
+    for name, teacher in trainer.teachers.items():
+        teacher.model.register_forward_hook(lambda *args, name=name: calls.setdefault(name, []).append(1))
     student_calls = []
     trainer.student.register_forward_hook(lambda *args: student_calls.append(1))
+    backwards = []
+    backward = trainer.engine.backward
+    trainer.engine.backward = lambda loss: backwards.append(1) or backward(loss)
     trainer.train_round()
-    assert trainer.num_trained == 3
-    assert len(calls) == 3 * len(cfg.tasks)  # one micro-batch per task
-    assert len(student_calls) == 3 * len(cfg.tasks)  # one-pass: the rollout stops after the last trained step
+    names = [task.name for task in cfg.tasks]
+    assert trainer.num_trained == {names[0]: 1, names[1]: 3, names[2]: 3}
+    assert {name: len(c) for name, c in calls.items()} == trainer.num_trained  # one micro-batch per task
+    assert len(backwards) == 7 == backwards_per_round(cfg)  # what DeepSpeed's accumulation boundary counts
+    # one-pass: the rollout stops after the last trained step; two-pass rolls out the trained states first
+    rollout = 0 if schedule == "one_pass" else sum(n - 1 for n in trainer.num_trained.values())
+    assert len(student_calls) == 7 + rollout
+
+
+def test_task_keys_are_validated(tiny_config):
+    with pytest.raises(ConfigError, match=r"tasks\.1\.timestep_fraction: trains no step at all"):
+        tiny_config(**{"tasks.1.timestep_fraction": 0.05})
+    with pytest.raises(ConfigError, match=r"tasks\.2\.timestep_fraction: must be in \(0, 1\]"):
+        tiny_config(**{"tasks.2.timestep_fraction": 1.5})
+    with pytest.raises(ConfigError, match=r"tasks\.0\.loss_weight: must be > 0, got 0.0"):
+        tiny_config(**{"tasks.0.loss_weight": 0})
 
 
 def test_resume_continues_exactly(tiny_config, tmp_path):
@@ -155,3 +176,22 @@ def test_full_parameter_student(tiny_config, tmp_path):
     changed = [n for n, p in trainer.student.named_parameters() if not torch.equal(p, before[n])]
     assert "transformer_blocks.0.attn.to_q.weight" in changed
     assert (tmp_path / "run" / "transformer" / "config.json").is_file()
+
+
+def test_cosine_schedule_sets_each_rounds_lr(tiny_trainer):
+    trainer = tiny_trainer(**{"optimizer.schedule": "cosine", "train.rounds": 3, "sampling.num_steps": 2,
+                              "logging.tensorboard": False, "logging.progress": False})
+    records = trainer.fit()
+    lr = trainer.cfg.optimizer.lr
+    # lr (1 + cos(pi r / 3)) / 2 for r = 0, 1, 2; the logged rate is the one the optimizer stepped with
+    assert [r["lr"] for r in records] == pytest.approx([lr, 0.75 * lr, 0.25 * lr], rel=1e-12)
+    assert trainer.engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * lr, rel=1e-12)
+
+
+def test_loss_weight_scales_its_tasks_gradient(tiny_trainer):
+    # tiny_trainer keeps the ocr task (tasks.1); the round gradient is linear in the task's loss weight
+    grads = [capture_round_gradient(tiny_trainer(**{"tasks.1.loss_weight": w, "sampling.num_steps": 2}))
+             for w in (1.0, 2.5)]
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for name, g in grads[0].items():  # fp32 sums in another rounding: 1e-5 of the tensor's largest entry
+        torch.testing.assert_close(grads[1][name], 2.5 * g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))

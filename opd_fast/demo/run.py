@@ -61,7 +61,7 @@ class Preset:
 PRESETS = {
     "full": Preset("full"),
     # the CI's: the full base (a weaker one follows glyph prompts too loosely to show anything), smaller budgets
-    "quick": Preset("quick", teacher_budget=15_000, opd_overrides=("train.rounds=24",),
+    "quick": Preset("quick", teacher_budget=15_000, opd_overrides=("train.rounds=34",),
                     eval={"seeds": 2, "curve_points": 3}, gradient_draws=6),
 }
 SDE_NOISE_LEVEL = 0.7  # Flow-GRPO's default a, for the SDE variants
