@@ -189,12 +189,6 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def trained_steps(self, task: TaskConfig) -> int:
-        """How many leading steps of `task`'s rollout are trained: int(num_steps * timestep_fraction), as the
-        official code (9 of 10), with the task's own fraction when it sets one."""
-        fraction = self.sampling.timestep_fraction if task.timestep_fraction is None else task.timestep_fraction
-        return int(self.sampling.num_steps * fraction)
-
     def validate(self) -> RunConfig:
         """Cross-field checks that types alone cannot express."""
         if not self.tasks:
