@@ -202,6 +202,7 @@ class RunConfig:
             "checkpoint.every": self.checkpoint.every, "checkpoint.keep_last": self.checkpoint.keep_last,
             "student.lora.rank": self.student.lora.rank, "ema.update_every": self.ema.update_every,
             "sampling.resolution": self.sampling.resolution, "optimizer.lr": self.optimizer.lr,
+            **{f"tasks.{i}.loss_weight": t.loss_weight for i, t in enumerate(self.tasks)},
         }  # fmt: skip
         for key, value in positive.items():
             if value <= 0:
@@ -214,9 +215,6 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
             if int(self.sampling.num_steps * fraction) < 1:
                 raise ConfigError(f"{key}: trains no step at all with sampling.num_steps={self.sampling.num_steps}")
-        for i, task in enumerate(self.tasks):
-            if task.loss_weight <= 0:
-                raise ConfigError(f"tasks.{i}.loss_weight: must be > 0, got {task.loss_weight}")
         if self.sampling.noise_level < 0:
             raise ConfigError(f"sampling.noise_level: must be >= 0, got {self.sampling.noise_level}")
         if self.loss.estimator == "ppo" and self.sampling.noise_level == 0:
