@@ -42,11 +42,26 @@ LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first 
 }
 
 
-def build_random_transformer(preset: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A preset's architecture with seeded random weights, built directly on `device` (SD3.5-M or FLUX.1 would take
-    minutes to initialise on the CPU). The zero-initialised final projection gets small random weights, as
-    opd_fast.models does, so the velocity is not identically zero."""
+def preset_kwargs(preset: str, layers: int | None = None) -> tuple[str, dict]:
+    """A preset's family and constructor arguments; `layers` keeps the widths and only the first `layers` blocks
+    (FLUX: `layers` double-stream and 2 x `layers` single-stream blocks), e.g. to run the released widths on a CPU."""
     family, kwargs = PRESETS[preset]
+    if layers is None:
+        return family, kwargs
+    kwargs = dict(kwargs, num_layers=min(layers, kwargs["num_layers"]))
+    if "dual_attention_layers" in kwargs:
+        kwargs["dual_attention_layers"] = tuple(i for i in kwargs["dual_attention_layers"] if i < layers)
+    if "num_single_layers" in kwargs:
+        kwargs["num_single_layers"] = min(2 * layers, kwargs["num_single_layers"])
+    return family, kwargs
+
+
+def build_random_transformer(preset: str, device: str, dtype: torch.dtype, seed: int = 0,
+                             layers: int | None = None) -> torch.nn.Module:
+    """A preset's architecture (see preset_kwargs for `layers`) with seeded random weights, built directly on
+    `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU). The zero-initialised final projection
+    gets small random weights, as opd_fast.models does, so the velocity is not identically zero."""
+    family, kwargs = preset_kwargs(preset, layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = TRANSFORMER_CLASSES[family](**kwargs)
@@ -106,13 +121,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=4.5)
     ap.add_argument("--per-layer", action="store_true", help="FP8 on one layer type at a time (vs fp32)")
+    ap.add_argument("--layers", type=int, default=None, help="keep only this many blocks (widths unchanged)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
     family = PRESETS[args.preset][0]
     resolution = args.resolution or (64 if args.preset.startswith("tiny") else 512)
     t0 = time.perf_counter()
 
-    model32 = build_random_transformer(args.preset, args.device, torch.float32)
+    model32 = build_random_transformer(args.preset, args.device, torch.float32, layers=args.layers)
     cond, states = make_inputs(model32, family, args.batch, resolution, args.device)
     ref32 = velocities(model32, family, cond, states, args.guidance)
     rows: dict[str, dict[str, float]] = {}
@@ -144,11 +160,12 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001  (report any failure, keep measuring the others)
             rows[f"fp8 {backend} {scaling}"] = {"error": f"{type(e).__name__}: {e}"}
     if args.device == "cpu":  # FP8 on a float32 base isolates the FP8 error from bf16's
-        v = velocities(fp8_copy(build_random_transformer(args.preset, "cpu", torch.float32), "torch", "rowwise"),
-                       family, cond, states, args.guidance)
+        base = build_random_transformer(args.preset, "cpu", torch.float32, layers=args.layers)
+        v = velocities(fp8_copy(base, "torch", "rowwise"), family, cond, states, args.guidance)
         rows["fp8 torch rowwise (fp32 base)"] = {"vs_fp32": rel_err(v, ref32)}
 
-    print(f"\n{args.preset} @ {resolution}px, batch {args.batch}, CFG {args.guidance}, {args.device}"
+    blocks = f" ({args.layers} blocks)" if args.layers else ""
+    print(f"\n{args.preset}{blocks} @ {resolution}px, batch {args.batch}, CFG {args.guidance}, {args.device}"
           f"{'' if te_ok else f' (TE: {te_why})'}; {time.perf_counter() - t0:.1f} s")
     print(f"{'teacher':34s} {'rel err vs fp32':>16s} {'vs bf16':>10s}")
     for name, r in rows.items():
@@ -163,8 +180,9 @@ def main(argv=None) -> int:
         for kind, r in per_layer.items():
             print(f"{kind:24s} {r['rowwise']:9.4f} {r['tensorwise']:11.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": args.preset, "resolution": resolution, "device": args.device,
-                                               "teachers": rows, "per_layer": per_layer}, indent=2))
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "layers": args.layers, "resolution": resolution,
+                                               "device": args.device, "teachers": rows, "per_layer": per_layer},
+                                              indent=2))  # fmt: skip
     return 0
 
 

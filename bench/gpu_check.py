@@ -169,6 +169,12 @@ def main() -> int:
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device (torch {torch.__version__}); this script benchmarks the GPU backends. On a "
+              "CPU: python -m pytest bench/bench_opd_step.py --benchmark-only", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

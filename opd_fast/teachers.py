@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from opd_fast import fp8
 from opd_fast.config import ModelConfig, TaskConfig, TeacherConfig, TeacherRuntimeConfig
-from opd_fast.models import TRANSFORMER_CLASSES, Conditioning, frozen_copy, transformer_folder
+from opd_fast.models import TRANSFORMER_CLASSES, Conditioning, freeze, frozen_copy, transformer_folder
 from opd_fast.models import velocity as model_velocity
 from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
@@ -230,8 +230,7 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg
         probe = type("Probe", (), {"config": arch})
         _check_architecture(base, probe, where)
         dtype = next(base.parameters()).dtype
-        model = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
-        model = frozen_copy(model)
+        model = freeze(cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True))
     else:
         model = frozen_copy(base)
         merge_lora(model, _read_lora(path, fmt, where), where)

@@ -39,6 +39,27 @@ def test_adapter_mode_matches_merged_mode_in_less_memory(tiny_config):
     assert teacher_memory_bytes(adapter) < teacher_memory_bytes(merged)
 
 
+def test_merged_teachers_share_the_base_buffers_and_casts_do_not_leak(tiny_config):
+    # Only the LoRA teachers are copies of the base; the full-model teacher (aesthetic) was loaded on its own.
+    cfg = tiny_config()
+    base = load_transformer(cfg.model)
+    table = base.pos_embed.pos_embed
+    saved = table.clone()
+    teachers = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+    copies = [teachers["geneval"].model, teachers["ocr"].model]
+    assert all(m.pos_embed.pos_embed is table for m in copies)
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(copies[0].parameters(), base.parameters()))
+    params = sum(p.nbytes for p in base.parameters())
+    buffers = sum(b.nbytes for b in base.buffers())
+    full = teachers["aesthetic"].model
+    own = sum(t.nbytes for t in list(full.parameters()) + list(full.buffers()))
+    assert teacher_memory_bytes(teachers) == 2 * params + buffers + own  # the table counted once
+    cfg.teacher_runtime.precision = "bf16"
+    cast = load_teachers(cfg.tasks[:1], base, cfg.model, cfg.teacher_runtime)["geneval"].model
+    assert cast.pos_embed.pos_embed.dtype == torch.bfloat16
+    assert table.dtype == torch.float32 and torch.equal(table, saved)
+
+
 def test_adapter_mode_in_fp8_keeps_the_lora_factors_high(tiny_config):
     cfg = tiny_config(**{"teacher_runtime.mode": "adapter", "teacher_runtime.precision": "fp8"})
     teachers = load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)

@@ -1,0 +1,80 @@
+"""The benchmark scripts run end to end on the CPU, so a GPU session spends its minutes measuring, not debugging, and
+what they report holds: the round ladder keeps the loss of the official-like schedule (the reference: two-pass,
+adapter swaps on the student, the reference opd_step), the engine benchmark's ZeRO-3 student trains, the FP8 accuracy
+script's errors are ordered as FP8 numerics must be. Each runs as its own process, as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_round_ladder_keeps_the_official_loss(tmp_path):
+    out = tmp_path / "round.json"
+    stdout = run_script("bench/bench_round.py", "--rounds", "1", "--warmup", "0", "--prompts", "2",
+                        "--variants", "official,one_pass,fused,merged,fp8,side", "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    official = rows["official-like"]
+    assert official["loss0"] > 0 and report["round_flops"] > 0
+    # Same arithmetic in float32 up to summation order (one-pass, fused kernel) and W + BA vs W x + B(A x) rounding
+    for label in ("+ one-pass", "+ fused opd_step", "+ merged teacher copies"):
+        assert rows[label]["loss0"] == pytest.approx(official["loss0"], rel=1e-4), label
+    assert rows["+ fused opd_step"]["backend"] != "reference"
+    # FP8 teachers change the teacher's velocity, so the loss moves, but within the tolerance the table states
+    fp8 = rows["+ FP8 teachers"]
+    assert 1e-4 < abs(fp8["loss0"] / official["loss0"] - 1) < 0.05
+    assert fp8["teacher_mb"] < rows["+ merged teacher copies"]["teacher_mb"]
+    assert "skipped" in rows["+ side stream"]  # no CUDA stream on a CPU: said, not timed
+    for row in rows.values():
+        if "round_s" in row:
+            assert row["images_per_s"] == pytest.approx(3 * 2 / row["round_s"])
+            assert 0 < sum(row["phases_s"].values())
+    assert "| official-like |" in stdout and "target: " in stdout
+
+
+def test_fp8_accuracy_orders_the_errors(tmp_path):
+    out = tmp_path / "fp8.json"
+    run_script("bench/fp8_accuracy.py", "--batch", "2", "--json", str(out))
+    teachers = json.loads(out.read_text())["teachers"]
+    # FP8 on a float32 base is closer to float32 than bf16 is (e4m3 rowwise on the big GEMMs only) ...
+    assert teachers["fp8 torch rowwise (fp32 base)"]["vs_fp32"] < teachers["bf16"]["vs_fp32"]
+    for scaling in ("rowwise", "tensorwise"):
+        row = teachers[f"fp8 torch {scaling}"]
+        # ... and on a bf16 base it adds a nonzero error that stays well under the teachers' own scale
+        assert 0 < row["vs_bf16"] < 0.1 and row["vs_fp32"] < 0.1
+
+
+def test_engine_bench_zero3_full_student(tmp_path):
+    out = tmp_path / "engine.json"
+    # The GPU command's variant (bench/bench_engine.py --preset sd3.5-medium --full --world 1 ... zero3) at tiny size
+    run_script("bench/bench_engine.py", "--full", "--world", "1", "--variants", "zero3", "--steps", "1",
+               "--threads", "1", "--json", str(out))  # fmt: skip
+    (row,) = json.loads(out.read_text())
+    assert row["variant"] == "zero3" and row["student"] == "full" and row["world"] == 1
+    assert row["step_s"] > 0 and row["backwards"] == 9  # int(0.99 x 4 steps) x 3 tasks
+
+
+def test_gpu_check_refuses_a_cpu_machine_at_once():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: bench/gpu_check.py would benchmark it")
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", os.devnull], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
