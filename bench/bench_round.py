@@ -22,7 +22,8 @@ Reported per variant, from the fastest of its timed rounds: images/s (tasks x pr
 seconds per phase (opd_fast.profiling PhaseTimer: CUDA events on the stream running the phase, so side-stream
 teacher time overlaps others; CPU: perf_counter), peak device memory, teacher weight memory, and MFU = FLOPs of one
 round / (round time x the measured matmul ceiling), and the loss of round 0 (the same student, prompts and noise in
-every variant) against the official-like one: the optimisations must keep it (verdict() states the tolerance).
+every variant) against the official-like one: the optimisations must keep it (verdict() states the tolerance), with
+the cosine of the round-0 student gradient with the official-like one's (FP8 teachers' effect on training).
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the real device: one student forward + backward
 and one forward of each task's teacher at batch 3 with their CFG, times the 9 trained steps; the same useful work
 for every variant (the official-like rollout's recompute is not counted as useful). The ceiling is a square bf16 torch.matmul (8192) on CUDA, float32 (1024) on CPU where the
@@ -228,7 +229,23 @@ def timed_round(trainer, state, args) -> tuple[float, dict[str, float]]:
     return seconds, trainer.phase_timer.read()
 
 
+def capture_round0_gradient(trainer) -> None:
+    """Make the trainer's first optimizer step record the round's flattened student gradient (before clipping) in
+    trainer.round0_grad: the same batch in every variant, so its cosine with the official-like one shows what an
+    optimisation (FP8 teachers above all) does to training."""
+    engine, step = trainer.engine, trainer.engine.step
+
+    def first_step():
+        engine.step = step
+        trainer.round0_grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float()
+                                         .flatten().cpu() for p in engine.params])  # fmt: skip
+        return step()
+
+    engine.step = first_step
+
+
 def warm_up(trainer, state, args) -> None:
+    capture_round0_gradient(trainer)
     trainer.phase_timer = PhaseTimer(args.device)
     for _ in range(args.warmup):
         timed_round(trainer, state, args)
@@ -236,15 +253,19 @@ def warm_up(trainer, state, args) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def summarize(trainer, rounds: list[tuple[float, dict]], args, state: dict) -> dict:
-    """The fastest round (the least disturbed by anything else on the machine), its phases and the round-0 loss."""
+def summarize(trainer, rounds: list[tuple[float, dict]], args, state: dict, reference_grad) -> dict:
+    """The fastest round (the least disturbed by anything else on the machine), its phases, the round-0 loss and the
+    cosine of the round-0 gradient with `reference_grad` (the official-like variant's; None before it ran)."""
     seconds, phases = min(rounds, key=lambda r: r[0])
+    grad = trainer.round0_grad
+    cos = None if reference_grad is None else float(grad.double() @ reference_grad.double()
+                                                    / (grad.double().norm() * reference_grad.double().norm()))
     cuda = torch.device(args.device).type == "cuda"
     return {"round_s": seconds, "images_per_s": len(trainer.cfg.tasks) * args.prompts / seconds,
             "phases_s": {p: phases.get(p, 0.0) for p in PHASES}, "rounds_s": [r[0] for r in rounds],
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "teacher_mb": teacher_bytes(trainer) / 2**20, "backend": trainer.backend,
-            "loss0": trainer.round0_loss, "precision": state["precision"]}  # fmt: skip
+            "loss0": trainer.round0_loss, "grad_cos": cos, "precision": state["precision"]}  # fmt: skip
 
 
 def teacher_bytes(trainer) -> int:
@@ -297,12 +318,16 @@ def loss_diff(r: dict, base: dict) -> float:
     return abs(r["loss0"] - base["loss0"]) / max(abs(base["loss0"]), 1e-30)
 
 
+def fmt_cos(cos: float | None) -> str:
+    return "n/a" if cos is None else f"{cos:.6f}"
+
+
 def table(results: dict, flops: float, ceiling: float) -> str:
     timed = [label for label, r in results.items() if "round_s" in r]
     base_label = "official-like" if "official-like" in timed else timed[0]
     base = results[base_label]
     head = (f"| variant | img/s | x {base_label} | round s | " + " | ".join(PHASES) + " | peak GB | teacher MB | MFU | "
-            "round-0 loss | loss rel. diff |")
+            "round-0 loss | loss rel. diff | grad cos |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, r in results.items():
         if "round_s" not in r:
@@ -313,7 +338,7 @@ def table(results: dict, flops: float, ceiling: float) -> str:
         mfu = flops / (r["round_s"] * ceiling)
         lines.append(f"| {label} | {r['images_per_s']:.3f} | {base['round_s'] / r['round_s']:.2f} | "
                      f"{r['round_s']:.3f} | {phases} | {peak} | {r['teacher_mb']:.2f} | {100 * mfu:.2f}% | "
-                     f"{r['loss0']:.6g} | {loss_diff(r, base):.2e} |")
+                     f"{r['loss0']:.6g} | {loss_diff(r, base):.2e} | {fmt_cos(r['grad_cos'])} |")
     return "\n".join(lines)
 
 
@@ -332,7 +357,8 @@ def verdict(results: dict, target: float = 2.0) -> str:
     label, best = min(ok.items(), key=lambda item: item[1]["round_s"])
     speedup = base["round_s"] / best["round_s"]
     return (f"target: {speedup:.2f}x the official-like images/s ({label}), round-0 loss within "
-            f"{LOSS_TOLERANCE[best['precision']]:.0%} ({loss_diff(best, base):.2%}): "
+            f"{LOSS_TOLERANCE[best['precision']]:.0%} ({loss_diff(best, base):.2%}, gradient cosine "
+            f"{fmt_cos(best['grad_cos'])}): "
             f"{'PASS' if speedup >= target else 'FAIL'} (>= {target:g}x asked at SD3.5-M 512 px on one H200)"
             + (f"; loss outside tolerance: {', '.join(failed)}" if failed else ""))
 
@@ -362,7 +388,7 @@ def main(argv=None) -> int:
     ceiling, ceiling_what = matmul_ceiling(args.device)
     pristine = build_random_transformer(args.preset, args.device, getattr(torch, args.dtype), layers=args.layers)
     large = not args.preset.startswith("tiny")
-    results, states, flops = {}, {}, None
+    results, states, grads, flops = {}, {}, {}, None
     # CPU, tiny: every variant's trainer is built first and their timed rounds interleave, so load from other
     # processes hits all variants alike. CUDA, or a large preset: one variant at a time (one set of models in memory).
     interleave = not cuda and not large
@@ -390,20 +416,22 @@ def main(argv=None) -> int:
                     flops = count_round_flops(trainer)
                 warm_up(trainer, state, args)
                 if interleave:
-                    live[label] = (trainer, state, [])
+                    live[key] = (label, trainer, state, [])
                     continue
                 rounds = [timed_round(trainer, state, args) for _ in range(args.rounds)]
-                results[label] = summarize(trainer, rounds, args, state)
+                grads[key] = trainer.round0_grad
+                results[label] = summarize(trainer, rounds, args, state, grads.get("official"))
             except Exception as e:  # noqa: BLE001  (a variant that fails here, e.g. compile, is reported, not fatal)
                 results[label] = {"error": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             trainer = None
             free(args.device)
             print(f"{label}: {results[label]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         for _ in range(args.rounds):
-            for label, (trainer, state, rounds) in live.items():
+            for _, trainer, state, rounds in live.values():
                 rounds.append(timed_round(trainer, state, args))
-        for label, (trainer, state, rounds) in live.items():
-            results[label] = summarize(trainer, rounds, args, state)
+        grads.update({key: trainer.round0_grad for key, (_, trainer, _, _) in live.items()})
+        for key, (label, trainer, state, rounds) in live.items():
+            results[label] = summarize(trainer, rounds, args, state, grads.get("official"))
     order = [label for _, label, *_ in LADDER + ALTERNATIVES]
     results = {label: results[label] for label in order if label in results}
 

@@ -35,10 +35,12 @@ def test_round_ladder_keeps_the_official_loss(tmp_path):
     # Same arithmetic in float32 up to summation order (one-pass, fused kernel) and W + BA vs W x + B(A x) rounding
     for label in ("+ one-pass", "+ fused opd_step", "+ merged teacher copies"):
         assert rows[label]["loss0"] == pytest.approx(official["loss0"], rel=1e-4), label
+        assert rows[label]["grad_cos"] > 1 - 1e-6, label
     assert rows["+ fused opd_step"]["backend"] != "reference"
     # FP8 teachers change the teacher's velocity, so the loss moves, but within the tolerance the table states
     fp8 = rows["+ FP8 teachers"]
     assert 1e-4 < abs(fp8["loss0"] / official["loss0"] - 1) < 0.05
+    assert 0.9 < fp8["grad_cos"] < 1 - 1e-6 and official["grad_cos"] == pytest.approx(1)
     assert fp8["teacher_mb"] < rows["+ merged teacher copies"]["teacher_mb"]
     assert "skipped" in rows["+ side stream"]  # no CUDA stream on a CPU: said, not timed
     for row in rows.values():
