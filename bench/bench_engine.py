@@ -3,6 +3,8 @@
     python bench/bench_engine.py                       # CPU, tiny-sd3, 2 ranks: LoRA and full-parameter students
     python bench/bench_engine.py --preset sd3.5-medium --full --world 1 --bf16 --resolution 512 \\
         --variants zero3,zero3-offload-optimizer,zero3-offload-all          # one GPU (each rank takes one)
+    python bench/bench_engine.py --preset sd3.5-medium --layers 2 --full --world 1 --num-steps 2 --batch 1 \
+        --tokens 333 --steps 1 --variants zero3,zero3-offload-optimizer,zero3-offload-all   # its code path on a CPU
 
 One optimizer step is what the engine does in a round: `backwards` backward calls (trained steps x tasks x
 micro-batches: 9 x 3 = 27 for the official schedule) of the student's forward through engine.forward_model (as the
@@ -57,10 +59,9 @@ def high_water_mb() -> float:
 def worker(args) -> None:
     import torch
 
-    from opd_fast import distributed
+    from opd_fast import distributed, models
     from opd_fast.config import load_config
     from opd_fast.engine import backwards_per_round, make_engine
-    from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, Conditioning, add_student_lora, latent_shape, velocity
 
     overrides = [*VARIANTS[args.variant][1], f"model.preset={args.preset}", f"sampling.num_steps={args.num_steps}",
                  f"sampling.resolution={args.resolution}", f"train.micro_batch_size={args.batch}",
@@ -71,13 +72,13 @@ def worker(args) -> None:
     info = distributed.setup(cfg.engine)
     if info.device.type == "cpu":
         torch.set_num_threads(args.threads)
-    family, kwargs = PRESETS[args.preset]
+    family, kwargs = models.preset_arch(args.preset, args.layers)
     torch.manual_seed(0)
     with torch.device(info.device):  # built in place: SD3.5-M would take minutes to initialise on the CPU
-        model = TRANSFORMER_CLASSES[family](**kwargs)
+        model = models.TRANSFORMER_CLASSES[family](**kwargs)
     torch.nn.init.normal_(model.proj_out.weight, std=0.02)  # diffusers zero-inits it: give the velocity signal
     model.requires_grad_(False)
-    add_student_lora(model, cfg.student.lora)
+    models.add_student_lora(model, cfg.student.lora)
     if args.bf16 and cfg.engine.kind != "deepspeed":
         model.to(torch.bfloat16)  # the other engines have no master copy: bf16 weights, as DeepSpeed computes
     model.train()
@@ -86,17 +87,17 @@ def worker(args) -> None:
     backwards = backwards_per_round(cfg)
 
     g = torch.Generator().manual_seed(info.rank)
-    shape = latent_shape(model, family, args.batch, args.resolution)
+    shape = models.latent_shape(model, family, args.batch, args.resolution)
     dim, pooled, tokens = model.config.joint_attention_dim, model.config.pooled_projection_dim, args.tokens
-    cond = Conditioning(*(torch.randn(*s, generator=g).to(info.device) for s in
-                          [(args.batch, tokens, dim), (args.batch, pooled), (1, tokens, dim), (1, pooled)]))
+    cond = models.Conditioning(*(torch.randn(*s, generator=g).to(info.device) for s in
+                                 [(args.batch, tokens, dim), (args.batch, pooled), (1, tokens, dim), (1, pooled)]))
     x = torch.randn(shape, generator=g).to(info.device)
     target = torch.randn(shape, generator=g).to(info.device)
     sigma = torch.full((args.batch,), 0.7, device=info.device)
 
     def one_step() -> None:
         for _ in range(backwards):
-            v, w = velocity(engine.forward_model, family, x, sigma, cond, 4.5)
+            v, w = models.velocity(engine.forward_model, family, x, sigma, cond, 4.5)
             if w is not None:  # CFG: [uncond; cond]
                 v_u, v_c = v.float().chunk(2)
                 v = v_u + w * (v_c - v_u)
@@ -182,6 +183,7 @@ def main() -> None:
                         f"{CPU_DEFAULT}; then the same for a full-parameter student unless --lora-only)")
     parser.add_argument("--world", type=int, default=2, help="ranks of the multi-process variants")
     parser.add_argument("--preset", default="tiny-sd3")
+    parser.add_argument("--layers", type=int, default=None, help="keep only this many blocks (widths unchanged)")
     parser.add_argument("--full", action="store_true", help="full-parameter student only (default: LoRA, then full)")
     parser.add_argument("--lora-only", action="store_true")
     parser.add_argument("--bf16", action="store_true")
@@ -206,6 +208,7 @@ def main() -> None:
     common = ["--preset", args.preset, "--resolution", str(args.resolution), "--num-steps", str(args.num_steps),
               "--batch", str(args.batch), "--tokens", str(args.tokens), "--lora-rank", str(args.lora_rank),
               "--steps", str(args.steps), "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
+    common += ["--layers", str(args.layers)] if args.layers else []
     variants = (args.variants or CPU_DEFAULT).split(",")
     students = [True] if args.full else [False] if args.lora_only or args.variants else [False, True]
     import torch

@@ -50,11 +50,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fp8_accuracy import build_random_transformer, preset_kwargs
+from fp8_accuracy import build_random_transformer
 
 import opd_fast.trainer as trainer_module
 from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
-from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, latent_shape, velocity
+from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, latent_shape, preset_arch, velocity
 from opd_fast.profiling import PHASES, PhaseTimer
 from opd_fast.teachers import Teacher, add_lora_adapter, read_peft_lora, teacher_memory_bytes
 
@@ -283,7 +283,7 @@ def teacher_memory_by_mode(preset: str, layers: int | None, dtype: torch.dtype, 
     linears opd_fast.fp8 quantizes at 1 byte per weight, the rest in `dtype`."""
     from opd_fast import fp8
 
-    family, kwargs = preset_kwargs(preset, layers)
+    family, kwargs = preset_arch(preset, layers)
     with torch.device("meta"):
         model = TRANSFORMER_CLASSES[family](**kwargs)
     width = torch.finfo(dtype).bits // 8
@@ -452,9 +452,9 @@ def main(argv=None) -> int:
     print(table(results, flops, ceiling))
     print("\n" + verdict(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": args.preset, "layers": args.layers, "resolution": args.resolution,
-                                               "device": machine, "dtype": args.dtype, "ceiling_flops": ceiling,
-                                               "round_flops": flops, "results": results}, indent=2))  # fmt: skip
+        report = {"preset": args.preset, "layers": args.layers, "resolution": args.resolution, "device": machine,
+                  "dtype": args.dtype, "ceiling_flops": ceiling, "round_flops": flops, "results": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opd_fast import fp8
-from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, Conditioning, latent_shape, velocity
+from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, Conditioning, latent_shape, preset_arch, velocity
 from opd_fast.reference import apply_cfg
 from opd_fast.schedule import sigma_grid
 
@@ -42,26 +42,12 @@ LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first 
 }
 
 
-def preset_kwargs(preset: str, layers: int | None = None) -> tuple[str, dict]:
-    """A preset's family and constructor arguments; `layers` keeps the widths and only the first `layers` blocks
-    (FLUX: `layers` double-stream and 2 x `layers` single-stream blocks), e.g. to run the released widths on a CPU."""
-    family, kwargs = PRESETS[preset]
-    if layers is None:
-        return family, kwargs
-    kwargs = dict(kwargs, num_layers=min(layers, kwargs["num_layers"]))
-    if "dual_attention_layers" in kwargs:
-        kwargs["dual_attention_layers"] = tuple(i for i in kwargs["dual_attention_layers"] if i < layers)
-    if "num_single_layers" in kwargs:
-        kwargs["num_single_layers"] = min(2 * layers, kwargs["num_single_layers"])
-    return family, kwargs
-
-
 def build_random_transformer(preset: str, device: str, dtype: torch.dtype, seed: int = 0,
                              layers: int | None = None) -> torch.nn.Module:
-    """A preset's architecture (see preset_kwargs for `layers`) with seeded random weights, built directly on
-    `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU). The zero-initialised final projection
-    gets small random weights, as opd_fast.models does, so the velocity is not identically zero."""
-    family, kwargs = preset_kwargs(preset, layers)
+    """A preset's architecture (models.preset_arch says what `layers` keeps) with seeded random weights, built
+    directly on `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU). The zero-initialised
+    final projection gets small random weights, as opd_fast.models does, so the velocity is not identically zero."""
+    family, kwargs = preset_arch(preset, layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = TRANSFORMER_CLASSES[family](**kwargs)

@@ -42,6 +42,21 @@ PRESETS = {
 }  # fmt: skip
 
 
+def preset_arch(preset: str, layers: int | None = None) -> tuple[str, dict]:
+    """A preset's family and constructor arguments. `layers` keeps the widths and the first `layers` blocks (FLUX:
+    `layers` double-stream and 2 x `layers` single-stream ones): the benchmarks' way to run the released widths on
+    a CPU. SD3's last block has no context output, so SD3.5-M needs layers >= 2 for the official LoRA targets."""
+    family, kwargs = PRESETS[preset]
+    if layers is None:
+        return family, kwargs
+    kwargs = dict(kwargs, num_layers=min(layers, kwargs["num_layers"]))
+    if "dual_attention_layers" in kwargs:
+        kwargs["dual_attention_layers"] = tuple(i for i in kwargs["dual_attention_layers"] if i < layers)
+    if "num_single_layers" in kwargs:
+        kwargs["num_single_layers"] = min(2 * layers, kwargs["num_single_layers"])
+    return family, kwargs
+
+
 def transformer_folder(path: str | Path) -> Path:
     """A pipeline folder's transformer/ subfolder, or the folder itself when it holds the transformer."""
     path = Path(path)

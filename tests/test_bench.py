@@ -80,3 +80,24 @@ def test_gpu_check_refuses_a_cpu_machine_at_once():
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", os.devnull], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_preset_arch_keeps_the_widths_and_cuts_the_blocks():
+    import torch
+
+    from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, preset_arch
+
+    assert preset_arch("sd3.5-medium") == PRESETS["sd3.5-medium"]
+    for preset, layers, blocks in [("sd3.5-medium", 2, (2, 0)), ("flux.1-dev", 1, (1, 2)), ("tiny-sd3", 9, (2, 0))]:
+        family, kwargs = preset_arch(preset, layers)
+        with torch.device("meta"):
+            model = TRANSFORMER_CLASSES[family](**kwargs)
+            full = TRANSFORMER_CLASSES[family](**PRESETS[preset][1])
+        assert (len(model.transformer_blocks), len(getattr(model, "single_transformer_blocks", []))) == blocks
+        # Same names and shapes, but for SD3's last block, which is context-pre-only (its context norm is smaller)
+        last = f"transformer_blocks.{blocks[0] - 1}.norm1_context." if family == "sd3" else None
+        widths = {n: tuple(p.shape) for n, p in full.named_parameters()}
+        differ = {n for n, p in model.named_parameters() if widths[n] != tuple(p.shape)}
+        assert all(last is not None and n.startswith(last) for n in differ), (preset, differ)
+    _, kwargs = preset_arch("sd3.5-medium", 2)
+    assert kwargs["dual_attention_layers"] == (0, 1) and PRESETS["sd3.5-medium"][1]["num_layers"] == 24
