@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python -m pytest -q bench --benchmark-only
+	$(BIN)/python -m pytest -q bench/bench_opd_step.py --benchmark-only
 
 lint: setup
 	$(BIN)/ruff check --line-length 120 opd_fast tests bench

@@ -101,3 +101,14 @@ def test_preset_arch_keeps_the_widths_and_cuts_the_blocks():
         assert all(last is not None and n.startswith(last) for n in differ), (preset, differ)
     _, kwargs = preset_arch("sd3.5-medium", 2)
     assert kwargs["dual_attention_layers"] == (0, 1) and PRESETS["sd3.5-medium"][1]["num_layers"] == 24
+
+
+def test_make_bench_collects_the_microbenchmarks():
+    # `make bench` once named the folder, where pytest's default pattern (test_*.py) finds nothing: exit code 5
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index(next(line for line in lines if line.startswith("bench:"))) + 1]
+    args = recipe.split("-m pytest", 1)[1].split()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "test_opd_step[" in proc.stdout and "-cpp]" in proc.stdout
