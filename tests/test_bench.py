@@ -112,3 +112,26 @@ def test_make_bench_collects_the_microbenchmarks():
                           text=True, timeout=120, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "test_opd_step[" in proc.stdout and "-cpp]" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_gpu_check_timed_functions_run_on_cpu_tensors(backend):
+    # What bench/gpu_check.py times on the GPU ("op": opd_step + autograd; "kernels": the launchers on preallocated
+    # buffers), run once each on CPU tensors (Triton through its interpreter), so the GPU run meets no stale signature
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    from opd_fast import fused, ops
+
+    if backend == "cpp" and "cpp" not in ops.available_backends(torch.device("cpu")):
+        pytest.skip("the C++ extension opd_fast._C is not built")
+    x, v_s, v_t, noise = (torch.randn(2, 4, 6, 6) + 0.1 for _ in range(4))
+    v_s.requires_grad_(True)
+    sigma = torch.tensor([0.9, 0.5])
+    for kind in ("op", "kernels"):
+        fns = gpu_check._timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma - 0.1, torch.ones(2))
+        assert sorted(fns) == sorted(gpu_check.MODES)
+        for fn in fns.values():
+            fn()
