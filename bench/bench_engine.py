@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANTS = {  # name -> (world size or None for --world, config overrides)
     "single": (1, ["engine.kind=single"]),
@@ -58,6 +59,7 @@ def high_water_mb() -> float:
 # -- one rank ----------------------------------------------------------------------------------------------------------
 def worker(args) -> None:
     import torch
+    from fp8_accuracy import build_random_transformer
 
     from opd_fast import distributed, models
     from opd_fast.config import load_config
@@ -72,12 +74,8 @@ def worker(args) -> None:
     info = distributed.setup(cfg.engine)
     if info.device.type == "cpu":
         torch.set_num_threads(args.threads)
-    family, kwargs = models.preset_arch(args.preset, args.layers)
-    torch.manual_seed(0)
-    with torch.device(info.device):  # built in place: SD3.5-M would take minutes to initialise on the CPU
-        model = models.TRANSFORMER_CLASSES[family](**kwargs)
-    torch.nn.init.normal_(model.proj_out.weight, std=0.02)  # diffusers zero-inits it: give the velocity signal
-    model.requires_grad_(False)
+    family = models.PRESETS[args.preset][0]
+    model = build_random_transformer(args.preset, info.device, torch.float32, layers=args.layers)  # frozen
     models.add_student_lora(model, cfg.student.lora)
     if args.bf16 and cfg.engine.kind != "deepspeed":
         model.to(torch.bfloat16)  # the other engines have no master copy: bf16 weights, as DeepSpeed computes

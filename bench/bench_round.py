@@ -26,8 +26,9 @@ every variant) against the official-like one: the optimisations must keep it (ve
 the cosine of the round-0 student gradient with the official-like one's (FP8 teachers' effect on training).
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the real device: one student forward + backward
 and one forward of each task's teacher at batch 3 with their CFG, times the 9 trained steps; the same useful work
-for every variant (the official-like rollout's recompute is not counted as useful). The ceiling is a square bf16 torch.matmul (8192) on CUDA, float32 (1024) on CPU where the
-tiny model runs float32. The teacher weight memory of each runtime mode is printed from the architecture's shapes.
+for every variant (the official-like rollout's recompute is not counted as useful). The ceiling is a square bf16
+torch.matmul (8192) on CUDA, float32 (1024) on CPU where the tiny model runs float32. The teacher weight memory of
+each runtime mode is printed from the architecture's shapes.
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ def main(argv=None) -> int:
     ceiling, ceiling_what = matmul_ceiling(args.device)
     pristine = build_random_transformer(args.preset, args.device, getattr(torch, args.dtype), layers=args.layers)
     large = not args.preset.startswith("tiny")
-    results, states, grads, flops = {}, {}, {}, None
+    results, states, flops, reference_grad = {}, {}, None, None  # the official-like round-0 gradient
     # CPU, tiny: every variant's trainer is built first and their timed rounds interleave, so load from other
     # processes hits all variants alike. CUDA, or a large preset: one variant at a time (one set of models in memory).
     interleave = not cuda and not large
@@ -419,8 +420,9 @@ def main(argv=None) -> int:
                     live[key] = (label, trainer, state, [])
                     continue
                 rounds = [timed_round(trainer, state, args) for _ in range(args.rounds)]
-                grads[key] = trainer.round0_grad
-                results[label] = summarize(trainer, rounds, args, state, grads.get("official"))
+                if key == "official":
+                    reference_grad = trainer.round0_grad
+                results[label] = summarize(trainer, rounds, args, state, reference_grad)
             except Exception as e:  # noqa: BLE001  (a variant that fails here, e.g. compile, is reported, not fatal)
                 results[label] = {"error": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             trainer = None
@@ -429,9 +431,10 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for _, trainer, state, rounds in live.values():
                 rounds.append(timed_round(trainer, state, args))
-        grads.update({key: trainer.round0_grad for key, (_, trainer, _, _) in live.items()})
-        for key, (label, trainer, state, rounds) in live.items():
-            results[label] = summarize(trainer, rounds, args, state, grads.get("official"))
+        if "official" in live:
+            reference_grad = live["official"][1].round0_grad
+        for label, trainer, state, rounds in live.values():
+            results[label] = summarize(trainer, rounds, args, state, reference_grad)
     order = [label for _, label, *_ in LADDER + ALTERNATIVES]
     results = {label: results[label] for label in order if label in results}
 
@@ -441,7 +444,8 @@ def main(argv=None) -> int:
                                                 for label, r in results.items()), file=sys.stderr)  # fmt: skip
         return 1
     blocks = f" ({args.layers} blocks)" if args.layers else ""
-    print(f"\n{args.preset}{blocks} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, torch {torch.__version__}), "
+    print(f"\n{args.preset}{blocks} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, "
+          f"torch {torch.__version__}), "
           f"{len(TASKS)} tasks x {args.prompts} prompts, 10 steps / 9 trained, fastest of {args.rounds} round(s) "
           f"after {args.warmup} warm-up{', interleaved' if interleave else ''}"
           f"{f', {torch.get_num_threads()} thread(s)' if not cuda else ''}")

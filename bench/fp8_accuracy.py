@@ -26,7 +26,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opd_fast import fp8
-from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, Conditioning, latent_shape, preset_arch, velocity
+from opd_fast.models import (
+    PRESETS,
+    TRANSFORMER_CLASSES,
+    Conditioning,
+    init_output_layer,
+    latent_shape,
+    preset_arch,
+    velocity,
+)
 from opd_fast.reference import apply_cfg
 from opd_fast.schedule import sigma_grid
 
@@ -45,15 +53,16 @@ LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first 
 def build_random_transformer(preset: str, device: str, dtype: torch.dtype, seed: int = 0,
                              layers: int | None = None) -> torch.nn.Module:
     """A preset's architecture (models.preset_arch says what `layers` keeps) with seeded random weights, built
-    directly on `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU). The zero-initialised
-    final projection gets small random weights, as opd_fast.models does, so the velocity is not identically zero."""
+    directly on `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU); the final projection
+    initialised as opd_fast.models initialises a preset's."""
     family, kwargs = preset_arch(preset, layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = TRANSFORMER_CLASSES[family](**kwargs)
-    torch.nn.init.normal_(model.proj_out.weight, std=0.02)
-    torch.nn.init.zeros_(model.proj_out.bias)
-    return model.to(dtype).requires_grad_(False).eval()
+    init_output_layer(model)
+    if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
+        model = model.to(dtype)
+    return model.requires_grad_(False).eval()
 
 
 def layer_type(name: str) -> str | None:

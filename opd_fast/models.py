@@ -77,21 +77,21 @@ def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
     else:
         if cfg.preset not in PRESETS:
             raise ValueError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
-        family, kwargs = PRESETS[cfg.preset]
+        family, kwargs = preset_arch(cfg.preset)
         if family != cfg.family:
             raise ValueError(f"model.preset: {cfg.preset!r} is a {family} model but model.family is {cfg.family!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = cls(**kwargs)
-            _init_output_layer(model)
+            init_output_layer(model)
         if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
             model = model.to(dtype)
     return freeze(model)
 
 
-def _init_output_layer(model) -> None:
-    """diffusers zero-inits the final projection (its adaLN-Zero convention), so a fresh model predicts v == 0
-    everywhere; give a preset's random weights a non-degenerate output so every transition carries signal."""
+def init_output_layer(model) -> None:
+    """The final projection of a preset's random weights: normal(0, 0.02) weights and a zero bias, so the velocity
+    is small, nonzero and free of a constant offset (diffusers 0.42.1 leaves both at nn.Linear's uniform init)."""
     proj = model.proj_out
     torch.nn.init.normal_(proj.weight, std=0.02)
     torch.nn.init.zeros_(proj.bias)
