@@ -10,6 +10,8 @@ import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
 
 def extensions():
     """opd_fast._C (CPU, always: it is the fast CPU path, so a failed build must fail the install) and
@@ -26,6 +28,11 @@ def extensions():
     exts = [cpu]
     if torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("OPD_FAST_NO_CUDA") != "1":
         # Set TORCH_CUDA_ARCH_LIST (e.g. "9.0") to build for one architecture; the default is the visible GPU's.
+        # A node without a GPU (a cluster's login node) has none to ask, and torch's build then fails with an
+        # IndexError: build for A100 and H100/H200, plus PTX for newer GPUs.
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(f"opd-fast: no GPU visible, building opd_fast._C_cuda for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
         exts.append(
             CUDAExtension(
                 "opd_fast._C_cuda",

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 
 import torch
@@ -78,6 +79,25 @@ def quantize(t: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
+@functools.cache
+def _cpu_runs_rowwise() -> bool:
+    """Whether this torch runs _scaled_mm with rowwise scales on CPU (2.13 does; 2.11 asserts per-tensor only)."""
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
+def scaling_supported(scaling: str, device) -> tuple[bool, str]:
+    """(True, "") when Fp8Linear can run `scaling` on `device`, else (False, why)."""
+    if scaling == "rowwise" and torch.device(device).type == "cpu" and not _cpu_runs_rowwise():
+        return False, (f"torch {torch.__version__} runs _scaled_mm with rowwise scales on CUDA only (on CPU from "
+                       f"torch 2.13); use fp8_scaling tensorwise on this machine")
+    return True, ""
+
+
 def _pad_to(n: int, multiple: int = 16) -> int:
     return -n % multiple
 
@@ -93,6 +113,9 @@ class Fp8Linear(torch.nn.Module):
             raise ValueError(f"Fp8Linear scaling must be rowwise or tensorwise, got {scaling!r}")
         self.out_features, self.in_features = linear.weight.shape
         self.scaling = scaling
+        ok, why = scaling_supported(scaling, linear.weight.device)
+        if not ok:
+            raise Fp8Unavailable(f"fp8_scaling {scaling}: {why}")
         self.k_pad, self.n_pad = _pad_to(self.in_features), _pad_to(self.out_features)
         weight = F.pad(linear.weight.detach(), (0, self.k_pad, 0, self.n_pad))
         weight_fp8, weight_scale = quantize(weight, scaling)

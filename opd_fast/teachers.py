@@ -296,7 +296,10 @@ def apply_precision(model: torch.nn.Module, runtime: TeacherRuntimeConfig) -> to
     if runtime.precision in PRECISION_DTYPES:  # nn.Module.to: diffusers' override warns on every cast
         torch.nn.Module.to(model, PRECISION_DTYPES[runtime.precision])
     elif runtime.precision == "fp8":
-        fp8.quantize_model(model, runtime.fp8_backend, runtime.fp8_scaling, runtime.fp8_skip)
+        try:
+            fp8.quantize_model(model, runtime.fp8_backend, runtime.fp8_scaling, runtime.fp8_skip)
+        except fp8.Fp8Unavailable as e:
+            raise TeacherError(f"teacher_runtime.precision fp8: {e}") from None
     return model
 
 

@@ -9,6 +9,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors in the interpreter; it must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+from opd_fast import fp8  # after TRITON_INTERPRET is set
+
+# FP8 with rowwise scales on CPU tensors needs torch >= 2.13 (the pinned CPU build); on a GPU machine's older torch
+# the CPU-side rowwise tests skip, and the CUDA ones run.
+needs_cpu_rowwise = pytest.mark.skipif(not fp8.scaling_supported("rowwise", "cpu")[0],
+                                       reason=fp8.scaling_supported("rowwise", "cpu")[1])
+
 # Tiny models are dispatch-bound: one intra-op thread is faster on a 2-core machine and immune to a busy neighbour.
 torch.set_num_threads(1)
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_cpu_rowwise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,7 @@ def run_script(*args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
+@needs_cpu_rowwise
 def test_round_ladder_keeps_the_official_loss(tmp_path):
     out = tmp_path / "round.json"
     stdout = run_script("bench/bench_round.py", "--rounds", "1", "--warmup", "0", "--prompts", "2",
@@ -50,6 +52,7 @@ def test_round_ladder_keeps_the_official_loss(tmp_path):
     assert "| official-like |" in stdout and "target: " in stdout
 
 
+@needs_cpu_rowwise
 def test_fp8_accuracy_orders_the_errors(tmp_path):
     out = tmp_path / "fp8.json"
     run_script("bench/fp8_accuracy.py", "--batch", "2", "--json", str(out))

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from conftest import needs_cpu_rowwise
 
 from opd_fast.config import ConfigError, ModelConfig
 from opd_fast.models import Conditioning, load_transformer
@@ -60,6 +61,7 @@ def test_merged_teachers_share_the_base_buffers_and_casts_do_not_leak(tiny_confi
     assert table.dtype == torch.float32 and torch.equal(table, saved)
 
 
+@needs_cpu_rowwise
 def test_adapter_mode_in_fp8_keeps_the_lora_factors_high(tiny_config):
     cfg = tiny_config(**{"teacher_runtime.mode": "adapter", "teacher_runtime.precision": "fp8"})
     teachers = load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)
