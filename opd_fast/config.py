@@ -189,6 +189,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def trained_steps(self, task: TaskConfig) -> int:
+        """How many leading steps of `task`'s rollout are trained, with the task's own fraction if it sets one."""
+        fraction = self.sampling.timestep_fraction if task.timestep_fraction is None else task.timestep_fraction
+        return steps_for_fraction(self.sampling.num_steps, fraction)
+
     def validate(self) -> RunConfig:
         """Cross-field checks that types alone cannot express."""
         if not self.tasks:
@@ -213,7 +218,7 @@ class RunConfig:
         for key, fraction in fractions.items():
             if not 0 < fraction <= 1:
                 raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
-            if int(self.sampling.num_steps * fraction) < 1:
+            if steps_for_fraction(self.sampling.num_steps, fraction) < 1:
                 raise ConfigError(f"{key}: trains no step at all with sampling.num_steps={self.sampling.num_steps}")
         if self.sampling.noise_level < 0:
             raise ConfigError(f"sampling.noise_level: must be >= 0, got {self.sampling.noise_level}")
@@ -269,6 +274,11 @@ class RunConfig:
 # loading and validation
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def steps_for_fraction(num_steps: int, fraction: float) -> int:
+    """int(num_steps * fraction): the official code's count of trained leading steps (9 of 10 at 0.99)."""
+    return int(num_steps * fraction)
 
 
 def _convert(value, tp, key: str):

@@ -32,7 +32,6 @@ import torch.distributed as dist
 from opd_fast import distributed
 from opd_fast.config import EMAConfig, OptimizerConfig, RunConfig
 from opd_fast.distributed import DistInfo
-from opd_fast.schedule import trained_steps
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def lr_at(cfg: OptimizerConfig, round_idx: int, rounds: int) -> float:
 
 def backwards_per_round(cfg: RunConfig) -> int:
     """The trainer's backward calls per round: every trained step of every micro-batch of every task."""
-    return sum(trained_steps(cfg, task) for task in cfg.tasks) * cfg.train.micro_batches_per_task
+    return sum(cfg.trained_steps(task) for task in cfg.tasks) * cfg.train.micro_batches_per_task
 
 
 def make_engine(cfg: RunConfig, model: torch.nn.Module, info: DistInfo | None = None):

@@ -1,4 +1,4 @@
-"""The sigma grid of a rollout and which of its steps are trained.
+"""The sigma grid of a rollout (which of its steps are trained: RunConfig.trained_steps).
 
 The grid comes from diffusers' FlowMatchEulerDiscreteScheduler, never re-derived: SD3 uses a static shift (3.0 for
 SD3.5), FLUX the resolution-dependent dynamic shift its pipeline uses.
@@ -34,9 +34,3 @@ def sigma_grid(family: str, num_steps: int, shift: float, image_seq_len: int | N
         scheduler.set_timesteps(num_steps)
     return scheduler.sigmas.float()
 
-
-def trained_steps(cfg, task) -> int:
-    """How many leading steps of `task`'s rollout are trained (cfg: a RunConfig, task: one of its TaskConfigs):
-    int(num_steps * timestep_fraction), as the official code (9 of 10), with the task's own fraction if it sets one."""
-    fraction = cfg.sampling.timestep_fraction if task.timestep_fraction is None else task.timestep_fraction
-    return int(cfg.sampling.num_steps * fraction)

@@ -37,7 +37,7 @@ from opd_fast.metrics import MetricsWriter
 from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
 from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, read_prompts
-from opd_fast.schedule import sigma_grid, trained_steps
+from opd_fast.schedule import sigma_grid
 from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Trainer:
         probe = latent_shape(self.student, cfg.model.family, 1, cfg.sampling.resolution)
         self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift,
                                  image_seq_len=probe[1] if cfg.model.family == "flux" else None)
-        self.num_trained = {task.name: trained_steps(cfg, task) for task in cfg.tasks}  # leading steps trained
+        self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.backend = ops.resolve_backend(cfg.loss.backend, self.device, cfg.loss.estimator)
         log.info("opd_step backend: %s", self.backend)
         self.round = 0

@@ -33,7 +33,6 @@ from opd_fast.checkpoint import export_diffusers_lora
 from opd_fast.config import OFFICIAL_LORA_TARGETS, LoraConfig, ModelConfig, TeacherConfig
 from opd_fast.demo import flow, world
 from opd_fast.models import add_student_lora, load_transformer
-from opd_fast.schedule import trained_steps
 from opd_fast.teachers import load_teacher
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -272,7 +271,7 @@ def units_per_round(cfg) -> int:
     per_sample = 0
     for task in cfg.tasks:
         teacher = 2 if task.teacher.guidance not in (None, 1.0) else 1
-        per_sample += trained_steps(cfg, task) * (3 * student + teacher)
+        per_sample += cfg.trained_steps(task) * (3 * student + teacher)
     return per_sample * cfg.train.micro_batch_size * cfg.train.micro_batches_per_task
 
 
