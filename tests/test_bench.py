@@ -75,13 +75,16 @@ def test_engine_bench_zero3_full_student(tmp_path):
     assert row["step_s"] > 0 and row["backwards"] == 9  # int(0.99 x 4 steps) x 3 tasks
 
 
-def test_gpu_check_refuses_a_cpu_machine_at_once():
+def test_gpu_scripts_refuse_a_cpu_machine_at_once():
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: bench/gpu_check.py would benchmark it")
+        pytest.skip("a CUDA device is present: the GPU scripts would benchmark it")
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", os.devnull], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    proc = subprocess.run(["bash", "bench/gpu_all.sh", "kernels"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHON": sys.executable}, check=False)  # fmt: skip
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
