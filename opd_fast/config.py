@@ -122,7 +122,7 @@ class OptimizerConfig:
 @dataclass(kw_only=True)
 class EMAConfig:
     enabled: bool = True
-    decay: float = 0.9  # effective decay min((1 + s) / (10 + s), decay), s = number of EMA updates
+    decay: float = 0.9  # effective decay min((1 + s) / (10 + s), decay), s = the optimizer step (official)
     update_every: int = 8
 
 
