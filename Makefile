@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch pinned to the CPU build on CPU machines: an unpinned torch pulls the multi-GB CUDA build.
 CPU_STACK := torch==2.13.0 triton==3.7.1
 
-.PHONY: setup demo train test bench lint
+.PHONY: setup demo train test bench lint test-gpu-stack
 setup: $(BIN)/opd-fast
 $(BIN)/opd-fast: setup.py
 	$(PY) -m venv $(VENV)
@@ -28,3 +28,15 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check --line-length 120 opd_fast tests bench
+
+# The GPU machine's preinstalled stack (torch 2.11 CUDA build, triton 3.6, transformers 5.17, huggingface_hub 1.33;
+# peft 0.18.0, the oldest that imports with transformers 5) on this CPU, before spending GPU minutes: the suite on
+# HEAD in its own checkout (an editable build writes _C*.so into the tree). numpy < 2.4 for triton 3.6's
+# interpreter. About 5 GB and 10 minutes; not part of CI.
+GPU_STACK := torch==2.11.0 triton==3.6.0 "numpy<2.4" transformers==5.17.0 huggingface_hub==1.33.0 peft==0.18.0
+test-gpu-stack:
+	rm -rf .gpu-stack && git clone -q . .gpu-stack
+	cd .gpu-stack && $(PY) -m venv .venv && .venv/bin/pip install -q --upgrade pip setuptools wheel && \
+	  .venv/bin/pip install -q $(GPU_STACK) && \
+	  OPD_FAST_NO_CUDA=1 .venv/bin/pip install -q --no-build-isolation -e ".[test]" $(GPU_STACK) && \
+	  TORCH_EXTENSIONS_DIR=$$PWD/.cache/torch_extensions .venv/bin/python -m pytest -q -rs tests
