@@ -11,7 +11,7 @@
 #
 #   bench/gpu_all.sh                          # every stage, then the tables
 #   bench/gpu_all.sh kernels tests accuracy   # some stages; a plan for 10-minute calls: (kernels tests accuracy)
-#                                             # (round512) (round1024 engine profile)
+#                                             # (round512 profile) (round1024 engine), STAGE_S=280 on the last
 #
 # Runs from anywhere with python3 or $PYTHON (the machine's torch). Wheels the machine lacks (diffusers, deepspeed,
 # nvtx: make them with ../shared/tools/gpu-wheels.sh .whl) are installed from .whl/ when the imports fail. Logs and
