@@ -2,7 +2,7 @@
 
 Backends (`quantize_model(model, backend=...)`):
 - "torch": Fp8Linear, a thin module around torch._scaled_mm. Runs on sm_89+ GPUs, and on CPU (torch >= 2.13 runs
-  _scaled_mm with float8 operands there), so CI tests the same numerics the GPU runs.
+  _scaled_mm with float8 operands there; 2.11 with tensorwise scales only), so CI tests the numerics the GPU runs.
 - "te": Transformer Engine's te.Linear with FP8 weights, under TE's autocast (forward_context). Needs CUDA and the
   `transformer_engine` package; cannot be installed or tested without them.
 - "auto": "te" when transformer_engine imports and the model is on CUDA, else "torch".

@@ -13,8 +13,8 @@ from opd_fast import fp8  # after TRITON_INTERPRET is set
 
 # FP8 with rowwise scales on CPU tensors needs torch >= 2.13 (the pinned CPU build); on a GPU machine's older torch
 # the CPU-side rowwise tests skip, and the CUDA ones run.
-needs_cpu_rowwise = pytest.mark.skipif(not fp8.scaling_supported("rowwise", "cpu")[0],
-                                       reason=fp8.scaling_supported("rowwise", "cpu")[1])
+_CPU_ROWWISE, _WHY_NOT = fp8.scaling_supported("rowwise", "cpu")
+needs_cpu_rowwise = pytest.mark.skipif(not _CPU_ROWWISE, reason=_WHY_NOT)
 
 # Tiny models are dispatch-bound: one intra-op thread is faster on a 2-core machine and immune to a busy neighbour.
 torch.set_num_threads(1)
