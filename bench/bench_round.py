@@ -14,9 +14,10 @@ random LoRA teachers (peft layout, official targets) written to a scratch folder
                code: set_adapter(teacher) / forward / set_adapter(student)), loss.backend reference
     one_pass   + one-pass rollout-train          fused    + fused opd_step (loss.backend auto)
     merged     + frozen merged teacher copies     fp8      + FP8 teachers (opd_fast.fp8, backend auto, rowwise)
-    side       + teacher on a side CUDA stream    cudnn    + cuDNN attention first in SDPA's priority
+    side       + teacher on a side CUDA stream    cudnn    + model.attention cudnn (cuDNN first in SDPA's order)
     compile    + torch.compile of every transformer block (student and teachers)
     adapter    alternative to merged at the fp8+side state: one shared FP8 base + unmerged LoRA adapters
+    flash      alternative to cudnn: model.attention flash (the flash-attn package, where it imports)
 
 Reported per variant, from the fastest of its timed rounds: images/s (tasks x prompts per round / round time),
 seconds per phase (opd_fast.profiling PhaseTimer: CUDA events on the stream running the phase, so side-stream
@@ -34,7 +35,6 @@ each runtime mode is printed from the architecture's shapes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp8_accuracy import build_random_transformer
 
 import opd_fast.trainer as trainer_module
+from opd_fast import attention
 from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
 from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, latent_shape, preset_arch, velocity
 from opd_fast.profiling import PHASES, PhaseTimer
@@ -72,7 +73,8 @@ LADDER = [
     ("cudnn", "+ cuDNN attention", {"attention": "cudnn"}),
     ("compile", "+ torch.compile", {"compile": True}),
 ]
-ALTERNATIVES = [("adapter", "alt: adapter-mode FP8 teachers (at side)", "side", {"teachers": "adapter"})]
+ALTERNATIVES = [("adapter", "alt: adapter-mode FP8 teachers (at side)", "side", {"teachers": "adapter"}),
+                ("flash", "alt: flash-attn attention (at cudnn)", "cudnn", {"attention": "flash"})]
 CUDA_ONLY = {"side": "no CUDA stream on CPU (runs serially: same as the row above)",
              "cudnn": "cuDNN attention is a CUDA backend"}  # fmt: skip
 
@@ -122,7 +124,8 @@ def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompt
 def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
     large = not args.preset.startswith("tiny")
     return config_from_dict({
-        "model": {"family": PRESETS[args.preset][0], "preset": args.preset, "dtype": args.dtype},
+        "model": {"family": PRESETS[args.preset][0], "preset": args.preset, "dtype": args.dtype,
+                  "attention": state["attention"]},
         "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
         "tasks": tasks,
         "teacher_runtime": {"precision": state["precision"], "stream": state["stream"],
@@ -155,15 +158,6 @@ def build_trainer(args, tasks, state, scratch: Path, index: int, pristine) -> tr
             for block in model.transformer_blocks:
                 block.compile()
     return trainer
-
-
-def attention_context(state):
-    if state["attention"] != "cudnn":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,18 +207,17 @@ def count_round_flops(trainer) -> float:
     return total * cfg.train.micro_batches_per_task
 
 
-def timed_round(trainer, state, args) -> tuple[float, dict[str, float]]:
+def timed_round(trainer, args) -> tuple[float, dict[str, float]]:
     """Wall seconds of one round (device synchronised before and after) and its seconds per phase. The loss of
     the trainer's first round (round 0: the same student, prompts and noise in every variant) is kept in
     trainer.round0_loss."""
-    with attention_context(state):
-        trainer.phase_timer.read()
-        sync(args.device)
-        t0 = time.perf_counter()
-        first = trainer.round == 0
-        result = trainer.train_round()
-        sync(args.device)
-        seconds = time.perf_counter() - t0
+    trainer.phase_timer.read()
+    sync(args.device)
+    t0 = time.perf_counter()
+    first = trainer.round == 0
+    result = trainer.train_round()
+    sync(args.device)
+    seconds = time.perf_counter() - t0
     if first:
         trainer.round0_loss = result.loss
     return seconds, trainer.phase_timer.read()
@@ -245,11 +238,11 @@ def capture_round0_gradient(trainer) -> None:
     engine.step = first_step
 
 
-def warm_up(trainer, state, args) -> None:
+def warm_up(trainer, args) -> None:
     capture_round0_gradient(trainer)
     trainer.phase_timer = PhaseTimer(args.device)
     for _ in range(args.warmup):
-        timed_round(trainer, state, args)
+        timed_round(trainer, args)
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -407,6 +400,9 @@ def main(argv=None) -> int:
             if not cuda and key in CUDA_ONLY:
                 results[label] = {"skipped": f"skipped: {CUDA_ONLY[key]}"}
                 continue
+            if key == "flash" and not attention.flash_available()[0]:
+                results[label] = {"skipped": f"skipped: {attention.flash_available()[1]}"}
+                continue
             if key == "compile" and not (cuda or args.compile):
                 results[label] = {"skipped": "skipped on CPU (pass --compile)"}
                 continue
@@ -415,11 +411,11 @@ def main(argv=None) -> int:
                 trainer = build_trainer(args, tasks, state, scratch, index, pristine)
                 if flops is None:
                     flops = count_round_flops(trainer)
-                warm_up(trainer, state, args)
+                warm_up(trainer, args)
                 if interleave:
                     live[key] = (label, trainer, state, [])
                     continue
-                rounds = [timed_round(trainer, state, args) for _ in range(args.rounds)]
+                rounds = [timed_round(trainer, args) for _ in range(args.rounds)]
                 if key == "official":
                     reference_grad = trainer.round0_grad
                 results[label] = summarize(trainer, rounds, args, state, reference_grad)
@@ -430,7 +426,7 @@ def main(argv=None) -> int:
             print(f"{label}: {results[label]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         for _ in range(args.rounds):
             for _, trainer, state, rounds in live.values():
-                rounds.append(timed_round(trainer, state, args))
+                rounds.append(timed_round(trainer, args))
         if "official" in live:
             reference_grad = live["official"][1].round0_grad
         for label, trainer, state, rounds in live.values():

@@ -2,7 +2,7 @@
 # Every GPU check of the project in one script, for a CUDA machine (H100/H200), in stages:
 #
 #   kernels    bench/gpu_check.py: build the extensions, CUDA/Triton kernel tests, copy-bandwidth ceiling, kernel table
-#   tests      the teacher-runtime tests that skip on CPU (side stream == serial, no host sync, FP8 on CUDA, TE)
+#   tests      the CUDA tests of teachers and attention (side stream == serial, no host sync, FP8, TE, cuDNN/flash)
 #   accuracy   FP8 vs bf16 vs fp32 teacher velocity at SD3.5-M (512, 1024 px) and FLUX.1 (random weights)
 #   round512   the round ladder at SD3.5-M 512 px: images/s, phases, memory, MFU, loss / gradient verdict (>= 2x)
 #   round1024  the same at 1024 px (the ladder without torch.compile, for time)
@@ -81,7 +81,8 @@ for stage in "${stages[@]}"; do
     kernels)
       run $PY bench/gpu_check.py --out "$LOGS/kernels" 2>&1 | tee "$LOGS/kernels.log" ;;
     tests)
-      run $PY -m pytest -q -rs tests/test_fp8.py tests/test_teacher_runtime.py 2>&1 | tee "$LOGS/tests.log" ;;
+      run $PY -m pytest -q -rs tests/test_fp8.py tests/test_teacher_runtime.py tests/test_attention.py 2>&1 |
+        tee "$LOGS/tests.log" ;;
     accuracy)
       run $PY bench/fp8_accuracy.py --preset sd3.5-medium --device cuda --resolution 512 --per-layer \
         --json "$LOGS/fp8_sd35m.json" 2>&1 | tee "$LOGS/fp8_sd35m.log"

@@ -33,6 +33,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0  # init of a preset's random weights
     gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "cudnn", "flash"] = "sdpa"  # the attention kernel (opd_fast.attention), all models
 
 
 @dataclass(kw_only=True)

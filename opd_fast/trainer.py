@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import distributed, ops
+from opd_fast import attention, distributed, ops
 from opd_fast.checkpoint import (
     export_diffusers_lora,
     flatten_optimizer_state,
@@ -108,6 +108,7 @@ class Trainer:
         self._check_output_dir(resume)
         self.dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
 
+        attention.check(cfg.model.attention)  # before the models load: they take minutes at full size
         base = load_transformer(cfg.model).to(self.device)
         # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
         # made before the student gets its adapter.
@@ -117,6 +118,8 @@ class Trainer:
         self.teacher_runner = TeacherRunner(cfg.model.family, self.device, cfg.teacher_runtime.stream, self._phase)
         self._sigma_table: torch.Tensor | None = None
         self.student = base
+        for model in {id(m): m for m in [base] + [t.model for t in self.teachers.values()]}.values():
+            attention.use_backend(model, cfg.model.attention)
         with torch.random.fork_rng(devices=[]):  # peft draws the adapter init from the global RNG
             torch.manual_seed(cfg.train.seed)
             self.peft_config = add_student_lora(self.student, cfg.student.lora)
