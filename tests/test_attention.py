@@ -98,25 +98,18 @@ def test_an_attention_backend_that_cannot_run_is_a_config_error(tiny_config):
         attention.check("flash")
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FLASH = attention.flash_available()
 
 
-@needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cudnn", pytest.param("flash", marks=pytest.mark.skipif(
+    not FLASH[0], reason=f"flash-attn: {FLASH[1]}"))])  # fmt: skip
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cudnn_attention_on_cuda_matches_sdpa(family):
+def test_attention_backend_on_cuda_matches_sdpa(backend, family):
     model = tiny(family, device="cuda")
     ref_v, ref_grad = forward_and_grad(model, family, "cuda")
-    attention.use_backend(model, "cudnn")
+    attention.use_backend(model, backend)
     v, grad = forward_and_grad(model, family, "cuda")
-    assert rel(v, ref_v) < 1e-2 and rel(grad, ref_grad) < 2e-2
-
-
-@pytest.mark.skipif(not attention.flash_available()[0], reason=f"flash-attn: {attention.flash_available()[1]}")
-@pytest.mark.parametrize("family", FAMILIES)
-def test_flash_attn_on_cuda_matches_sdpa(family):
-    model = tiny(family, device="cuda")
-    ref_v, ref_grad = forward_and_grad(model, family, "cuda")
-    attention.use_backend(model, "flash")
-    v, grad = forward_and_grad(model, family, "cuda")
-    assert model._opd_flash.calls == 2
+    if backend == "flash":
+        assert model._opd_flash.calls == 2
     assert rel(v, ref_v) < 1e-2 and rel(grad, ref_grad) < 2e-2
