@@ -1,8 +1,8 @@
 """Which kernel runs the attention of the diffusers transformers (`model.attention`).
 
 Both families end in torch's scaled_dot_product_attention: SD3's JointAttnProcessor2_0 calls it directly, FLUX's
-processor through diffusers' dispatcher (its "native" backend). So one mechanism serves both: forward hooks on every
-attention module enter a context for the module's call, and only there:
+processor through diffusers' dispatcher (its "native" backend). So one mechanism serves both: every attention module's
+forward runs inside a context, and only there:
 
 - "sdpa": nothing; torch picks its backend (on Hopper: flash or memory-efficient).
 - "cudnn": torch's SDPA with cuDNN attention first in the priority order (then flash, efficient, math); whether it
@@ -12,13 +12,14 @@ attention module enter a context for the module's call, and only there:
   any other call runs torch's SDPA unchanged.
 
 The backward of each is its own kernel's (the cuDNN and flash-attn ops carry theirs), and gradient checkpointing's
-recompute calls the modules again, so it runs under the same hooks.
+recompute calls the modules again, so it runs under the same context.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +110,15 @@ def check(backend: str) -> None:
             raise AttentionUnavailable(f"model.attention flash: {why}; use sdpa or cudnn")
 
 
+def _routed_forward(self, *args, **kwargs):
+    """An attention module's forward under its backend: a `with` statement, which torch.compile traces (manual
+    __enter__/__exit__ in forward hooks break its graph)."""
+    with backend_context(self._opd_attention, self._opd_flash):
+        return self._opd_class_forward(self, *args, **kwargs)
+
+
 def use_backend(model: torch.nn.Module, backend: str, flash_kernel=None) -> int:
-    """Run every attention module of `model` under `backend` from now on; returns how many modules got hooks.
+    """Run every attention module of `model` under `backend` from now on; returns how many modules were set.
     "sdpa" changes nothing. A model already set (e.g. a teacher deep-copied from a set base) is left as it is.
     `flash_kernel` replaces flash_attn_func (tests run the routing on CPU with a reference kernel)."""
     if backend not in BACKENDS:
@@ -122,18 +130,9 @@ def use_backend(model: torch.nn.Module, backend: str, flash_kernel=None) -> int:
     flash = FlashSDPA(flash_kernel, cuda_only=flash_kernel is None) if backend == "flash" else None
     modules = _attention_modules(model)
     for module in modules:
-        state = {}
-
-        def enter(mod, args, state=state):
-            state["ctx"] = backend_context(backend, flash)
-            state["ctx"].__enter__()
-
-        def leave(mod, args, output, state=state):
-            state.pop("ctx").__exit__(None, None, None)
-
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave, always_call=True)
-    model._opd_attention = backend
-    model._opd_flash = flash
+        module._opd_attention, module._opd_flash = backend, flash
+        module._opd_class_forward = type(module).forward  # a plain function (torch.compile traces a call of it)
+        module.forward = types.MethodType(_routed_forward, module)  # a bound method: deepcopy rebinds it
+    model._opd_attention, model._opd_flash = backend, flash
     log.info("attention: %s in %d modules", backend, len(modules))
     return len(modules)

@@ -65,6 +65,21 @@ def test_flash_routing_covers_the_gradient_checkpointing_recompute():
     assert rel(v, ref_v) < 1e-2 and rel(grad, ref_grad) < 2e-2
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_torch_compile_traces_the_routed_attention_in_one_graph(backend):
+    # bench_round's compile row compiles every block with the backend set: a graph break per attention call would
+    # cost what compiling buys. fullgraph=True fails on any break.
+    model = tiny("sd3", torch.bfloat16)
+    attention.use_backend(model, backend, flash_kernel=sdpa_bshd if backend == "flash" else None)
+    attn = model.transformer_blocks[0].attn
+    hidden, context = torch.randn(2, 16, 32, dtype=torch.bfloat16), torch.randn(2, 16, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = attn(hidden, encoder_hidden_states=context)
+        out = torch.compile(attn, fullgraph=True)(hidden, encoder_hidden_states=context)
+    for a, b in zip(out, ref):
+        assert rel(a.float(), b.float()) < 1e-2
+
+
 def test_flash_routing_leaves_other_calls_to_torch():
     mode = attention.FlashSDPA(kernel=sdpa_bshd, cuda_only=False)
     q = torch.randn(2, 3, 5, 8)
