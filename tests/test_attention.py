@@ -2,6 +2,8 @@
 keeps the model's output and gradient (on CPU through a reference kernel in flash_attn_func's layout), cuDNN and
 flash-attn against torch's SDPA on a GPU, and a backend that cannot run is a config error before any model loads."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,8 @@ def test_cudnn_backend_hooks_every_model_of_the_trainer(tiny_trainer):
     trainer = tiny_trainer(**{"model.attention": "cudnn"})
     models = [trainer.student] + [t.model for t in trainer.teachers.values()]
     assert all(m._opd_attention == "cudnn" for m in models)
+    copied = copy.deepcopy(trainer.student).transformer_blocks[0].attn
+    assert copied.forward.__self__ is copied and copied._opd_attention == "cudnn"  # runs the copy's weights
     # on a CPU the priority list falls through to torch's CPU kernels: same result as plain SDPA
     model = tiny("sd3", torch.float32)
     ref_v, ref_grad = forward_and_grad(model, "sd3")
