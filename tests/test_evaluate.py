@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 
 import numpy as np
@@ -305,12 +306,20 @@ def run_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_sample_and_eval_commands(world, tmp_path, capsys):
+def test_sample_and_eval_commands(world, tmp_path, capsys, caplog):
     run, clip = world["run"], world["clip"]
     for model in ("student", "base"):
         assert run_cli(["sample", "--run", str(run), "--model", model, "--task", "pick", "--out",
                         str(tmp_path / model), "--limit", "2", "--num-steps", "2", "--batch-size", "2"]) == 0
     assert sorted(p.name for p in (tmp_path / "student" / "images").iterdir()) == ["00000.png", "00001.png"]
+    # model.attention reaches the pipeline's transformer; on a CPU cuDNN's priority list falls through to the kernel
+    # torch picks anyway, so the images are the same bytes
+    caplog.set_level(logging.INFO, logger="opd_fast.attention")
+    assert run_cli(["sample", "--run", str(run), "--model", "base", "--task", "pick", "--out", str(tmp_path / "cudnn"),
+                    "--limit", "2", "--num-steps", "2", "--batch-size", "2", "--set", "model.attention=cudnn"]) == 0
+    assert any(r.name == "opd_fast.attention" and "cudnn" in r.getMessage() for r in caplog.records)
+    for name in ("00000.png", "00001.png"):
+        assert (tmp_path / "cudnn" / "images" / name).read_bytes() == (tmp_path / "base" / "images" / name).read_bytes()
 
     torch.save({"layers.0.weight": torch.randn(1, 16), "layers.0.bias": torch.zeros(1)}, tmp_path / "head.pth")
     (tmp_path / "rewards.yaml").write_text(json.dumps({"rewards": {

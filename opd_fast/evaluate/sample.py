@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opd_fast import attention
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.prompts import PromptSet
 from opd_fast.text_encoders import DTYPES, PipelineTextEncoder, check_pipeline_folder, pipeline_class
@@ -111,6 +112,7 @@ def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings:
     if cfg.model.path is None:
         raise ConfigError("sample: needs model.path, a local diffusers pipeline folder (its VAE decodes the images)")
     folder = check_pipeline_folder(cfg.model.path, cfg.model.family)
+    attention.check(cfg.model.attention)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.model.dtype]
     out_dir = Path(out_dir)
@@ -124,6 +126,7 @@ def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings:
         local_files_only=True, **({"text_encoder_3": None, "tokenizer_3": None} if cfg.model.family == "sd3" else {}),
     )  # fmt: skip
     weights, own_guidance = load_model_into(pipe, cfg, settings.model, run_dir)
+    attention.use_backend(pipe.transformer, cfg.model.attention)
     guidance = settings.guidance if settings.guidance is not None else own_guidance
     guidance = 1.0 if guidance is None else guidance  # no CFG (SD3), or guidance embedding 1.0 (FLUX)
     pipe.to(device)
