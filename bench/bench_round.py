@@ -386,6 +386,10 @@ def main(argv=None) -> int:
     # CPU, tiny: every variant's trainer is built first and their timed rounds interleave, so load from other
     # processes hits all variants alike. CUDA, or a large preset: one variant at a time (one set of models in memory).
     interleave = not cuda and not large
+    unavailable = {} if cuda else dict(CUDA_ONLY)  # variant -> why it cannot run here
+    flash_ok, flash_why = attention.flash_available()
+    if not flash_ok:
+        unavailable["flash"] = flash_why
     with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
         scratch = Path(tmp)
         tasks = write_world(scratch / "world", pristine, rank=32 if large else 4, alpha=64 if large else 8,
@@ -397,11 +401,8 @@ def main(argv=None) -> int:
             states[key] = state
             if key not in wanted:
                 continue
-            if not cuda and key in CUDA_ONLY:
-                results[label] = {"skipped": f"skipped: {CUDA_ONLY[key]}"}
-                continue
-            if key == "flash" and not attention.flash_available()[0]:
-                results[label] = {"skipped": f"skipped: {attention.flash_available()[1]}"}
+            if key in unavailable:
+                results[label] = {"skipped": f"skipped: {unavailable[key]}"}
                 continue
             if key == "compile" and not (cuda or args.compile):
                 results[label] = {"skipped": "skipped on CPU (pass --compile)"}
