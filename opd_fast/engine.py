@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -277,6 +278,9 @@ class DeepSpeedEngine:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-step INFO lines would flood the log
+        # ZeRO calls torch.distributed.all_gather_into_tensor / reduce_scatter_tensor, which torch now deprecates: under
+        # torchrun that printed ~10 FutureWarnings per round (42 in a 4-round tiny run), none a user can act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.model = model
         self.rank, self.world_size = info.rank, info.world_size
         self.names, self._trainable = _trainable(model)

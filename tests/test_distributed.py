@@ -16,15 +16,18 @@ agree to ~1e-6 of their scale: atol 1e-5 with rtol 1e-4 leaves margin and is sti
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import sd3_pipeline_output, tiny_sd3_inputs
-from dist_launch import ROOT, logs, start, wait
+from dist_launch import ROOT, free_port, logs, start, wait
 from dist_worker import discard_rounds
 from safetensors.torch import load_file
 
@@ -203,6 +206,43 @@ def test_zero3_export_loads_like_the_single_process_one(runs, single, tmp_path):
     with torch.no_grad():
         plain = SD3Transformer2DModel.from_pretrained(tmp_path / "base")(**inputs).sample
     assert (ours - plain).abs().max() > 1e-4  # the exported LoRA is not a no-op
+
+
+# -- the real launchers, two "nodes" on this machine ------------------------------------------------------------------
+def launcher_command(launcher: str, node: int, port: int, hostfile: Path) -> list[str]:
+    """The README's multi-node commands, one node each (1 process per node), the nodes being two processes here."""
+    if launcher == "torchrun":
+        return ["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "opd", "-m", "opd_fast.cli"]
+    return ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "opd_fast.cli"]  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_multi_node_launch_trains_like_one_process(single, tmp_path, launcher):
+    """torchrun with a c10d rendezvous, and the deepspeed launcher reading a hostfile (--no_ssh: each node starts its
+    own; pdsh would start the same command over ssh): every rank has LOCAL_RANK 0, so anything keyed on the local rank
+    instead of the global one (who writes, who logs, which prompts) would show here."""
+    out, hostfile, port = tmp_path / "run", tmp_path / "hostfile", free_port()
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    args = ["train", str(CONFIG), "--out", str(out)]
+    for kv in COMMON + ZERO3 + [f"train.rounds={ROUNDS}"]:
+        args += ["--set", kv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in range(WORLD):
+        with open(tmp_path / f"rank{node}.err", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, *launcher_command(launcher, node, port, hostfile), *args],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    assert wait(procs, timeout=600) == [0] * WORLD, logs(tmp_path)
+    for node in range(WORLD):
+        log = (tmp_path / f"rank{node}.err").read_text()
+        assert f"rank {node} of 2 (local rank 0)" in log
+        assert "`torch.distributed." not in log  # ZeRO's deprecated-collective FutureWarnings are filtered
+    for part in ("student", "optimizer", "ema"):
+        assert_same_tensors(checkpoint(out, ROUNDS, part), checkpoint(single["lora"], ROUNDS, part))
+    assert len(losses(out)) == ROUNDS  # one writer of the metrics, not one per node
+    torch.testing.assert_close(losses(out), losses(single["lora"]), rtol=1e-5, atol=0)
 
 
 # -- failure --------------------------------------------------------------------------------------------------------
