@@ -92,11 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from opd_fast.config import ConfigError
+    from opd_fast.distributed import slurm_launch_env
     from opd_fast.prompts import PromptError
     from opd_fast.safeio import UnsafeFileError
     from opd_fast.teachers import TeacherError
     from opd_fast.trainer import OutputDirError, TrainingError
 
+    try:
+        os.environ.update(slurm_launch_env())  # ranks srun started itself: torchrun's variables, from srun's
+    except ConfigError as e:
+        print(f"opd-fast: error: {e}", file=sys.stderr)
+        return 2
     local_rank = None if args.local_rank is None else str(args.local_rank)
     if local_rank is not None and os.environ.setdefault("LOCAL_RANK", local_rank) != local_rank:
         print(f"opd-fast: error: --local_rank={local_rank} but LOCAL_RANK={os.environ['LOCAL_RANK']}", file=sys.stderr)

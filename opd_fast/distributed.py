@@ -1,7 +1,8 @@
 """Process groups for the multi-process engines: joined from the launcher's environment, with a bounded timeout.
 
 torchrun and the deepspeed launcher both export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (the
-deepspeed launcher also passes --local_rank=N, which opd_fast.cli checks against LOCAL_RANK). The backend follows the
+deepspeed launcher also passes --local_rank=N, which opd_fast.cli checks against LOCAL_RANK); for ranks that SLURM's
+srun started directly, opd_fast.cli exports the same from srun's variables (`slurm_launch_env`). The backend follows the
 device: NCCL for cuda:LOCAL_RANK, gloo on CPU. Every collective gets engine.timeout_s, so a rank that died or hangs
 makes the others fail instead of waiting forever: gloo raises at once on a closed connection and after the timeout
 on a silent peer; NCCL's watchdog aborts the process after the timeout. `fail()` turns such an error into one clear
@@ -14,6 +15,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -48,6 +50,51 @@ class DistInfo:
             dist.barrier()
 
 
+def slurm_launch_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """What torchrun would export, for ranks that srun started itself (`srun -N 2 --ntasks-per-node 8 python -m
+    opd_fast.cli train ...`): rank SLURM_PROCID of SLURM_STEP_NUM_TASKS, local rank SLURM_LOCALID, the master on the
+    step's first node at port 20000 + SLURM_JOB_ID % 20000 (MASTER_ADDR / MASTER_PORT, where set, win). Empty where
+    a launcher already set RANK (torchrun inside srun), outside an srun step, or for a step of one task."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS")
+    if "RANK" in environ or tasks is None or tasks.strip() == "1":
+        return {}
+    missing = [v for v in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST") if not environ.get(v)]
+    if missing:
+        raise ConfigError(f"launcher environment: srun started SLURM_STEP_NUM_TASKS={tasks} tasks but "
+                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set")
+    try:
+        port = environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    except ValueError:
+        raise ConfigError(f"launcher environment: SLURM_JOB_ID={environ['SLURM_JOB_ID']!r} is not an integer; "
+                          "set MASTER_PORT") from None
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": environ["SLURM_LOCALID"],
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(environ["SLURM_STEP_NODELIST"]),
+            "MASTER_PORT": port}  # fmt: skip
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu-[007-010,12],login1" -> "gpu-007", "rack[2-3]-n[01-04]" ->
+    "rack2-n01" (what `scontrol show hostnames` would list first)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+
+
+def cuda_device_index(local_rank: int, count: int) -> int:
+    """This rank's GPU: cuda:LOCAL_RANK, or the only GPU a rank sees when the scheduler gave each task its own
+    (srun --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task)."""
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise ConfigError(f"launcher environment: LOCAL_RANK={local_rank} but this process sees {count} GPUs "
+                      "(CUDA_VISIBLE_DEVICES); start at most one rank per visible GPU")
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as the launcher exported them; (0, 1, 0) for a plain `python` start."""
     try:
@@ -77,7 +124,7 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
     if device is not None:
         dev = torch.device(device)
     elif torch.cuda.is_available():
-        dev = torch.device("cuda", local)
+        dev = torch.device("cuda", cuda_device_index(local, torch.cuda.device_count()))
     else:
         dev = torch.device("cpu")
     if dev.type == "cuda":

@@ -32,6 +32,7 @@ from dist_worker import discard_rounds
 from safetensors.torch import load_file
 
 from opd_fast.config import ConfigError, load_config
+from opd_fast.distributed import cuda_device_index, first_host, slurm_launch_env
 from opd_fast.trainer import Trainer
 
 pytest.importorskip("deepspeed")
@@ -209,31 +210,43 @@ def test_zero3_export_loads_like_the_single_process_one(runs, single, tmp_path):
 
 
 # -- the real launchers, two "nodes" on this machine ------------------------------------------------------------------
-def launcher_command(launcher: str, node: int, port: int, hostfile: Path) -> list[str]:
-    """The README's multi-node commands, one node each (1 process per node), the nodes being two processes here."""
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_command(launcher: str, node: int, port: int, hostfile: Path) -> tuple[list[str], dict[str, str]]:
+    """The README's multi-node commands, one node each (1 process per node), the nodes being two processes here:
+    (python arguments, environment). srun is not installed here: its rank is started with the variables srun gives
+    a task (SLURM_PROCID etc.), port chosen by the job id."""
     if launcher == "torchrun":
         return ["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "opd", "-m", "opd_fast.cli"]
-    return ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-            "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "opd_fast.cli"]  # fmt: skip
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "opd",
+                "-m", "opd_fast.cli"], {}  # fmt: skip
+    if launcher == "deepspeed":
+        return ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "opd_fast.cli"], {}  # fmt: skip
+    assert port >= 20000  # SLURM_JOB_ID below gives it
+    return ["-m", "opd_fast.cli"], {"SLURM_JOB_ID": str(port - 20000), "SLURM_STEP_NUM_TASKS": str(WORLD),
+                                    "SLURM_PROCID": str(node), "SLURM_LOCALID": "0",
+                                    "SLURM_STEP_NODELIST": "localhost,otherhost"}  # fmt: skip
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "srun"])
 def test_multi_node_launch_trains_like_one_process(single, tmp_path, launcher):
-    """torchrun with a c10d rendezvous, and the deepspeed launcher reading a hostfile (--no_ssh: each node starts its
-    own; pdsh would start the same command over ssh): every rank has LOCAL_RANK 0, so anything keyed on the local rank
-    instead of the global one (who writes, who logs, which prompts) would show here."""
+    """torchrun with a c10d rendezvous, the deepspeed launcher reading a hostfile (--no_ssh: each node starts its
+    own; pdsh would start the same command over ssh), and srun starting the ranks itself: every rank has LOCAL_RANK 0,
+    so anything keyed on the local rank instead of the global one (who writes, who logs, which prompts) shows here."""
     out, hostfile, port = tmp_path / "run", tmp_path / "hostfile", free_port()
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     args = ["train", str(CONFIG), "--out", str(out)]
     for kv in COMMON + ZERO3 + [f"train.rounds={ROUNDS}"]:
         args += ["--set", kv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     procs = []
     for node in range(WORLD):
+        command, extra = launcher_command(launcher, node, port, hostfile)
         with open(tmp_path / f"rank{node}.err", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, *launcher_command(launcher, node, port, hostfile), *args],
-                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT, env={**env, **extra, "OMP_NUM_THREADS": "1"}))
     assert wait(procs, timeout=600) == [0] * WORLD, logs(tmp_path)
     for node in range(WORLD):
         log = (tmp_path / f"rank{node}.err").read_text()
@@ -243,6 +256,32 @@ def test_multi_node_launch_trains_like_one_process(single, tmp_path, launcher):
         assert_same_tensors(checkpoint(out, ROUNDS, part), checkpoint(single["lora"], ROUNDS, part))
     assert len(losses(out)) == ROUNDS  # one writer of the metrics, not one per node
     torch.testing.assert_close(losses(out), losses(single["lora"]), rtol=1e-5, atol=0)
+
+
+def test_srun_variables_become_the_launcher_environment():
+    srun = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_NODELIST": "gpu-[007-008]"}  # fmt: skip
+    assert slurm_launch_env(srun) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-007",
+                                      "MASTER_PORT": "24242"}  # fmt: skip
+    mine = slurm_launch_env({**srun, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"})
+    assert (mine["MASTER_ADDR"], mine["MASTER_PORT"]) == ("10.0.0.5", "29500")
+    assert slurm_launch_env({**srun, "RANK": "3"}) == {}  # torchrun inside srun: torchrun's variables stand
+    assert slurm_launch_env({**srun, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # one task: a plain process
+    assert slurm_launch_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == {}  # the batch script, not an srun step
+    with pytest.raises(ConfigError, match="SLURM_STEP_NUM_TASKS=16 tasks but SLURM_LOCALID is not set"):
+        slurm_launch_env({k: v for k, v in srun.items() if k != "SLURM_LOCALID"})
+    with pytest.raises(ConfigError, match="SLURM_JOB_ID='x' is not an integer; set MASTER_PORT"):
+        slurm_launch_env({**srun, "SLURM_JOB_ID": "x"})
+    hostlists = {"gpu-[007-010,12],login1": "gpu-007", "rack[2-3]-n[01-04]": "rack2-n01", "a[1,3]": "a1",
+                 "node1,node2": "node1", "localhost": "localhost"}  # fmt: skip
+    assert {h: first_host(h) for h in hostlists} == hostlists
+
+
+def test_each_rank_gets_its_gpu():
+    assert [cuda_device_index(r, 8) for r in range(8)] == list(range(8))
+    assert cuda_device_index(5, 1) == 0  # srun --gpus-per-task=1: each task sees only its own GPU
+    with pytest.raises(ConfigError, match="LOCAL_RANK=4 but this process sees 2 GPUs"):
+        cuda_device_index(4, 2)
 
 
 # -- failure --------------------------------------------------------------------------------------------------------
