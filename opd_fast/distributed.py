@@ -95,6 +95,21 @@ def cuda_device_index(local_rank: int, count: int) -> int:
                       "(CUDA_VISIBLE_DEVICES); start at most one rank per visible GPU")
 
 
+def shared_store_restart_hazard(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """A warning when torchrun may restart the ranks (--max-restarts > 0) while they share its rendezvous store: the
+    failed attempt's keys stay in that store, so a restarted group can read a dead rank's address and hang forming
+    a process group (pytorch/pytorch#135712; seen here in 1 of 3 gloo restarts, and in a ZeRO-3 run)."""
+    try:
+        restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return None
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max-restarts {restarts} with its shared rendezvous store: a restarted group can hang "
+                "on the failed attempt's keys (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "before torchrun so that every attempt gets a store of its own")
+    return None
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as the launcher exported them; (0, 1, 0) for a plain `python` start."""
     try:
@@ -152,6 +167,9 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
                                    f"{cfg.timeout_s}s ({_first_line(e)})") from e
     log.info("rank %d of %d (local rank %d) on %s, %s, collective timeout %ds", rank, world, local, dev, backend,
              cfg.timeout_s)
+    hazard = shared_store_restart_hazard()
+    if hazard and rank == 0:
+        log.warning(hazard)
     return info
 
 

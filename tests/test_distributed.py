@@ -32,7 +32,7 @@ from dist_worker import discard_rounds
 from safetensors.torch import load_file
 
 from opd_fast.config import ConfigError, load_config
-from opd_fast.distributed import cuda_device_index, first_host, slurm_launch_env
+from opd_fast.distributed import cuda_device_index, first_host, shared_store_restart_hazard, slurm_launch_env
 from opd_fast.trainer import Trainer
 
 pytest.importorskip("deepspeed")
@@ -49,6 +49,7 @@ COMMON = [
 ZERO3 = ["engine.kind=deepspeed", "engine.zero_stage=3", "engine.persistence_threshold=0",
          "model.gradient_checkpointing=true"]  # fmt: skip
 FULL = ["student.lora.enabled=false", "train.schedule=two_pass"]  # two-pass: rollout forwards without grad, too
+RESTART_ROUNDS = 4  # the torchrun restart test: rank 1 is killed after round 2
 DISCARD = [1]  # rounds whose loss the DDP / LoRA-default jobs see as NaN: the round's gradients must be dropped
 # name -> overrides of a 2-rank job (each rank: 1 micro-batch of 2 prompts per task; global batch 4)
 JOBS = {
@@ -84,7 +85,8 @@ def single(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("single")
     out = {}
-    runs = {"lora": [f"train.rounds={ROUNDS}"], "lora_discard": ["train.rounds=3"], "full": FULL + ["train.rounds=1"]}
+    runs = {"lora": [f"train.rounds={ROUNDS}"], "lora_discard": ["train.rounds=3"], "full": FULL + ["train.rounds=1"],
+            "lora_restart": [f"train.rounds={RESTART_ROUNDS}"]}
     for name, extra in runs.items():
         cfg = load_config(CONFIG, COMMON + extra + ["train.micro_batches_per_task=2"])
         trainer = Trainer(cfg, root / name, device="cpu")
@@ -256,6 +258,66 @@ def test_multi_node_launch_trains_like_one_process(single, tmp_path, launcher):
         assert_same_tensors(checkpoint(out, ROUNDS, part), checkpoint(single["lora"], ROUNDS, part))
     assert len(losses(out)) == ROUNDS  # one writer of the metrics, not one per node
     torch.testing.assert_close(losses(out), losses(single["lora"]), rtol=1e-5, atol=0)
+
+
+def test_torchrun_restarts_a_failed_group_from_the_last_checkpoint(single, tmp_path):
+    """`torchrun --max-restarts 1 ... train --resume`: rank 1 is killed mid-run, torchrun stops rank 0 and starts
+    both again, and the run continues from its latest checkpoint to the weights of an uninterrupted run. With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as opd-fast's warning asks (otherwise this hung in 1 of 3 restarts)."""
+    out, log_file = tmp_path / "run", tmp_path / "torchrun.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               "--max-restarts", "1", "-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out), "--resume"]
+    for kv in COMMON + ZERO3 + [f"train.rounds={RESTART_ROUNDS}"]:
+        command += ["--set", kv]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    with open(log_file, "w") as log:
+        agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:  # round 2 done, 2 to go
+            assert time.monotonic() < deadline and agent.poll() is None, log_file.read_text()[-4000:]
+            time.sleep(0.1)
+        victim = [pid for pid in worker_pids(agent.pid) if worker_env(pid).get("RANK") == "1"]
+        assert len(victim) == 1, victim
+        os.kill(victim[0], signal.SIGKILL)
+        code = agent.wait(600)
+    finally:
+        agent.kill()
+        agent.wait()
+    text = log_file.read_text()
+    assert code == 0, text[-4000:]
+    assert re.search(r"resumed from .*step_0000000[12] at round [12]", text), text[-4000:]
+    for part in ("student", "optimizer", "ema"):
+        assert_same_tensors(checkpoint(out, RESTART_ROUNDS, part),
+                            checkpoint(single["lora_restart"], RESTART_ROUNDS, part))
+    torch.testing.assert_close(losses(out), losses(single["lora_restart"]), rtol=1e-5, atol=0)
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Children of a process, from /proc (field 4 of /proc/PID/stat is the parent)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def worker_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def test_torchrun_restarts_with_a_shared_store_are_warned_about():
+    hazard = shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in hazard and "--max-restarts 3" in hazard
+    assert shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}) is None
+    assert shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert shared_store_restart_hazard({}) is None
 
 
 def test_srun_variables_become_the_launcher_environment():
