@@ -35,7 +35,3 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
 
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -120,10 +120,6 @@ def add_student_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftLoraConfig
     return peft_config
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.requires_grad_(False)
     model.eval()

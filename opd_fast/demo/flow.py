@@ -20,7 +20,6 @@ from opd_fast.schedule import sigma_grid
 ARCH = dict(sample_size=16, patch_size=2, in_channels=3, out_channels=3, num_layers=3, attention_head_dim=16,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
             pos_embed_max_size=16)  # fmt: skip
-RESOLUTION = 128  # "pixels" as the trainer counts them: latent side = 128 // 8 = 16
 FAMILY = "sd3"
 
 
