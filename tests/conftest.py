@@ -34,6 +34,11 @@ def tiny_overrides(**extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def set_args(overrides: list[str]) -> list[str]:
+    """The CLI arguments of KEY=VALUE overrides: --set KEY=VALUE for each."""
+    return [arg for kv in overrides for arg in ("--set", kv)]
+
+
 @pytest.fixture
 def tiny_config():
     from opd_fast.config import load_config

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, set_args, tiny_overrides
 
 from opd_fast import checkpoint as ckpt
 from opd_fast.cli import main
@@ -96,7 +96,7 @@ def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    code, err = run_cli("train", TINY, "--out", str(other), *[arg for o in tiny_overrides() for arg in ("--set", o)],
+    code, err = run_cli("train", TINY, "--out", str(other), *set_args(tiny_overrides()),
                         capsys=capsys)
     assert code == 2 and "is not empty and holds no run.json" in err
     assert (other / "notes.txt").read_text() == "mine"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sd3_pipeline_output, tiny_sd3_inputs
+from conftest import sd3_pipeline_output, set_args, tiny_sd3_inputs
 from dist_launch import ROOT, free_port, logs, start, wait
 from dist_worker import discard_rounds
 from safetensors.torch import load_file
@@ -215,6 +215,12 @@ def test_zero3_export_loads_like_the_single_process_one(runs, single, tmp_path):
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables (the launcher under test sets them), one thread per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
 def launcher_command(launcher: str, node: int, port: int, hostfile: Path) -> tuple[list[str], dict[str, str]]:
     """The README's multi-node commands, one node each (1 process per node), the nodes being two processes here:
     (python arguments, environment). srun is not installed here: its rank is started with the variables srun gives
@@ -239,16 +245,13 @@ def test_multi_node_launch_trains_like_one_process(single, tmp_path, launcher):
     so anything keyed on the local rank instead of the global one (who writes, who logs, which prompts) shows here."""
     out, hostfile, port = tmp_path / "run", tmp_path / "hostfile", free_port()
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    args = ["train", str(CONFIG), "--out", str(out)]
-    for kv in COMMON + ZERO3 + [f"train.rounds={ROUNDS}"]:
-        args += ["--set", kv]
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    args = ["train", str(CONFIG), "--out", str(out), *set_args(COMMON + ZERO3 + [f"train.rounds={ROUNDS}"])]
     procs = []
     for node in range(WORLD):
         command, extra = launcher_command(launcher, node, port, hostfile)
         with open(tmp_path / f"rank{node}.err", "w") as log:
             procs.append(subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, stdout=log,
-                                          stderr=subprocess.STDOUT, env={**env, **extra, "OMP_NUM_THREADS": "1"}))
+                                          stderr=subprocess.STDOUT, env=launch_env(**extra)))
     assert wait(procs, timeout=600) == [0] * WORLD, logs(tmp_path)
     for node in range(WORLD):
         log = (tmp_path / f"rank{node}.err").read_text()
@@ -266,11 +269,9 @@ def test_torchrun_restarts_a_failed_group_from_the_last_checkpoint(single, tmp_p
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as opd-fast's warning asks (otherwise this hung in 1 of 3 restarts)."""
     out, log_file = tmp_path / "run", tmp_path / "torchrun.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "--max-restarts", "1", "-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out), "--resume"]
-    for kv in COMMON + ZERO3 + [f"train.rounds={RESTART_ROUNDS}"]:
-        command += ["--set", kv]
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+               "--max-restarts", "1", "-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out), "--resume",
+               *set_args(COMMON + ZERO3 + [f"train.rounds={RESTART_ROUNDS}"])]
+    env = launch_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     with open(log_file, "w") as log:
         agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -354,9 +355,8 @@ TIMEOUT_S = 20  # the hung case waits all of it; shorter risks a slow rank's sta
 def test_a_lost_rank_makes_the_other_exit_with_a_clear_error(tmp_path, how):
     """Rank 1 dies (or stops answering) mid-run: rank 0 exits non-zero with our message, within the timeout."""
     out = tmp_path / "run"
-    args = ["-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out)]
-    for kv in COMMON + ZERO3 + ["train.rounds=1000", "checkpoint.every=1000", f"engine.timeout_s={TIMEOUT_S}"]:
-        args += ["--set", kv]
+    args = ["-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out),
+            *set_args(COMMON + ZERO3 + ["train.rounds=1000", "checkpoint.every=1000", f"engine.timeout_s={TIMEOUT_S}"])]
     procs = start(args, WORLD, tmp_path / "logs")
     try:
         deadline = time.monotonic() + 600
