@@ -2,7 +2,8 @@
 
 torchrun and the deepspeed launcher both export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (the
 deepspeed launcher also passes --local_rank=N, which opd_fast.cli checks against LOCAL_RANK); for ranks that SLURM's
-srun started directly, opd_fast.cli exports the same from srun's variables (`slurm_launch_env`). The backend follows the
+srun started directly, `setup` (and opd_fast.cli, before it) exports the same from srun's variables
+(`slurm_launch_env`), so a script that builds a Trainer itself runs under srun as the CLI does. The backend follows the
 device: NCCL for cuda:LOCAL_RANK, gloo on CPU. Every collective gets engine.timeout_s, so a rank that died or hangs
 makes the others fail instead of waiting forever: gloo raises at once on a closed connection and after the timeout
 on a silent peer; NCCL's watchdog aborts the process after the timeout. `fail()` turns such an error into one clear
@@ -130,8 +131,9 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
     """Join the process group the environment describes (idempotent) and pick this rank's device.
 
     The single engine never forms a group. DeepSpeed needs one even for one process: a world of one is formed on an
-    in-process store, so no port is needed.
+    in-process store, so no port is needed. Ranks that srun started itself get torchrun's variables first.
     """
+    os.environ.update(slurm_launch_env())
     rank, world, local = launcher_env()
     if cfg.kind == "single" and world > 1:
         raise ConfigError(f"engine.kind: 'single' but the launcher started WORLD_SIZE={world} ranks; set "

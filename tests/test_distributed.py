@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ from dist_launch import ROOT, free_port, logs, start, wait
 from dist_worker import discard_rounds
 from safetensors.torch import load_file
 
-from opd_fast.config import ConfigError, load_config
+from opd_fast import distributed
+from opd_fast.config import ConfigError, EngineConfig, load_config
 from opd_fast.distributed import cuda_device_index, first_host, shared_store_restart_hazard, slurm_launch_env
 from opd_fast.trainer import Trainer
 
@@ -338,6 +340,19 @@ def test_srun_variables_become_the_launcher_environment():
     hostlists = {"gpu-[007-010,12],login1": "gpu-007", "rack[2-3]-n[01-04]": "rack2-n01", "a[1,3]": "a1",
                  "node1,node2": "node1", "localhost": "localhost"}  # fmt: skip
     assert {h: first_host(h) for h in hostlists} == hostlists
+
+
+def test_setup_adopts_srun_variables_without_the_cli():
+    """A script that builds the Trainer itself under srun: setup() reads srun's variables as the CLI does, so rank
+    1 of 2 is not taken for a lone process (here the single engine refuses the 2-rank world, naming it)."""
+    srun = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7",
+            "SLURM_STEP_NODELIST": "localhost"}  # fmt: skip
+    with mock.patch.dict(os.environ, srun):
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
+        with pytest.raises(ConfigError, match="engine.kind: 'single' but the launcher started WORLD_SIZE=2"):
+            distributed.setup(EngineConfig(kind="single"), "cpu")
+        assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["MASTER_PORT"]) == ("1", "1", "20007")
 
 
 def test_each_rank_gets_its_gpu():
