@@ -340,7 +340,7 @@ def verdict(results: dict, target: float = 2.0) -> str:
     """The issue's target: the fastest variant whose round-0 loss is within tolerance of the official-like one
     (LOSS_TOLERANCE: 1% with teachers at the model's precision, where only summation order and merged-vs-adapter
     rounding differ; 5% with FP8 teachers, whose velocity error (bench/fp8_accuracy.py) enters the squared mean
-    difference directly; for scale, tiny-sd3's bf16 round-0 loss is 10% off its fp32 one)."""
+    difference directly)."""
     base = results.get("official-like")
     if base is None or "round_s" not in base:
         return "target: not checked (the official-like variant did not run)"
@@ -357,6 +357,35 @@ def verdict(results: dict, target: float = 2.0) -> str:
             + (f"; loss outside tolerance: {', '.join(failed)}" if failed else ""))
 
 
+def ordered(results: dict) -> dict:
+    order = [label for _, label, *_ in LADDER + ALTERNATIVES]
+    return {label: results[label] for label in order if label in results}
+
+
+def write_report(args, results: dict, machine: str, interleave: bool, flops: float, ceiling: float,
+                 ceiling_what: str) -> str:
+    """The report (header, teacher memory, table, verdict) of the variants in `results`, written to --md and --json
+    where given; returned for printing."""
+    cuda = torch.device(args.device).type == "cuda"
+    blocks = f" ({args.layers} blocks)" if args.layers else ""
+    threads = f", {torch.get_num_threads()} thread(s)" if not cuda else ""
+    header = (f"{args.preset}{blocks} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, torch "
+              f"{torch.__version__}), {len(TASKS)} tasks x {args.prompts} prompts, 10 steps / 9 trained, fastest of "
+              f"{args.rounds} round(s) after {args.warmup} warm-up{', interleaved' if interleave else ''}{threads}")
+    ceiling_line = (f"ceiling: {ceiling / 1e12:.3f} TFLOP/s ({ceiling_what}); useful work per round: "
+                    f"{flops / 1e12:.4f} TFLOP (FlopCounterMode)")
+    memory = teacher_memory_by_mode(args.preset, args.layers, getattr(torch, args.dtype),
+                                    rank=4 if args.preset.startswith("tiny") else 32)  # fmt: skip
+    text = f"\n{header}\n{ceiling_line}\n\n{memory}\n\n{table(results, flops, ceiling)}\n\n{verdict(results)}"
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    if args.json:
+        report = {"preset": args.preset, "layers": args.layers, "resolution": args.resolution, "device": machine,
+                  "dtype": args.dtype, "ceiling_flops": ceiling, "round_flops": flops, "results": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny-sd3", choices=sorted(p for p in PRESETS if PRESETS[p][0] == "sd3"))
@@ -371,6 +400,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated keys (default: the whole ladder)")
     ap.add_argument("--compile", action="store_true", help="include torch.compile on CPU (always tried on CUDA)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None, help="also write the report here (rewritten after every variant)")
     args = ap.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     if not cuda:
@@ -386,6 +416,7 @@ def main(argv=None) -> int:
     # CPU, tiny: every variant's trainer is built first and their timed rounds interleave, so load from other
     # processes hits all variants alike. CUDA, or a large preset: one variant at a time (one set of models in memory).
     interleave = not cuda and not large
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU"
     unavailable = {} if cuda else dict(CUDA_ONLY)  # variant -> why it cannot run here
     flash_ok, flash_why = attention.flash_available()
     if not flash_ok:
@@ -425,6 +456,8 @@ def main(argv=None) -> int:
             trainer = None
             free(args.device)
             print(f"{label}: {results[label]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            if flops is not None and not interleave:  # a run cut short (a time limit) keeps the variants done
+                write_report(args, ordered(results), machine, interleave, flops, ceiling, ceiling_what)
         for _ in range(args.rounds):
             for _, trainer, state, rounds in live.values():
                 rounds.append(timed_round(trainer, args))
@@ -432,30 +465,11 @@ def main(argv=None) -> int:
             reference_grad = live["official"][1].round0_grad
         for label, trainer, state, rounds in live.values():
             results[label] = summarize(trainer, rounds, args, state, reference_grad)
-    order = [label for _, label, *_ in LADDER + ALTERNATIVES]
-    results = {label: results[label] for label in order if label in results}
-
-    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU"
     if flops is None:  # no variant got as far as a trainer
         print("no variant ran:\n" + "\n".join(f"  {label}: {r.get('skipped') or r.get('error')}"
                                                 for label, r in results.items()), file=sys.stderr)  # fmt: skip
         return 1
-    blocks = f" ({args.layers} blocks)" if args.layers else ""
-    print(f"\n{args.preset}{blocks} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, "
-          f"torch {torch.__version__}), "
-          f"{len(TASKS)} tasks x {args.prompts} prompts, 10 steps / 9 trained, fastest of {args.rounds} round(s) "
-          f"after {args.warmup} warm-up{', interleaved' if interleave else ''}"
-          f"{f', {torch.get_num_threads()} thread(s)' if not cuda else ''}")
-    print(f"ceiling: {ceiling / 1e12:.3f} TFLOP/s ({ceiling_what}); useful work per round: {flops / 1e12:.4f} TFLOP "
-          "(FlopCounterMode)\n")
-    print(teacher_memory_by_mode(args.preset, args.layers, getattr(torch, args.dtype),
-                                 rank=32 if large else 4) + "\n")  # fmt: skip
-    print(table(results, flops, ceiling))
-    print("\n" + verdict(results))
-    if args.json:
-        report = {"preset": args.preset, "layers": args.layers, "resolution": args.resolution, "device": machine,
-                  "dtype": args.dtype, "ceiling_flops": ceiling, "round_flops": flops, "results": results}
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(write_report(args, ordered(results), machine, interleave, flops, ceiling, ceiling_what))
     return 0
 
 

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     variants = [("torch", "rowwise"), ("torch", "tensorwise")]
     te_ok, te_why = fp8.te_available()
     if te_ok and args.device.startswith("cuda"):
-        variants += [("te", "tensorwise"), ("te", "rowwise"), ("te", "delayed")]
+        variants += [("te", "tensorwise"), ("te", "rowwise")]
     for backend, scaling in variants:
         try:
             v = velocities(fp8_copy(model16, backend, scaling), family, cond, states, args.guidance)

@@ -5,19 +5,24 @@
 #   tests      the CUDA tests of teachers and attention (side stream == serial, no host sync, FP8, TE, cuDNN/flash)
 #   accuracy   FP8 vs bf16 vs fp32 teacher velocity at SD3.5-M (512, 1024 px) and FLUX.1 (random weights)
 #   round512   the round ladder at SD3.5-M 512 px: images/s, phases, memory, MFU, loss / gradient verdict (>= 2x)
-#   round1024  the same at 1024 px (the ladder without torch.compile, for time)
+#   round1024  the same at 1024 px: official-like, up to FP8 teachers, and ours without torch.compile (for time)
 #   engine     full-parameter SD3.5-M student under ZeRO-3, with and without offload (bf16, 512 px, NCCL world 1)
 #   profile    nsys capture of two rounds of the tiny config through --profile-steps, NVTX ranges listed
 #
 #   bench/gpu_all.sh                          # every stage, then the tables
-#   bench/gpu_all.sh kernels tests accuracy   # some stages; a plan for 10-minute calls: (kernels tests accuracy)
-#                                             # (round512 profile) (round1024 engine), STAGE_S=280 on the last
+#   bench/gpu_all.sh kernels tests accuracy   # some stages
+#
+# A plan for a 30-minute device budget (machine start-up included): three calls of at most 9 minutes,
+#   STAGE_S=170 bench/gpu_all.sh kernels tests accuracy
+#   STAGE_S=500 bench/gpu_all.sh round512
+#   STAGE_S=250 bench/gpu_all.sh round1024 engine profile
+# The round stages rewrite their table after every variant, so a stage cut short keeps the variants it finished.
 #
 # Runs from anywhere with python3 or $PYTHON (the machine's torch). Wheels the machine lacks (diffusers, deepspeed,
 # nvtx: make them with ../shared/tools/gpu-wheels.sh .whl) are installed from .whl/ when the imports fail. Logs and
 # JSON go to $LOGS (default runs/gpu). Where $OUT is set (the device tool), after every stage $OUT gets summary.md
 # (the tables) and logs.tar.gz (everything): two files, so a call cut short still returns what finished. STAGE_S (0 =
-# none) bounds each stage in seconds. Knobs: ROUNDS_512 (3), ROUNDS_1024 (2), VARIANTS_1024.
+# none) bounds each stage in seconds. Knobs: ROUNDS_512 (3), ROUNDS_1024 (2), VARIANTS_1024 (official,fp8,cudnn).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -92,17 +97,19 @@ for stage in "${stages[@]}"; do
         --json "$LOGS/fp8_flux.json" 2>&1 | tee "$LOGS/fp8_flux.log" ;;
     round512)
       run $PY bench/bench_round.py --preset sd3.5-medium --device cuda --resolution 512 \
-        --rounds "${ROUNDS_512:-3}" --json "$LOGS/round512.json" 2>"$LOGS/round512.err" | tee "$LOGS/round512.md" ;;
+        --rounds "${ROUNDS_512:-3}" --json "$LOGS/round512.json" --md "$LOGS/round512.md" 2>&1 |
+        tee "$LOGS/round512.log" ;;
     round1024)
       run $PY bench/bench_round.py --preset sd3.5-medium --device cuda --resolution 1024 \
         --rounds "${ROUNDS_1024:-2}" \
-        --variants "${VARIANTS_1024:-official,one_pass,fused,merged,fp8,side,cudnn,adapter}" \
-        --json "$LOGS/round1024.json" 2>"$LOGS/round1024.err" | tee "$LOGS/round1024.md" ;;
+        --variants "${VARIANTS_1024:-official,fp8,cudnn}" --json "$LOGS/round1024.json" --md "$LOGS/round1024.md" \
+        2>&1 | tee "$LOGS/round1024.log" ;;
     engine)
       run $PY bench/bench_engine.py --preset sd3.5-medium --full --world 1 --bf16 --resolution 512 \
         --num-steps 10 --batch 3 --tokens 333 --steps 3 --variants zero3,zero3-offload-optimizer,zero3-offload-all \
         --json "$LOGS/engine.json" 2>"$LOGS/engine.err" | tee "$LOGS/engine.md" ;;
     profile)
+      rm -rf "$LOGS/profile_run"  # a warm machine keeps runs/ from an earlier call; train refuses a used --out
       if command -v nsys >/dev/null; then
         run nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop-shutdown \
           --trace=cuda,nvtx --sample=none --cpuctxsw=none --force-overwrite=true -o "$LOGS/profile" \

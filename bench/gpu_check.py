@@ -61,7 +61,7 @@ def benchmark(out: Path) -> list[dict]:
         """do_bench median of a device-to-device copy moving nbytes (half read, half written)."""
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
-        return do_bench(lambda: dst.copy_(src), rep=100)
+        return do_bench(lambda: dst.copy_(src), rep=100, return_mode="median")
 
     copy_gbps = (2 << 30) / copy_ms(2 << 30) / 1e6  # a 1 GiB tensor copied
     backends = [b for b in ops.available_backends(dev) if b != "reference"]
@@ -84,7 +84,7 @@ def benchmark(out: Path) -> list[dict]:
                 for kind in ["op"] if backend == "reference" else ["op", "kernels"]:
                     fns = _timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma_next, g)
                     for mode in MODES:
-                        ms = do_bench(fns[mode], rep=100)
+                        ms = do_bench(fns[mode], rep=100, return_mode="median")
                         nbytes = moved_bytes(shape, x.element_size(), mode)
                         if backend == "reference":
                             eager[mode] = ms

@@ -41,10 +41,20 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> d
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (a rename is durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
                     keep_last: int) -> Path:
-    """Write checkpoints/step_XXXXXXXX/{name}.safetensors for each entry of `tensors` plus state.json, atomically;
-    then delete all but the newest `keep_last`."""
+    """Write checkpoints/step_XXXXXXXX/{name}.safetensors for each entry of `tensors` plus state.json, atomically
+    and durably (synced to the disk before the rename, the rename synced before older checkpoints go: a crash of
+    the machine leaves the previous checkpoint or this whole one); then delete all but the newest `keep_last`."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -54,9 +64,16 @@ def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict[str, torch
     for name, group in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
-        shutil.rmtree(final)
+    for f in [*tmp.iterdir(), tmp]:
+        _fsync(f)
+    replaced = None
+    if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one): swap, then delete
+        replaced = final.with_name(f".{final.name}.old{os.getpid()}")
+        os.rename(final, replaced)
     os.rename(tmp, final)
+    _fsync(root)
+    if replaced is not None:
+        shutil.rmtree(replaced)
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -67,7 +84,11 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

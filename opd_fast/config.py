@@ -7,6 +7,7 @@ An unknown key, a wrong type or a value outside its choices is a ConfigError nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class TeacherRuntimeConfig:
 
     precision: Literal["model", "bf16", "fp32", "fp8"] = "model"  # model: the dtype the base was loaded in
     fp8_backend: Literal["auto", "te", "torch"] = "auto"  # auto: Transformer Engine when it imports on CUDA
-    fp8_scaling: Literal["rowwise", "tensorwise", "delayed"] = "rowwise"  # delayed: TE's DelayedScaling only
+    fp8_scaling: Literal["rowwise", "tensorwise"] = "rowwise"  # from the current amax (why not delayed: opd_fast.fp8)
     fp8_skip: list[str] | None = None  # fnmatch patterns of Linear names kept in high precision; null: fp8 default
     stream: Literal["side", "serial"] = "side"  # side: overlap teacher(x_j+1) with backward(j) on CUDA
     mode: Literal["merged", "adapter"] = "merged"  # merged: one copy per teacher; adapter: one base + LoRAs
@@ -73,7 +74,9 @@ class TeacherRuntimeConfig:
 @dataclass(kw_only=True)
 class TaskConfig:
     name: str
-    prompts: str  # .txt (one prompt per line) or .jsonl ({"prompt": ..., metadata...})
+    prompts: str  # .txt (one prompt per line), .jsonl ({"prompt": ..., metadata...}) or DrawBench's .csv
+    # the set's checks before training (opd_fast.datasets): ocr (quoted text), geneval (its metadata schema), ...
+    prompts_kind: Literal["auto", "txt", "jsonl", "pickscore", "ocr", "geneval", "drawbench"] = "auto"
     teacher: TeacherConfig
     # this task's trained leading steps, as sampling.timestep_fraction (null: that value). A task whose reward is
     # decided early (layout, count, glyph shape) can train fewer steps, and its rollout stops there
@@ -202,17 +205,36 @@ class RunConfig:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"tasks: task names must be unique, got {names}")
+        if len(self.optimizer.betas) != 2:
+            raise ConfigError(f"optimizer.betas: needs two values, got {self.optimizer.betas}")
         positive = {
             "train.rounds": self.train.rounds, "train.micro_batch_size": self.train.micro_batch_size,
             "train.micro_batches_per_task": self.train.micro_batches_per_task, "sampling.num_steps": self.sampling.num_steps,
             "checkpoint.every": self.checkpoint.every, "checkpoint.keep_last": self.checkpoint.keep_last,
             "student.lora.rank": self.student.lora.rank, "ema.update_every": self.ema.update_every,
             "sampling.resolution": self.sampling.resolution, "optimizer.lr": self.optimizer.lr,
+            "optimizer.eps": self.optimizer.eps, "student.lora.alpha": self.student.lora.alpha,
+            "sampling.shift": self.sampling.shift, "prompts.max_tokens": self.prompts.max_tokens,
+            "prompts.encode_batch_size": self.prompts.encode_batch_size,
             **{f"tasks.{i}.loss_weight": t.loss_weight for i, t in enumerate(self.tasks)},
         }  # fmt: skip
+        optional = {"optimizer.max_grad_norm": self.optimizer.max_grad_norm,  # <= 0 would ascend (or zero) in torch
+                    "prompts.max_sequence_length": self.prompts.max_sequence_length}  # fmt: skip
+        positive.update({key: value for key, value in optional.items() if value is not None})
         for key, value in positive.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value}")
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
+        for key, value in {"optimizer.betas.0": self.optimizer.betas[0], "optimizer.betas.1": self.optimizer.betas[1]}.items():
+            if not 0 <= value < 1:
+                raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+        if not 0 <= self.ema.decay <= 1:  # 1: the ramp (1 + s) / (10 + s) alone
+            raise ConfigError(f"ema.decay: must be in [0, 1], got {self.ema.decay}")
+        for key, value in {"sampling.noise_level": self.sampling.noise_level,
+                           "optimizer.weight_decay": self.optimizer.weight_decay}.items():  # fmt: skip
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
         fractions = {"sampling.timestep_fraction": self.sampling.timestep_fraction}
         fractions.update({f"tasks.{i}.timestep_fraction": t.timestep_fraction for i, t in enumerate(self.tasks)
                           if t.timestep_fraction is not None})
@@ -221,17 +243,10 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
             if steps_for_fraction(self.sampling.num_steps, fraction) < 1:
                 raise ConfigError(f"{key}: trains no step at all with sampling.num_steps={self.sampling.num_steps}")
-        if self.sampling.noise_level < 0:
-            raise ConfigError(f"sampling.noise_level: must be >= 0, got {self.sampling.noise_level}")
         if self.loss.estimator == "ppo" and self.sampling.noise_level == 0:
             raise ConfigError("loss.estimator: 'ppo' needs an SDE rollout (sampling.noise_level > 0)")
         if self.sampling.resolution % 8:
             raise ConfigError(f"sampling.resolution: must be a multiple of 8, got {self.sampling.resolution}")
-        if len(self.optimizer.betas) != 2:
-            raise ConfigError(f"optimizer.betas: needs two values, got {self.optimizer.betas}")
-        if self.teacher_runtime.fp8_scaling == "delayed" and self.teacher_runtime.fp8_backend == "torch":
-            raise ConfigError("teacher_runtime.fp8_scaling: 'delayed' is Transformer Engine's recipe; the torch "
-                              "backend scales rowwise or tensorwise")
         self._validate_engine()
         if self.model.path is None and self.model.preset is None:
             raise ConfigError("model: set model.path (a local diffusers folder) or model.preset")
@@ -242,6 +257,12 @@ class RunConfig:
 
     def _validate_engine(self) -> None:
         engine = self.engine
+        master_fp32 = engine.kind == "deepspeed" and engine.bf16 and self.model.dtype == "bfloat16"
+        if not self.student.lora.enabled and self.model.dtype != "float32" and not master_fp32:
+            raise ConfigError(f"student.lora.enabled: false (a full-parameter student) with model.dtype: "
+                              f"{self.model.dtype} would update {self.model.dtype} weights, where small steps round "
+                              "away; set engine.kind: deepspeed with engine.bf16: true and model.dtype: bfloat16 (fp32 "
+                              "master weights), or model.dtype: float32")
         if engine.timeout_s <= 0:
             raise ConfigError(f"engine.timeout_s: must be > 0, got {engine.timeout_s}")
         if engine.persistence_threshold < 0:

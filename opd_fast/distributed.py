@@ -96,6 +96,15 @@ def cuda_device_index(local_rank: int, count: int) -> int:
                       "(CUDA_VISIBLE_DEVICES); start at most one rank per visible GPU")
 
 
+def pick_device(requested: str | None, local_rank: int, cuda_count: int) -> torch.device:
+    """This rank's device: `requested` ("cpu", "cuda", "cuda:1"; None = a GPU when there is one), with a bare "cuda"
+    made this rank's GPU (cuda:LOCAL_RANK): torch.cuda.set_device and DDP's device_ids need an index."""
+    dev = torch.device(requested) if requested is not None else torch.device("cuda" if cuda_count else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", cuda_device_index(local_rank, cuda_count))
+    return dev
+
+
 def shared_store_restart_hazard(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
     """A warning when torchrun may restart the ranks (--max-restarts > 0) while they share its rendezvous store: the
     failed attempt's keys stay in that store, so a restarted group can read a dead rank's address and hang forming
@@ -138,12 +147,7 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
     if cfg.kind == "single" and world > 1:
         raise ConfigError(f"engine.kind: 'single' but the launcher started WORLD_SIZE={world} ranks; set "
                           "engine.kind: deepspeed or ddp (or start one process)")
-    if device is not None:
-        dev = torch.device(device)
-    elif torch.cuda.is_available():
-        dev = torch.device("cuda", cuda_device_index(local, torch.cuda.device_count()))
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device, local, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     info = DistInfo(rank, world, local, dev, cfg.timeout_s)

@@ -132,11 +132,14 @@ class EMA:
             return
         one_minus_decay = 1 - self.decay(step)
         for shadow, p in zip(self.shadow, self.params):
-            shadow.add_(one_minus_decay * (p.detach().float() - shadow))
+            shadow.lerp_(p.detach().float(), one_minus_decay)
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """Temporarily put the EMA weights into the parameters (e.g. to export or evaluate them)."""
+        """Temporarily put the EMA weights into the parameters (e.g. to evaluate them). Not under ZeRO-3, whose
+        modules hold shards (and gathered copies of small parameters) this would not reach: export gathers instead."""
+        if getattr(self.engine, "stage", None) == 3:
+            raise NotImplementedError("EMA.swapped_in under ZeRO-3: gather the EMA (state_dict) and load it instead")
         saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):

@@ -8,9 +8,13 @@ Backends (`quantize_model(model, backend=...)`):
 - "auto": "te" when transformer_engine imports and the model is on CUDA, else "torch".
 
 Scaling: "rowwise" = one scale per activation row (token) and per weight output channel; "tensorwise" = one scale
-per tensor; "delayed" = TE's DelayedScaling (scale from an amax history of earlier calls; TE only). In TE,
-rowwise maps to Float8BlockScaling (1x128 activation blocks, 128x128 weight blocks) and tensorwise to
-Float8CurrentScaling. Both torch scalings quantize from the current amax: a frozen teacher has no history to lag.
+per tensor. In TE, rowwise maps to Float8BlockScaling (1x128 activation blocks, 128x128 weight blocks) and tensorwise
+to Float8CurrentScaling. Both quantize from the current amax. TE's DelayedScaling (a scale from earlier calls' amax
+history) is not offered: a frozen teacher has no history, so its first call would quantize the cached FP8 weights
+with the initial scale 1, where most of N(0, 0.02^2) weights fall below e4m3's smallest normal (2^-6).
+
+Activations are quantized at every call: on CUDA by one fused kernel (torch.compile of `quantize`: the amax and the
+scaled cast in one read of the activation, instead of ~6 eager kernels and an fp32 copy), eagerly elsewhere.
 
 Shapes: _scaled_mm on CUDA needs K and N multiples of 16 (M is free); TE needs rows multiples of 8/16 too. Weights
 are zero-padded once; activations are padded per call only when a dimension needs it (SD3's 333-token text stream
@@ -31,7 +35,7 @@ meta device; Linear layers are 85% / 92% of all forward FLOPs, attention the res
     time/text embedders                 0.0250 / 0.0253                   <0.01%
     final projection (proj_out)         0.1067 / 0.1193                    0.01% / <0.01%
     every Linear in FP8                 0.1119 / 0.1255
-    DEFAULT_SKIP kept high              0.0111 (rowwise)                  (bf16 alone vs fp32 here: 0.0328)
+    DEFAULT_SKIP kept high              0.0111 (rowwise)                  (bf16 alone vs fp32 here: 0.0260)
 
 The final projection, adaLN modulation and the time/text embedders carry most of the error and almost none of
 the FLOPs: the final projection's error lands in the velocity unfiltered (then amplified by CFG), adaLN's
@@ -55,7 +59,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-SCALINGS = ("rowwise", "tensorwise", "delayed")
+SCALINGS = ("rowwise", "tensorwise")
 DEFAULT_SKIP = (
     "pos_embed.*", "x_embedder", "time_text_embed.*", "context_embedder",  # embedders (SD3, FLUX)
     "*norm*",  # adaLN modulation: norm1.linear, norm1_context.linear, norm.linear (FLUX single), norm_out.linear
@@ -64,6 +68,7 @@ DEFAULT_SKIP = (
 # Fast accumulation (fp8 tensor-core accumulators promoted less often) on CUDA: torchao's choice for inference
 # forwards. bench/fp8_accuracy.py measures its error on the GPU.
 FAST_ACCUM = True
+COMPILE_QUANTIZE = True  # fuse the activation quantization on CUDA (quantize_activation); False: eager kernels
 
 
 class Fp8Unavailable(RuntimeError):
@@ -77,6 +82,19 @@ def quantize(t: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]
     scale = amax.float().clamp(min=1e-12) / E4M3_MAX
     q = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale
+
+
+@functools.cache
+def _fused_quantize():
+    return torch.compile(quantize, dynamic=True)
+
+
+def quantize_activation(t: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` for the per-call activations: one fused Inductor kernel on CUDA (COMPILE_QUANTIZE), eager
+    elsewhere (the same arithmetic)."""
+    if t.is_cuda and COMPILE_QUANTIZE:
+        return _fused_quantize()(t, scaling)
+    return quantize(t, scaling)
 
 
 @functools.cache
@@ -129,7 +147,8 @@ class Fp8Linear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.k_pad:
             x2 = F.pad(x2, (0, self.k_pad))
-        x_fp8, x_scale = quantize(x2, self.scaling)
+        # row-major for cuBLASLt (a transposed 2-D input stays column-major through reshape and the quantization)
+        x_fp8, x_scale = quantize_activation(x2.contiguous(), self.scaling)
         out_dtype = x.dtype
         cuda = x.is_cuda
         # rowwise on CUDA writes bf16 (cuBLAS < 12.9 / CUTLASS path); fp32 callers get a cast afterwards
@@ -170,11 +189,9 @@ def te_recipe(scaling: str):
 
     if scaling == "tensorwise":
         return recipe.Float8CurrentScaling(fp8_format=recipe.Format.E4M3)
-    if scaling == "rowwise":
-        if not hasattr(recipe, "Float8BlockScaling"):
-            raise Fp8Unavailable("fp8_scaling rowwise with Transformer Engine needs Float8BlockScaling (TE >= 2.3)")
-        return recipe.Float8BlockScaling()
-    return recipe.DelayedScaling(fp8_format=recipe.Format.E4M3, amax_history_len=16, amax_compute_algo="max")
+    if not hasattr(recipe, "Float8BlockScaling"):
+        raise Fp8Unavailable("fp8_scaling rowwise with Transformer Engine needs Float8BlockScaling (TE >= 2.3)")
+    return recipe.Float8BlockScaling()
 
 
 def _te_quantized_init(recipe):
@@ -186,11 +203,8 @@ def _te_quantized_init(recipe):
 
 
 class TeLinear(torch.nn.Module):
-    """te.Linear holding FP8 weights, with inputs padded to TE's FP8 shape rules (rows to 16, features to 16).
-
-    Current-scaling recipes (tensorwise, rowwise) create the weights in FP8 and quantize them from their own amax
-    when they are copied in. DelayedScaling cannot (its scale comes from earlier calls' amax history): its weights
-    stay in high precision and TE caches their FP8 cast after the first call (is_first_microbatch)."""
+    """te.Linear holding FP8 weights, with inputs padded to TE's FP8 shape rules (rows to 16, features to 16). The
+    weights are created in FP8 (TE's quantized init) and quantized from their own amax when they are copied in."""
 
     def __init__(self, linear: torch.nn.Linear, recipe):
         super().__init__()
@@ -198,9 +212,7 @@ class TeLinear(torch.nn.Module):
 
         self.out_features, self.in_features = linear.weight.shape
         self.k_pad, self.n_pad = _pad_to(self.in_features), _pad_to(self.out_features)
-        self.cache_weight = type(recipe).__name__ == "DelayedScaling"
-        init = contextlib.nullcontext() if self.cache_weight else _te_quantized_init(recipe)
-        with init:
+        with _te_quantized_init(recipe):
             self.inner = te.Linear(self.in_features + self.k_pad, self.out_features + self.n_pad,
                                    bias=linear.bias is not None, params_dtype=linear.weight.dtype,
                                    device=linear.weight.device)  # fmt: skip
@@ -209,7 +221,6 @@ class TeLinear(torch.nn.Module):
             if linear.bias is not None:
                 self.inner.bias.copy_(F.pad(linear.bias.detach(), (0, self.n_pad)))
         self.inner.requires_grad_(False)
-        self._first_call = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -218,9 +229,7 @@ class TeLinear(torch.nn.Module):
         m_pad = _pad_to(rows)
         if m_pad or self.k_pad:
             x2 = F.pad(x2, (0, self.k_pad, 0, m_pad))
-        kwargs = {"is_first_microbatch": self._first_call} if self.cache_weight else {}
-        y = self.inner(x2, **kwargs)
-        self._first_call = False
+        y = self.inner(x2)
         return y[:rows, : self.out_features].reshape(*lead, self.out_features)
 
 
@@ -277,9 +286,6 @@ def quantize_model(model: torch.nn.Module, backend: str = "auto", scaling: str =
     skip = tuple(DEFAULT_SKIP if skip is None else skip)
     device = next(model.parameters()).device
     backend = resolve_backend(backend, device)
-    if backend == "torch" and scaling == "delayed":
-        raise ValueError("fp8 scaling 'delayed' is Transformer Engine's DelayedScaling; the torch backend scales "
-                         "rowwise or tensorwise")
     recipe = te_recipe(scaling) if backend == "te" else None
     targets, kept = [], []
     for name, module in model.named_modules():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -17,11 +18,21 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records a killed run wrote after its last checkpoint, so a resumed run's log has each step once."""
+        """Drop records a killed run wrote after its last checkpoint, so a resumed run's log has each step once;
+        and a last line the kill cut short. Rewritten atomically: a kill now leaves the old log or the new one."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # torn by the kill: only ever the last line, written after the checkpoint
+                continue
+            if record["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -192,7 +192,7 @@ def velocity(model, family: str, x, sigma, cond: Conditioning, guidance: float |
         hidden_states=xs.to(dtype),
         encoder_hidden_states=embeds.to(dtype),
         pooled_projections=pooled.to(dtype),
-        timestep=(t * 1000).to(dtype),
+        timestep=(t * 1000).float(),  # as StableDiffusion3Pipeline: fp32 (in bf16, 602.15 would become 604)
         return_dict=False,
     )[0]
     return v, (guidance if use_cfg else None)

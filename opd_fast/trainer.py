@@ -24,6 +24,7 @@ import torch
 
 from opd_fast import attention, distributed, ops
 from opd_fast.checkpoint import (
+    checkpoint_step,
     export_diffusers_lora,
     flatten_optimizer_state,
     latest_checkpoint,
@@ -32,11 +33,12 @@ from opd_fast.checkpoint import (
     unflatten_optimizer_state,
 )  # fmt: skip
 from opd_fast.config import ConfigError, RunConfig
+from opd_fast.datasets import read_dataset
 from opd_fast.engine import EMA, lr_at, make_engine
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
-from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, read_prompts
+from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached
 from opd_fast.schedule import sigma_grid
 from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
 
@@ -81,7 +83,7 @@ def flat_config(cfg: dict, prefix: str = "") -> dict:
 def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Path) -> dict[str, EncodedPrompts]:
     """Each task's prompt set, encoded once into the embedding cache. All files are read (and checked) before
     anything is written."""
-    prompt_sets = {task.name: read_prompts(task.prompts, task.name) for task in cfg.tasks}
+    prompt_sets = {task.name: read_dataset(task.prompts, task.prompts_kind, task.name) for task in cfg.tasks}
     if cfg.prompts.encoder == "builtin":
         enc = BuiltinTextEncoder(
             student.config.joint_attention_dim, student.config.pooled_projection_dim, cfg.prompts.max_tokens
@@ -108,7 +110,13 @@ class Trainer:
         self._check_output_dir(resume)
         self.dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
 
-        attention.check(cfg.model.attention)  # before the models load: they take minutes at full size
+        # before the models load (minutes at full size) and before anything is written
+        attention.check(cfg.model.attention)
+        try:
+            self.backend = ops.resolve_backend(cfg.loss.backend, self.device, cfg.loss.estimator)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"loss.backend: {e}") from None
+        log.info("opd_step backend: %s", self.backend)
         base = load_transformer(cfg.model).to(self.device)
         # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
         # made before the student gets its adapter.
@@ -138,8 +146,6 @@ class Trainer:
         self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift,
                                  image_seq_len=probe[1] if cfg.model.family == "flux" else None)
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
-        self.backend = ops.resolve_backend(cfg.loss.backend, self.device, cfg.loss.estimator)
-        log.info("opd_step backend: %s", self.backend)
         self.round = 0
         self.nonfinite_rounds = 0
         if resume:
@@ -156,11 +162,16 @@ class Trainer:
                                      "or choose another --out")
             theirs = flat_config(json.loads(run_file.read_text())["config"])
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            fatal = [k for k in changed if k not in RESUMABLE_CHANGES]
+            # the cosine schedule anneals over train.rounds: another length would change every rate still to come
+            cosine = mine.get("optimizer.schedule") == "cosine"
+            fatal = [k for k in changed if k not in RESUMABLE_CHANGES or (k == "train.rounds" and cosine)]
             if fatal:
                 raise OutputDirError(f"{self.out_dir} holds a run with another config; differing keys: "
-                                     + ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in fatal))
-        elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+                                     + ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in fatal)
+                                     + ("; with optimizer.schedule cosine, train.rounds cannot change"
+                                        if "train.rounds" in fatal else ""))
+        elif self.out_dir.is_dir() and any(p.name != "embeddings" for p in self.out_dir.iterdir()):
+            # (OUT/embeddings alone is the prompt cache of a start of ours that failed before writing run.json)
             raise OutputDirError(f"{self.out_dir} is not empty and holds no run.json: refusing to write a run into "
                                  "it; choose an empty or new --out")
 
@@ -221,8 +232,7 @@ class Trainer:
             v_student, student_cfg = velocity(self.engine.forward_model, cfg.model.family, x, sigma, cond,
                                               cfg.student.guidance)
         if with_grad:
-            v_teacher, teacher_cfg = self.teacher_runner.result(teacher)
-            v_teacher = v_teacher.to(v_student.dtype)  # a teacher in another precision than the student
+            v_teacher, teacher_cfg = self.teacher_runner.result(teacher)  # any precision: opd_step promotes
         else:
             v_teacher, teacher_cfg = v_student, student_cfg
         with self._phase(prefix + "loss"), torch.set_grad_enabled(with_grad):
@@ -306,10 +316,12 @@ class Trainer:
         return RoundResult(loss, values, grad_norm)
 
     # -- the run ---------------------------------------------------------------------------------------------------
-    def fit(self, on_round=None) -> list[dict]:
-        """Train up to cfg.train.rounds. on_round(trainer, record), if given, runs after each round's record is
-        written (e.g. an evaluation, as the demo's reward curves); its time is not in the record's seconds."""
+    def fit(self, on_round=None, until: int | None = None) -> list[dict]:
+        """Train up to cfg.train.rounds, or stop after round `until` with a checkpoint (a later --resume goes on; the
+        lr schedule spans train.rounds either way). on_round(trainer, record), if given, runs after each round's
+        record is written (e.g. an evaluation, as the demo's reward curves); its time is not in the record's seconds."""
         cfg = self.cfg
+        stop = cfg.train.rounds if until is None else min(until, cfg.train.rounds)
         # Rank 0 alone touches the log: ranks truncating it at once on resume would race.
         metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard, self.round) if self.engine.rank == 0 else None
         records = []
@@ -319,7 +331,7 @@ class Trainer:
 
             bar = tqdm(total=cfg.train.rounds, initial=self.round, desc="opd rounds", unit="round")
         try:
-            while self.round < cfg.train.rounds:
+            while self.round < stop:
                 t0 = time.perf_counter()
                 if self.capture is not None:
                     self.capture.before_round(self.round)
@@ -349,7 +361,7 @@ class Trainer:
                         f"train.max_nonfinite_rounds={cfg.train.max_nonfinite_rounds}); stopping. The last good "
                         f"checkpoint is {latest_checkpoint(self.out_dir)}"
                     )
-                if self.round % cfg.checkpoint.every == 0 or self.round == cfg.train.rounds:
+                if self.round % cfg.checkpoint.every == 0 or self.round == stop:
                     self.save()
         finally:
             if self.capture is not None:
@@ -360,6 +372,20 @@ class Trainer:
                 metrics.close()
         self.export()
         return records
+
+    @torch.no_grad()
+    def _save_with(self, values: dict[str, torch.Tensor], folder: Path) -> None:
+        """save_pretrained of the student with `values` (name -> full tensor) in place of those parameters; the
+        parameters are put back after (the caller holds them gathered under ZeRO-3)."""
+        params = dict(self.student.named_parameters())
+        saved = {n: params[n].detach().clone() for n in values}
+        for n, v in values.items():
+            params[n].copy_(v)
+        try:
+            self.student.save_pretrained(folder)
+        finally:
+            for n, v in saved.items():
+                params[n].copy_(v)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -375,6 +401,8 @@ class Trainer:
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out_dir)
+        # before the load, whose gathers and scatters (ZeRO-3) would pair up wrongly across ranks that disagree
+        self._check_ranks_agree(0 if path is None else checkpoint_step(path))
         if path is None:
             log.info("--resume: no checkpoint in %s, starting from round 0", self.out_dir)
             return
@@ -390,10 +418,10 @@ class Trainer:
         self.round = meta["round"]
         self.nonfinite_rounds = meta["nonfinite_rounds"]
         log.info("resumed from %s at round %d", path, self.round)
-        self._check_ranks_agree(self.round)
 
     def _check_ranks_agree(self, round_idx: int) -> None:
-        """Every rank must resume the same round (OUT on a filesystem that not all nodes share would break this)."""
+        """Every rank must resume the same checkpoint (OUT on a filesystem that not all nodes share would break
+        this; a rank that finds none takes part with round 0)."""
         if self.dist.world_size == 1:
             return
         rounds = torch.tensor([round_idx, -round_idx], dtype=torch.float64)
@@ -404,14 +432,17 @@ class Trainer:
 
     def export(self) -> Path | None:
         """OUT/lora_diffusers (and OUT/lora_diffusers_ema with EMA) in the diffusers layout; full-parameter
-        students are saved as a diffusers transformer folder OUT/transformer."""
+        students are saved as diffusers transformer folders OUT/transformer (and OUT/transformer_ema)."""
         from peft.utils import get_peft_model_state_dict
 
         main = self.engine.rank == 0
         if self.peft_config is None:
+            ema = self.ema.state_dict() if self.ema is not None else None  # full tensors on rank 0 (a collective)
             with self.engine.gathered():  # ZeRO-3: every rank takes part in gathering the whole model
                 if main:
                     self.student.save_pretrained(self.out_dir / "transformer")
+                    if ema is not None:
+                        self._save_with(dict(zip(self.engine.names, ema.values())), self.out_dir / "transformer_ema")
             return self.out_dir / "transformer" if main else None
         # The weights as full tensors on rank 0 (ZeRO-3 keeps only shards in the module): every rank takes part.
         weights = self.engine.trainable_state()

@@ -1,7 +1,8 @@
 """One rank of the distributed tests: runs a list of training jobs in this process, one after the other, so the
 imports and the process group are paid for once. Started by tests/dist_launch.py:
 
-    python tests/dist_worker.py JOBS.json     # [{"out": DIR, "overrides": [...], "resume": false, "discard": []}]
+    python tests/dist_worker.py JOBS.json     # [{"out": DIR, "overrides": [...], "resume": false, "discard": [],
+                                              #   "until": null}]
 
 Before and after each job it writes what the tests inspect to OUT/probe_rank{R}.json: this rank's prompt indices,
 how the student's tensors are partitioned, whether any teacher parameter was touched by ZeRO, the optimizer steps.
@@ -71,7 +72,7 @@ def main(jobs_file: str) -> None:
         trainer = Trainer(cfg, job["out"], resume=job.get("resume", False), device="cpu")
         discard_rounds(trainer, job.get("discard", []))
         report = {"before": probe(trainer, cfg.train.rounds)}
-        records = trainer.fit()
+        records = trainer.fit(until=job.get("until"))
         report["after"] = partition(trainer)
         report["rounds_trained"] = len(records)
         report["optimizer_steps"] = trainer.engine.ds.global_steps if hasattr(trainer.engine, "ds") else None

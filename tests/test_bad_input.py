@@ -42,6 +42,17 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         read_prompts(path)
 
 
+def test_prompt_sets_are_checked_by_kind_before_training(tiny_config, tmp_path):
+    (tmp_path / "ocr.txt").write_text('a sign that says "open"\na sign with no quoted text\n')
+    with pytest.raises(PromptError, match=r"task 'ocr': .*ocr\.txt:2: an OCR prompt needs the text to render"):
+        Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "ocr.txt")}), tmp_path / "a", device="cpu")
+    assert not (tmp_path / "a").exists()
+    # DrawBench as Google's sheet exports it: read by its "Prompts" column, not as lines of CSV
+    (tmp_path / "drawbench.csv").write_text("Prompts,Category\nA red colored car.,Colors\n\"A sign, \"\"hi\"\"\",Text\n")
+    trainer = Trainer(tiny_config(**{"tasks.2.prompts": str(tmp_path / "drawbench.csv")}), tmp_path / "b", device="cpu")
+    assert trainer.prompts["aesthetic"].prompts.prompts == ["A red colored car.", 'A sign, "hi"']
+
+
 def test_teacher_path_that_does_not_exist(tiny_config, tmp_path, capsys):
     with pytest.raises(TeacherError, match=r"teacher of task 'aesthetic': path does not exist: .*missing"):
         Trainer(tiny_config(**{"tasks.2.teacher.path": str(tmp_path / "missing")}), tmp_path / "a", device="cpu")
@@ -86,6 +97,33 @@ def test_wrong_config_types_and_unknown_keys(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("override, error", [
+    ("optimizer.max_grad_norm=-1", "optimizer.max_grad_norm: must be > 0, got -1.0"),  # torch would ascend
+    ("optimizer.max_grad_norm=0", "optimizer.max_grad_norm: must be > 0"),  # zero grads in torch, no clip in DeepSpeed
+    ("student.lora.alpha=0", "student.lora.alpha: must be > 0"),  # the LoRA would never train
+    ("prompts.max_tokens=0", "prompts.max_tokens: must be > 0"),  # no text conditioning
+    ("sampling.shift=0", "sampling.shift: must be > 0"),  # all-NaN sigmas
+    ("optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
+    ("tasks.1.loss_weight=.inf", r"tasks\.1\.loss_weight: must be a finite number, got inf"),
+    ("sampling.noise_level=.nan", "sampling.noise_level: must be a finite number >= 0, got nan"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay: must be a finite number >= 0"),
+    ("optimizer.betas=[1.5,0.9]", r"optimizer\.betas\.0: must be in \[0, 1\), got 1.5"),
+    ("ema.decay=-0.5", r"ema\.decay: must be in \[0, 1\]"),
+])  # fmt: skip
+def test_values_that_would_train_wrongly_are_refused_by_name(override, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(TINY, [override])
+
+
+def test_a_full_bf16_student_needs_fp32_master_weights():
+    full_bf16 = ["student.lora.enabled=false", "model.dtype=bfloat16"]
+    for engine in (["engine.kind=single"], ["engine.kind=ddp"], ["engine.kind=deepspeed", "engine.zero_stage=3"]):
+        with pytest.raises(ConfigError, match=r"student\.lora\.enabled: false .* model\.dtype: bfloat16 would update"):
+            load_config(TINY, full_bf16 + engine)
+    load_config(TINY, full_bf16 + ["engine.kind=deepspeed", "engine.bf16=true"])  # DeepSpeed's fp32 master weights
+    load_config(TINY, ["model.dtype=bfloat16"])  # a LoRA student keeps its LoRA weights in fp32
+
+
 def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
     Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu").fit()
@@ -93,6 +131,11 @@ def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
         Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu")
     with pytest.raises(OutputDirError, match=r"another config; differing keys: sampling\.noise_level"):
         Trainer(tiny_config(**{"train.rounds": 1, "sampling.noise_level": 0.5}), out, device="cpu", resume=True)
+    Trainer(tiny_config(**{"train.rounds": 3}), out, device="cpu", resume=True)  # constant lr: rounds may change
+    cosine = tmp_path / "cosine"
+    Trainer(tiny_config(**{"train.rounds": 2, "optimizer.schedule": "cosine"}), cosine, device="cpu").fit(until=1)
+    with pytest.raises(OutputDirError, match=r"train\.rounds \(2 -> 4\); with optimizer\.schedule cosine"):
+        Trainer(tiny_config(**{"train.rounds": 4, "optimizer.schedule": "cosine"}), cosine, device="cpu", resume=True)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -126,6 +169,21 @@ def test_nonfinite_loss_skips_then_stops(tiny_config, tmp_path):
     assert all(n.startswith("step_") for n in names), names  # no temp folder left behind
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA, where loss.backend cuda cannot run")
+def test_a_start_that_fails_names_the_key_and_leaves_the_folder_usable(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli("train", TINY, "--out", str(out), *set_args(tiny_overrides(**{"loss.backend": "cuda"})),
+                        capsys=capsys)  # fmt: skip
+    assert code == 2 and "loss.backend: opd_step backend 'cuda' is not available on cpu" in err
+    assert not out.exists()  # refused before anything was written
+    # a start that failed after caching the prompts leaves OUT/embeddings and no run.json: the retry may go on
+    (out / "embeddings").mkdir(parents=True)
+    code, err = run_cli("train", TINY, "--out", str(out), *set_args(tiny_overrides(**{"train.rounds": 1})),
+                        capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    assert (out / "run.json").is_file()
+
+
 def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer = Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu")
@@ -146,10 +204,14 @@ def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, 
         trainer.save()
     assert ckpt.latest_checkpoint(out) == before
     monkeypatch.undo()
+    with open(out / "metrics.jsonl", "a") as f:  # the killed run's record of round 2, and a line cut by the kill
+        f.write(json.dumps({"step": 2, "loss": -1.0}) + '\n{"step": 3, "lo')
     resumed = Trainer(tiny_config(**{"train.rounds": 2}), out, device="cpu", resume=True)
     assert resumed.round == 1
     resumed.fit()
     assert ckpt.latest_checkpoint(out).name == "step_00000002"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[1]["loss"] > 0  # round 2 once: the resumed run's
     assert not [p for p in (out / "checkpoints").iterdir() if not p.name.startswith("step_")]
 
 

@@ -29,7 +29,9 @@ def run_script(*args: str, timeout: int = 300) -> str:
 def test_round_ladder_keeps_the_official_loss(tmp_path):
     out = tmp_path / "round.json"
     stdout = run_script("bench/bench_round.py", "--rounds", "1", "--warmup", "0", "--prompts", "2",
-                        "--variants", "official,one_pass,fused,merged,fp8,side", "--json", str(out))  # fmt: skip
+                        "--variants", "official,one_pass,fused,merged,fp8,side", "--json", str(out),
+                        "--md", str(tmp_path / "round.md"))  # fmt: skip
+    assert (tmp_path / "round.md").read_text().strip() in stdout  # the --md report is the printed one
     report = json.loads(out.read_text())
     rows = report["results"]
     official = rows["official-like"]

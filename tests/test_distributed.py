@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,14 @@ from safetensors.torch import load_file
 
 from opd_fast import distributed
 from opd_fast.config import ConfigError, EngineConfig, load_config
-from opd_fast.distributed import cuda_device_index, first_host, shared_store_restart_hazard, slurm_launch_env
+from opd_fast.distributed import (
+    cuda_device_index,
+    first_host,
+    pick_device,
+    shared_store_restart_hazard,
+    slurm_launch_env,
+)
+from opd_fast.models import load_transformer
 from opd_fast.trainer import Trainer
 
 pytest.importorskip("deepspeed")
@@ -56,11 +64,11 @@ DISCARD = [1]  # rounds whose loss the DDP / LoRA-default jobs see as NaN: the r
 # name -> overrides of a 2-rank job (each rank: 1 micro-batch of 2 prompts per task; global batch 4)
 JOBS = {
     "zero3": ZERO3 + [f"train.rounds={ROUNDS}"],
-    "zero3_half": ZERO3 + [f"train.rounds={ROUNDS // 2}"],
+    "zero3_half": ZERO3 + [f"train.rounds={ROUNDS}"],  # stopped after round ROUNDS // 2 (fit's until)
     "zero3_resumed": ZERO3 + [f"train.rounds={ROUNDS}"],  # same folder as zero3_half, --resume
     "lora_default": ["engine.kind=deepspeed", "train.rounds=3"],  # and DISCARD
     "ddp": ["engine.kind=ddp", "train.rounds=3"],  # and DISCARD
-    "zero2_half": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS // 2}"],
+    "zero2_half": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS}"],  # until ROUNDS // 2
     "zero2_resumed": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS}"],  # --resume
     "zero3_full": ZERO3 + FULL + ["train.rounds=1"],
 }
@@ -73,7 +81,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     folder = {name: root / name for name in JOBS}
     folder["zero3_resumed"], folder["zero2_resumed"] = folder["zero3_half"], folder["zero2_half"]
     jobs = [{"out": str(folder[name]), "overrides": COMMON + JOBS[name], "resume": name.endswith("_resumed"),
-             "discard": DISCARD if name in ("lora_default", "ddp") else []} for name in JOBS]
+             "discard": DISCARD if name in ("lora_default", "ddp") else [],
+             "until": ROUNDS // 2 if name.endswith("_half") else None} for name in JOBS]  # fmt: skip
     (root / "jobs.json").write_text(json.dumps(jobs))
     procs = start(["tests/dist_worker.py", str(root / "jobs.json")], WORLD, root / "logs")
     codes = wait(procs, timeout=900)
@@ -140,6 +149,12 @@ def test_zero3_full_parameter_student_trains_like_one_process(runs, single):
     ours = load_file(runs["zero3_full"] / "transformer" / "diffusion_pytorch_model.safetensors")
     theirs = load_file(single["full"] / "transformer" / "diffusion_pytorch_model.safetensors")
     assert_same_tensors(ours, theirs)
+    # ... and its EMA weights: after one step (s = 0, d = 0.1) ema = 0.1 base + 0.9 trained
+    ours_ema = load_file(runs["zero3_full"] / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    theirs_ema = load_file(single["full"] / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert_same_tensors(ours_ema, theirs_ema)
+    base = load_transformer(load_config(CONFIG).model).state_dict()
+    assert_same_tensors(theirs_ema, {k: 0.1 * base[k] + 0.9 * theirs[k] for k in theirs})
 
 
 def test_one_optimizer_step_per_round(runs):
@@ -360,9 +375,26 @@ def test_each_rank_gets_its_gpu():
     assert cuda_device_index(5, 1) == 0  # srun --gpus-per-task=1: each task sees only its own GPU
     with pytest.raises(ConfigError, match="LOCAL_RANK=4 but this process sees 2 GPUs"):
         cuda_device_index(4, 2)
+    assert pick_device("cuda", 3, 8) == torch.device("cuda", 3)  # a bare "cuda" (--device cuda) is this rank's GPU
+    assert pick_device("cuda:5", 3, 8) == torch.device("cuda", 5)
+    assert pick_device(None, 2, 4) == torch.device("cuda", 2)
+    assert pick_device(None, 0, 0) == pick_device("cpu", 0, 0) == torch.device("cpu")
 
 
 # -- failure --------------------------------------------------------------------------------------------------------
+def test_ranks_that_find_different_checkpoints_stop_naming_the_cause(runs, tmp_path):
+    """--resume with OUT on a filesystem the nodes do not share: rank 0 finds the checkpoint of round 2, rank 1
+    none. Both stop before loading anything and say why (the check used to be skipped by a rank finding none)."""
+    shutil.copytree(runs["zero3"], tmp_path / "rank0")
+    argv = ["train", str(CONFIG), "--resume", *set_args(COMMON + JOBS["zero3"] + ["engine.timeout_s=60"])]
+    code = (f"import os, sys; from opd_fast.cli import main; "
+            f"sys.exit(main({argv!r} + ['--out', {str(tmp_path)!r} + '/rank' + os.environ['RANK']]))")
+    procs = start(["-c", code], WORLD, tmp_path / "logs")
+    assert wait(procs, timeout=240) == [2] * WORLD, logs(tmp_path / "logs")
+    assert logs(tmp_path / "logs").count("ranks resumed different rounds (0..2)") == WORLD
+    assert not (tmp_path / "rank1" / "checkpoints").exists()
+
+
 TIMEOUT_S = 20  # the hung case waits all of it; shorter risks a slow rank's start-up counting as hung
 
 

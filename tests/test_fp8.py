@@ -97,7 +97,7 @@ def test_fp8_backend_errors_name_the_reason():
     model = tiny_model()
     with pytest.raises(fp8.Fp8Unavailable, match="not on a CUDA device"):
         fp8.quantize_model(model, backend="te")
-    with pytest.raises(ValueError, match="DelayedScaling"):
+    with pytest.raises(ValueError, match="fp8 scaling must be one of"):
         fp8.quantize_model(model, backend="torch", scaling="delayed")
 
 
@@ -146,8 +146,8 @@ def test_fp8_teacher_velocity_is_closer_to_fp32_than_a_bf16_teacher():
 def test_student_gradient_with_an_fp8_teacher(tiny_trainer):
     # The loss gradient is c^2 (v_S - v_T) per step, so a teacher error e shows in the gradient as e ||v_T|| /
     # ||v_S - v_T||: larger than the velocity error. Measured (ocr task, CFG 4.5, 3 trained steps): cos(FP8, fp32)
-    # 0.9991, cos(bf16, fp32) 0.9857, cos(FP8, bf16) 0.9877. Bound: the FP8 teacher's gradient is at least as
-    # aligned with the fp32 teacher's as the bf16 teacher's is, and cos(FP8, bf16) >= 0.98 (the same direction).
+    # 0.9991, cos(bf16, fp32) 0.9995 (0.9857 while SD3 timesteps were rounded to bf16). Bound: the FP8 teacher
+    # (e4m3 GEMMs on the fp32 base) moves the gradient by at most 4x what a bf16 teacher does, and stays aligned.
     trainer = tiny_trainer()
     g32 = round_gradient(trainer, "model")
     g16 = round_gradient(trainer, "bf16")
@@ -156,8 +156,8 @@ def test_student_gradient_with_an_fp8_teacher(tiny_trainer):
     def cos(a, b):
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
-    assert cos(g8, g32) >= cos(g16, g32)
-    assert cos(g8, g16) >= 0.98
+    assert 1 - cos(g8, g32) <= 4 * (1 - cos(g16, g32))
+    assert cos(g8, g32) >= 0.998 and cos(g8, g16) >= 0.998
 
 
 def round_gradient(trainer, precision: str) -> torch.Tensor:
@@ -172,7 +172,7 @@ def round_gradient(trainer, precision: str) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not fp8.te_available()[0], reason=f"Transformer Engine: {fp8.te_available()[1]}")
-@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise", "delayed"])
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 def test_te_linear_matches_torch_fp8(scaling):
     torch.manual_seed(0)
     linear = torch.nn.Linear(1536, 1536).cuda().to(torch.bfloat16)
@@ -198,3 +198,19 @@ def test_fp8_linear_on_cuda_equals_its_dequantized_twin(scaling):
     out = layer(x).float()
     ref = dequantized_linear(layer, x.float())
     assert float((out - ref).norm() / ref.norm()) < 1e-2  # bf16 output rounding, fast accumulation
+    column_major = x.t().contiguous().t()  # cuBLASLt takes row-major activations only: Fp8Linear must copy
+    torch.testing.assert_close(layer(column_major).float(), out, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused (torch.compile) activation quantization is CUDA's")
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fused_activation_quantization_on_cuda_equals_the_eager_one(scaling):
+    torch.manual_seed(0)
+    for rows in (666, 4096, 17):  # dynamic M: one compiled kernel for every row count
+        x = torch.randn(rows, 1536, dtype=torch.bfloat16, device="cuda") * 3
+        q, scale = fp8.quantize_activation(x, scaling)
+        q_ref, scale_ref = fp8.quantize(x, scaling)
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+        # the same values up to the division's last bit: an element may land one e4m3 step away, rarely
+        qf, rf = q.float(), q_ref.float()
+        assert (qf != rf).float().mean() < 1e-3 and ((qf - rf).abs() <= rf.abs() / 8 + 2**-9).all()

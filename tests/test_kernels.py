@@ -224,13 +224,14 @@ def test_loss_is_deterministic(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_mixed_float64_and_strided_inputs(backend):
-    """float64 runs as fp32 (as the reference does); x bf16 with fp32 noise; a non-contiguous v_student; only
-    v_student gets a gradient."""
+    """float64 runs as fp32 (as the reference does); x bf16 with fp32 noise; v_student bf16 with an fp32 v_teacher;
+    a non-contiguous v_student; only v_student gets a gradient."""
     device = _device_for(backend)
     x, v_s, v_t, noise, sigma, sigma_next = _inputs((2, 4, 6, 6), torch.float32, device, (None, None))
     cases = [
         (x.double(), v_s.double(), v_t.double(), noise.double()),
         (x.bfloat16(), v_s, v_t.bfloat16(), noise),
+        (x, v_s.bfloat16(), v_t, noise),  # a bf16 student under an fp32 teacher: the teacher is not rounded
         (x, v_s.transpose(2, 3).contiguous().transpose(2, 3), v_t, noise),
     ]
     for x_in, vs_in, vt_in, n_in in cases:

@@ -123,9 +123,10 @@ def test_capture_window_is_a_logged_no_op_on_cpu(caplog):
     assert not window.active
 
 
-def test_delayed_scaling_needs_transformer_engine(tiny_config):
+def test_delayed_scaling_is_refused_by_name(tiny_config):
+    # TE's DelayedScaling would cache a frozen teacher's weights quantized with its initial scale 1 (opd_fast.fp8)
     with pytest.raises(ConfigError, match="teacher_runtime.fp8_scaling"):
-        tiny_config(**{"teacher_runtime.fp8_backend": "torch", "teacher_runtime.fp8_scaling": "delayed"})
+        tiny_config(**{"teacher_runtime.fp8_backend": "te", "teacher_runtime.fp8_scaling": "delayed"})
 
 
 @needs_cuda

@@ -8,8 +8,8 @@ import torch
 from conftest import capture_round_gradient, sd3_pipeline_output, tiny_sd3_inputs
 
 from opd_fast.checkpoint import list_checkpoints
-from opd_fast.config import ConfigError
-from opd_fast.engine import backwards_per_round
+from opd_fast.config import ConfigError, EMAConfig
+from opd_fast.engine import EMA, backwards_per_round
 from opd_fast.trainer import Trainer
 
 
@@ -76,6 +76,55 @@ def test_task_keys_are_validated(tiny_config):
         tiny_config(**{"tasks.2.timestep_fraction": 1.5})
     with pytest.raises(ConfigError, match=r"tasks\.0\.loss_weight: must be > 0, got 0.0"):
         tiny_config(**{"tasks.0.loss_weight": 0})
+
+
+def test_sd3_velocity_takes_the_pipelines_fp32_timesteps():
+    """A bf16 SD3 transformer gets the timestep StableDiffusion3Pipeline gives it, scheduler.timesteps[i] in fp32,
+    not a bf16-rounded one: the student trains at the timesteps it samples and is evaluated at."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from opd_fast.config import ModelConfig
+    from opd_fast.models import Conditioning, load_transformer, velocity
+
+    model = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3", dtype="bfloat16"))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    inputs = tiny_sd3_inputs()
+    cond = Conditioning(inputs["encoder_hidden_states"], inputs["pooled_projections"],
+                        inputs["encoder_hidden_states"][:1], inputs["pooled_projections"][:1])  # fmt: skip
+    for i in (2, 5):  # sigmas whose timesteps bf16 would round (602.15 -> 604, 857.69 -> 856)
+        t = scheduler.timesteps[i].expand(2)
+        assert t.to(torch.bfloat16).float().ne(t).all()
+        with torch.no_grad():
+            ours, _ = velocity(model, "sd3", inputs["hidden_states"], scheduler.sigmas[i].expand(2), cond, None)
+            pipeline = model(hidden_states=inputs["hidden_states"].bfloat16(),
+                             encoder_hidden_states=inputs["encoder_hidden_states"].bfloat16(),
+                             pooled_projections=inputs["pooled_projections"].bfloat16(), timestep=t).sample
+        torch.testing.assert_close(ours, pipeline, rtol=0, atol=0)
+
+
+def test_ema_follows_the_official_schedule():
+    """ema += (1 - d)(p - ema), d = min((1 + s) / (10 + s), decay), only when (s + 1) % update_every == 0; against a
+    float64 reference, over bf16 parameters (the shadow is fp32)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(7, generator=g).bfloat16(), torch.randn(3, 5, generator=g).bfloat16()]
+    ema = EMA(params, EMAConfig(decay=0.9, update_every=3))
+    ref = [p.double() for p in params]
+    for s in range(14):
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g))
+        ema.update(s)
+        if (s + 1) % 3 == 0:
+            d = min((1 + s) / (10 + s), 0.9)
+            ref = [r + (1 - d) * (p.double() - r) for r, p in zip(ref, params)]
+    for shadow, r in zip(ema.shadow, ref):
+        assert shadow.dtype == torch.float32
+        torch.testing.assert_close(shadow.double(), r, rtol=1e-6, atol=1e-6)
+    last = [p.clone() for p in params]
+    with ema.swapped_in():
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p, r.bfloat16())
+    assert all(torch.equal(p, q) for p, q in zip(params, last))
 
 
 def test_resume_continues_exactly(tiny_config, tmp_path):

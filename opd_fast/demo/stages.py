@@ -20,7 +20,6 @@ points measured on a fixed evaluation subset; evaluation time is not counted as 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ import numpy as np
 import torch
 
 from opd_fast.checkpoint import export_diffusers_lora
-from opd_fast.config import OFFICIAL_LORA_TARGETS, LoraConfig, ModelConfig, TeacherConfig
+from opd_fast.config import OFFICIAL_LORA_TARGETS, EMAConfig, LoraConfig, ModelConfig, TeacherConfig
 from opd_fast.demo import flow, world
+from opd_fast.engine import EMA
 from opd_fast.models import add_student_lora, load_transformer
 from opd_fast.teachers import load_teacher
 
@@ -172,7 +172,7 @@ def pretrain(settings: PretrainSettings, seed: int, max_tokens: int, out_dir: Pa
     text = flow.TextConditioner(max_tokens)
     model = flow.build_model(seed)
     model.train()
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(list(model.parameters()), EMAConfig(decay=settings.ema_decay, update_every=1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(settings.steps // 40, 1)
 
@@ -193,11 +193,9 @@ def pretrain(settings: PretrainSettings, seed: int, max_tokens: int, out_dir: Pa
         schedule.step()
         meter.train(settings.batch)
         losses.append(float(loss.detach()))
-        with torch.no_grad():  # EMA weights sample far cleaner than the last iterate of a short run
-            decay = min(settings.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-    ema.save_pretrained(out_dir)
+        ema.update(step)  # EMA weights sample far cleaner than the last iterate of a short run
+    with ema.swapped_in():
+        model.save_pretrained(out_dir)
     return {"seconds": clock.seconds(), "units": meter.units, "final_loss": float(np.mean(losses[-50:]))}
 
 
