@@ -71,12 +71,15 @@ class TeacherRuntimeConfig:
     mode: Literal["merged", "adapter"] = "merged"  # merged: one copy per teacher; adapter: one base + LoRAs
 
 
+PROMPT_KINDS = ("auto", "txt", "jsonl", "pickscore", "ocr", "geneval", "drawbench")  # opd_fast.datasets reads them
+
+
 @dataclass(kw_only=True)
 class TaskConfig:
     name: str
     prompts: str  # .txt (one prompt per line), .jsonl ({"prompt": ..., metadata...}) or DrawBench's .csv
     # the set's checks before training (opd_fast.datasets): ocr (quoted text), geneval (its metadata schema), ...
-    prompts_kind: Literal["auto", "txt", "jsonl", "pickscore", "ocr", "geneval", "drawbench"] = "auto"
+    prompts_kind: Literal[PROMPT_KINDS] = "auto"
     teacher: TeacherConfig
     # this task's trained leading steps, as sampling.timestep_fraction (null: that value). A task whose reward is
     # decided early (layout, count, glyph shape) can train fewer steps, and its rollout stops there

@@ -14,9 +14,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from opd_fast.config import PROMPT_KINDS as KINDS
 from opd_fast.prompts import PromptError, PromptSet, read_prompts
 
-KINDS = ("auto", "txt", "jsonl", "pickscore", "ocr", "geneval", "drawbench")
 GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
 DRAWBENCH_PROMPT_COLUMNS = ("Prompts", "Prompt", "prompt", "prompts")
 DRAWBENCH_CATEGORY_COLUMNS = ("Category", "category")
