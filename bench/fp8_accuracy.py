@@ -78,7 +78,7 @@ def make_inputs(model, family: str, batch: int, resolution: int, device: str, se
                         torch.randn(batch, pooled, generator=g).to(device),
                         torch.randn(1, tokens, dim, generator=g).to(device),
                         torch.randn(1, pooled, generator=g).to(device))  # fmt: skip
-    sigmas = sigma_grid(family, 10, 3.0, image_seq_len=shape[1] if family == "flux" else None)
+    sigmas = sigma_grid(family, 10, image_seq_len=shape[1] if family == "flux" else None)  # the released configs
     states = []
     for j in (0, 2, 4, 6, 8):
         x0, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)

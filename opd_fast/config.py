@@ -101,7 +101,7 @@ class PromptsConfig:
 @dataclass(kw_only=True)
 class SamplingConfig:
     num_steps: int = 10
-    shift: float = 3.0
+    shift: float | None = None  # null: the model's scheduler config (opd_fast.schedule); a number: that static shift
     noise_level: float = 0.0  # a: 0 = ODE rollout and L2 loss; > 0 = Flow-GRPO SDE and closed-form KL
     timestep_fraction: float = 0.99  # trained steps = int(num_steps * timestep_fraction), as the official code
     resolution: int = 512  # pixels; latent side = resolution // 8
@@ -129,7 +129,7 @@ class OptimizerConfig:
 @dataclass(kw_only=True)
 class EMAConfig:
     enabled: bool = True
-    decay: float = 0.9  # effective decay min((1 + s) / (10 + s), decay), s = the optimizer step (official)
+    decay: float = 0.9  # effective decay min((1 + s) / (10 + s), decay), s = optimizer steps taken (official)
     update_every: int = 8
 
 
@@ -217,12 +217,13 @@ class RunConfig:
             "student.lora.rank": self.student.lora.rank, "ema.update_every": self.ema.update_every,
             "sampling.resolution": self.sampling.resolution, "optimizer.lr": self.optimizer.lr,
             "optimizer.eps": self.optimizer.eps, "student.lora.alpha": self.student.lora.alpha,
-            "sampling.shift": self.sampling.shift, "prompts.max_tokens": self.prompts.max_tokens,
+            "prompts.max_tokens": self.prompts.max_tokens,
             "prompts.encode_batch_size": self.prompts.encode_batch_size,
             **{f"tasks.{i}.loss_weight": t.loss_weight for i, t in enumerate(self.tasks)},
         }  # fmt: skip
         optional = {"optimizer.max_grad_norm": self.optimizer.max_grad_norm,  # <= 0 would ascend (or zero) in torch
-                    "prompts.max_sequence_length": self.prompts.max_sequence_length}  # fmt: skip
+                    "prompts.max_sequence_length": self.prompts.max_sequence_length,
+                    "sampling.shift": self.sampling.shift}  # fmt: skip
         positive.update({key: value for key, value in optional.items() if value is not None})
         for key, value in positive.items():
             if not math.isfinite(value):

@@ -111,7 +111,8 @@ class _RoundCounter:
 
 
 class EMA:
-    """The official schedule: at optimization step s, when (s + 1) % update_every == 0,
+    """The official schedule (Flow-GRPO's EMAModuleWrapper): called with s, the optimizer steps taken so far (the
+    trainer calls it after each step: s = 1, 2, ...); when (s + 1) % update_every == 0,
     ema += (1 - d) (p - ema) with d = min((1 + s) / (10 + s), decay).
 
     `params` may be shards (ZeRO-3); then `engine` gathers state_dict() to full tensors on rank 0 and load_state_dict()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -22,14 +25,20 @@ class MetricsWriter:
         and a last line the kill cut short. Rewritten atomically: a kill now leaves the old log or the new one."""
         if not self.path.is_file():
             return
+        lines = self.path.read_text().splitlines()
         kept = []
-        for line in self.path.read_text().splitlines():
+        for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # torn by the kill: only ever the last line, written after the checkpoint
-                continue
-            if record["step"] <= step:
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                if record["step"] <= step:
+                    kept.append(line)
+            elif number < len(lines):  # not ours to judge: kept as it is
+                log.warning("%s:%d is not a metrics record; kept as it is", self.path, number)
                 kept.append(line)
+            # else: the last line, torn by the kill (it was written after the checkpoint)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -151,6 +151,12 @@ def latent_shape(model: torch.nn.Module, family: str, batch: int, resolution: in
     return (batch, model.config.in_channels, side, side)
 
 
+def image_tokens(model: torch.nn.Module, family: str, resolution: int) -> int:
+    """The transformer's image tokens at `resolution` (the `image_seq_len` of a dynamic sigma shift)."""
+    side = resolution // VAE_SCALE // (2 if family == "flux" else model.config.patch_size)
+    return side * side
+
+
 def flux_image_ids(tokens: int, device) -> torch.Tensor:
     side = round(tokens**0.5)
     ids = torch.zeros(side, side, 3, device=device)

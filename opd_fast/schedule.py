@@ -1,36 +1,85 @@
 """The sigma grid of a rollout (which of its steps are trained: RunConfig.trained_steps).
 
-The grid comes from diffusers' FlowMatchEulerDiscreteScheduler, never re-derived: SD3 uses a static shift (3.0 for
-SD3.5), FLUX the resolution-dependent dynamic shift its pipeline uses.
+The grid comes from diffusers' FlowMatchEulerDiscreteScheduler, never re-derived, built from the model's own scheduler
+config (scheduler/scheduler_config.json of the pipeline at model.path) and called the way the family's pipeline calls
+it: SD3 with the step count, FLUX with a linear sigma ramp, both with the image-size dependent `mu` when the config
+shifts dynamically. Without a pipeline folder the released configs stand in: SD3.5's static shift 3.0 and FLUX.1-dev's
+dynamic shift. A `sampling.shift` in the run config replaces the config's shift with that static one.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-# FLUX.1's scheduler config (scheduler/scheduler_config.json of the released pipeline)
-FLUX_SHIFT = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+from opd_fast.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# scheduler/scheduler_config.json of the released stabilityai/stable-diffusion-3.5-* and black-forest-labs/FLUX.1-dev
+RELEASED = {
+    "sd3": dict(shift=3.0),
+    "flux": dict(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                 max_shift=1.15),
+}
+# the defaults each pipeline assumes for a dynamic-shift key its scheduler config lacks
+PIPELINE_MU_DEFAULTS = {
+    "sd3": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.16),
+    "flux": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15),
+}
 
 
-def make_scheduler(family: str, shift: float) -> FlowMatchEulerDiscreteScheduler:
-    if family == "flux":
-        return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, **FLUX_SHIFT)
-    return FlowMatchEulerDiscreteScheduler(shift=shift)
+def scheduler_config_file(path: str | Path) -> Path | None:
+    """The scheduler config of the pipeline at `path`: path/scheduler/, or the pipeline's when `path` is its
+    transformer/ folder; None when there is none (a lone transformer folder)."""
+    path = Path(path)
+    folders = [path] + ([path.parent] if (path / "config.json").is_file() else [])
+    for folder in folders:
+        file = folder / "scheduler" / "scheduler_config.json"
+        if file.is_file():
+            return file
+    return None
 
 
-def sigma_grid(family: str, num_steps: int, shift: float, image_seq_len: int | None = None) -> torch.Tensor:
-    """(num_steps + 1,) float32 sigmas from 1 down to 0, as the family's pipeline would sample them."""
-    scheduler = make_scheduler(family, shift)
-    if family == "flux":
+def make_scheduler(family: str, shift: float | None = None, path: str | Path | None = None):
+    """The family's FlowMatchEulerDiscreteScheduler: the config at `path` if it has one, else the released one;
+    `shift` (when not None) makes it a static shift."""
+    config, source = dict(RELEASED[family]), f"the released {family} config"
+    file = scheduler_config_file(path) if path is not None else None
+    if file is not None:
+        try:
+            config, source = json.loads(file.read_text()), str(file)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.path: {file} is not valid JSON ({e})") from e
+    if shift is not None:
+        config.update(shift=shift, use_dynamic_shifting=False)
+        source += f", sampling.shift {shift}"
+    log.info("sigma schedule: %s", source)
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def sigma_grid(family: str, num_steps: int, shift: float | None = None, image_seq_len: int | None = None,
+               path: str | Path | None = None) -> torch.Tensor:
+    """(num_steps + 1,) float32 sigmas from 1 down to 0, as the family's pipeline would sample them.
+
+    image_seq_len: the transformer's image tokens (after patchifying), needed when the schedule shifts dynamically.
+    """
+    scheduler = make_scheduler(family, shift, path)
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting"):
         if image_seq_len is None:
-            raise ValueError("sigma_grid: FLUX's dynamic shift needs image_seq_len")
-        c = FLUX_SHIFT
-        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-        mu = image_seq_len * slope + c["base_shift"] - slope * c["base_image_seq_len"]
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+            raise ValueError(f"sigma_grid: the {family} scheduler shifts dynamically and needs image_seq_len")
+        c = {key: scheduler.config.get(key, default) for key, default in PIPELINE_MU_DEFAULTS[family].items()}
+        kwargs["mu"] = calculate_shift(image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"],
+                                       c["base_shift"], c["max_shift"])
+    if family == "flux" and not scheduler.config.get("use_flow_sigmas"):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:
-        scheduler.set_timesteps(num_steps)
+        scheduler.set_timesteps(num_steps, **kwargs)
     return scheduler.sigmas.float()
-

@@ -36,7 +36,7 @@ from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
 from opd_fast.engine import EMA, lr_at, make_engine
 from opd_fast.metrics import MetricsWriter
-from opd_fast.models import add_student_lora, latent_shape, load_transformer, velocity
+from opd_fast.models import add_student_lora, image_tokens, latent_shape, load_transformer, velocity
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
 from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached
 from opd_fast.schedule import sigma_grid
@@ -142,9 +142,8 @@ class Trainer:
         with distributed.rank_zero_first(self.dist):  # rank 0 fills the cache, the others read it
             self.prompts = encode_task_prompts(cfg, self.student, cache_dir)
 
-        probe = latent_shape(self.student, cfg.model.family, 1, cfg.sampling.resolution)
-        self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift,
-                                 image_seq_len=probe[1] if cfg.model.family == "flux" else None)
+        self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift, path=cfg.model.path,
+                                 image_seq_len=image_tokens(self.student, cfg.model.family, cfg.sampling.resolution))
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.round = 0
         self.nonfinite_rounds = 0
@@ -311,7 +310,7 @@ class Trainer:
             else:
                 self.engine.zero_grad()
         if grad_norm is not None and self.ema is not None:
-            self.ema.update(self.round)
+            self.ema.update(self.round + 1)  # s = optimizer steps so far, this one included (Flow-GRPO's global_step)
         self.round += 1
         return RoundResult(loss, values, grad_norm)
 

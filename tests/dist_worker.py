@@ -30,7 +30,8 @@ def partition(trainer: Trainer) -> dict:
     for name, p in trainer.student.named_parameters():
         if p.requires_grad:
             out[name] = {"numel": int(getattr(p, "ds_numel", p.numel())), "held": p.data.numel(),
-                         "shard": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None}
+                         "shard": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None,
+                         "persist": getattr(p, "ds_persist", None)}
     if hasattr(engine, "master_partitions"):
         flat = sum(t.numel() for t in engine.master_partitions())
     else:

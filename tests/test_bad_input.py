@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem, and loses nothing."""
 
 import json
+import logging
 import pickle
 
 import pytest
@@ -213,6 +214,18 @@ def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and records[1]["loss"] > 0  # round 2 once: the resumed run's
     assert not [p for p in (out / "checkpoints").iterdir() if not p.name.startswith("step_")]
+
+
+def test_resumed_metrics_log_drops_only_later_steps_and_a_torn_last_line(tmp_path, caplog):
+    from opd_fast.metrics import MetricsWriter
+
+    lines = [json.dumps({"step": 1, "loss": 1.0}), "edited by hand", json.dumps({"step": 2, "loss": 2.0}),
+             json.dumps({"step": 3, "loss": 3.0}), '{"step": 4, "lo']  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    with caplog.at_level(logging.WARNING, logger="opd_fast.metrics"):
+        MetricsWriter(tmp_path, tensorboard=False, resume_step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]  # step 3 (after the checkpoint) goes
+    assert "metrics.jsonl:2 is not a metrics record" in caplog.text
 
 
 class _Evil:

@@ -59,6 +59,7 @@ COMMON = [
 ZERO3 = ["engine.kind=deepspeed", "engine.zero_stage=3", "engine.persistence_threshold=0",
          "model.gradient_checkpointing=true"]  # fmt: skip
 FULL = ["student.lora.enabled=false", "train.schedule=two_pass"]  # two-pass: rollout forwards without grad, too
+PERSIST_FULL = 1000
 RESTART_ROUNDS = 4  # the torchrun restart test: rank 1 is killed after round 2
 DISCARD = [1]  # rounds whose loss the DDP / LoRA-default jobs see as NaN: the round's gradients must be dropped
 # name -> overrides of a 2-rank job (each rank: 1 micro-batch of 2 prompts per task; global batch 4)
@@ -70,7 +71,9 @@ JOBS = {
     "ddp": ["engine.kind=ddp", "train.rounds=3"],  # and DISCARD
     "zero2_half": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS}"],  # until ROUNDS // 2
     "zero2_resumed": ["engine.kind=deepspeed", "engine.zero_stage=2", f"train.rounds={ROUNDS}"],  # --resume
-    "zero3_full": ZERO3 + FULL + ["train.rounds=1"],
+    # persistence 1000: the biases and norms (<= 1000 elements) stay gathered, the weights are partitioned; the mix a
+    # full-parameter SD3.5 student gets at DeepSpeed's default 100k
+    "zero3_full": ZERO3 + FULL + ["train.rounds=1", f"engine.persistence_threshold={PERSIST_FULL}"],
 }
 
 
@@ -149,12 +152,12 @@ def test_zero3_full_parameter_student_trains_like_one_process(runs, single):
     ours = load_file(runs["zero3_full"] / "transformer" / "diffusion_pytorch_model.safetensors")
     theirs = load_file(single["full"] / "transformer" / "diffusion_pytorch_model.safetensors")
     assert_same_tensors(ours, theirs)
-    # ... and its EMA weights: after one step (s = 0, d = 0.1) ema = 0.1 base + 0.9 trained
+    # ... and its EMA weights: after one step (s = 1, d = 2 / 11) ema = d base + (1 - d) trained
     ours_ema = load_file(runs["zero3_full"] / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     theirs_ema = load_file(single["full"] / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     assert_same_tensors(ours_ema, theirs_ema)
-    base = load_transformer(load_config(CONFIG).model).state_dict()
-    assert_same_tensors(theirs_ema, {k: 0.1 * base[k] + 0.9 * theirs[k] for k in theirs})
+    base, d = load_transformer(load_config(CONFIG).model).state_dict(), 2 / 11
+    assert_same_tensors(theirs_ema, {k: d * base[k] + (1 - d) * theirs[k] for k in theirs})
 
 
 def test_one_optimizer_step_per_round(runs):
@@ -167,7 +170,10 @@ def test_one_optimizer_step_per_round(runs):
 
 # -- partitioning ---------------------------------------------------------------------------------------------------
 def test_zero3_partitions_every_student_tensor_and_no_teacher(runs):
-    for job in ("zero3", "zero3_full"):
+    """Every student tensor is partitioned and none is held outside a forward. zero3_full runs at persistence
+    PERSIST_FULL: DeepSpeed marks exactly the tensors of at most that many elements persistent (kept gathered within
+    a round), and training, EMA and export over that mix match one process (the test above)."""
+    for job, persist in (("zero3", 0), ("zero3_full", PERSIST_FULL)):
         for rank in range(WORLD):
             report = probe(runs[job], rank)
             assert report["before"]["stage"] == 3
@@ -176,8 +182,11 @@ def test_zero3_partitions_every_student_tensor_and_no_teacher(runs):
                 for name, p in when["params"].items():
                     assert p["shard"] == -(-p["numel"] // WORLD), name  # this rank keeps ceil(numel / 2)
                     assert p["held"] == 0, f"{name}: gathered outside a forward"
+                    assert p["persist"] == (p["numel"] <= persist), name
     full = probe(runs["zero3_full"], 0)["before"]["partition"]["params"]
     assert "proj_out.weight" in full and sum(p["numel"] for p in full.values()) > 50_000  # every weight, not a LoRA
+    sizes = [p["numel"] for p in full.values()]
+    assert min(sizes) <= PERSIST_FULL < max(sizes)  # both kinds are there
 
 
 def test_zero2_partitions_the_lora_optimizer_state(runs):

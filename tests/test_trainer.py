@@ -127,6 +127,18 @@ def test_ema_follows_the_official_schedule():
     assert all(torch.equal(p, q) for p, q in zip(params, last))
 
 
+def test_trainer_hands_ema_the_steps_taken(tiny_config, tmp_path):
+    """Flow-GRPO calls ema.step(params, global_step) after incrementing global_step, so with update_every 2 the
+    first update follows the first optimizer step, at s = 1 with d = min(2 / 11, decay)."""
+    trainer = Trainer(tiny_config(**{"train.rounds": 1, "ema.update_every": 2}), tmp_path / "run", device="cpu")
+    initial = [s.clone() for s in trainer.ema.shadow]
+    trainer.fit()
+    params = [p.detach().float() for p in trainer.engine.params]
+    assert any(not torch.equal(p, s) for p, s in zip(params, initial))  # the step moved the weights
+    for shadow, start, p in zip(trainer.ema.shadow, initial, params):
+        torch.testing.assert_close(shadow, start + (1 - 2 / 11) * (p - start))
+
+
 def test_resume_continues_exactly(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.rounds": 4, "ema.update_every": 1})
     straight = Trainer(cfg, tmp_path / "straight", device="cpu")

@@ -1,0 +1,99 @@
+"""The rollout's sigma grid against the sigmas diffusers' own pipelines sample at, for each scheduler config."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny_pipeline import one_thread, write_tiny_pipeline  # noqa: F401  (one_thread: autouse fixture)
+
+from opd_fast.config import ConfigError, config_from_dict
+from opd_fast.schedule import sigma_grid
+from opd_fast.text_encoders import pipeline_class
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: write_tiny_pipeline(root / family, family) for family in ("sd3", "flux")}
+
+
+def pipeline_sigmas(family: str, folder, resolution: int) -> tuple[torch.Tensor, int]:
+    """(the sigmas the pipeline at `folder` sampled at, its image tokens) after a real call at `resolution` px."""
+    pipe = pipeline_class(family).from_pretrained(folder, local_files_only=True)
+    out = pipe(prompt="a cat", num_inference_steps=STEPS, height=resolution, width=resolution, guidance_scale=1.0,
+               max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(0))
+    latents = out.images
+    patch = 1 if family == "flux" else pipe.transformer.config.patch_size  # FLUX latents come back packed
+    tokens = latents.shape[1] if family == "flux" else (latents.shape[2] // patch) * (latents.shape[3] // patch)
+    return pipe.scheduler.sigmas.float(), tokens
+
+
+def with_scheduler_config(src, dst, **changes):
+    """A copy of the pipeline folder `src` whose scheduler config has `changes`."""
+    shutil.copytree(src, dst)
+    file = dst / "scheduler" / "scheduler_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_flux_dynamic_shift_follows_the_pipeline(folders, resolution):
+    expected, tokens = pipeline_sigmas("flux", folders["flux"], resolution)
+    ours = sigma_grid("flux", STEPS, image_seq_len=tokens, path=folders["flux"])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    # the same grid from the transformer/ folder (its pipeline's scheduler) and with no folder (FLUX.1-dev's config)
+    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=folders["flux"] / "transformer"), ours)
+    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens), ours)
+
+
+def test_flux_static_config_and_explicit_shift(folders, tmp_path):
+    """A FLUX.1-schnell-like config (no dynamic shift, shift 1) is followed; so is an explicit sampling.shift."""
+    schnell = with_scheduler_config(folders["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
+    expected, tokens = pipeline_sigmas("flux", schnell, 64)
+    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=schnell), expected)
+    dev = sigma_grid("flux", STEPS, image_seq_len=tokens, path=folders["flux"])
+    assert not torch.allclose(dev, expected)  # the two configs give different grids, so the check above can fail
+    assert torch.equal(sigma_grid("flux", STEPS, shift=1.0, image_seq_len=tokens, path=folders["flux"]), expected)
+
+
+def test_sd3_follows_its_scheduler_config(folders, tmp_path):
+    expected, tokens = pipeline_sigmas("sd3", folders["sd3"], 64)
+    assert torch.equal(sigma_grid("sd3", STEPS, path=folders["sd3"]), expected)
+    assert torch.equal(sigma_grid("sd3", STEPS), expected)  # no folder: SD3.5's shift 3.0
+    # a dynamic-shift SD3 config (as some fine-tunes ship): the SD3 pipeline's mu from its patched image tokens
+    dynamic = with_scheduler_config(folders["sd3"], tmp_path / "dynamic", use_dynamic_shifting=True)
+    expected_dynamic, _ = pipeline_sigmas("sd3", dynamic, 64)
+    assert not torch.allclose(expected_dynamic, expected)
+    assert torch.equal(sigma_grid("sd3", STEPS, image_seq_len=tokens, path=dynamic), expected_dynamic)
+    with pytest.raises(ValueError, match="needs image_seq_len"):
+        sigma_grid("sd3", STEPS, path=dynamic)
+
+
+def test_bad_scheduler_config_names_the_file(folders, tmp_path):
+    broken = with_scheduler_config(folders["sd3"], tmp_path / "broken")
+    (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"broken/scheduler/scheduler_config\.json is not valid JSON"):
+        sigma_grid("sd3", STEPS, path=broken)
+
+
+def test_trainer_samples_at_the_model_folders_grid(folders, tmp_path):
+    """The trainer hands model.path and its image tokens to the grid: a schnell-like FLUX folder gives its grid."""
+    from opd_fast.trainer import Trainer
+
+    schnell = with_scheduler_config(folders["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a cat\na dog\n")
+    cfg = config_from_dict({
+        "model": {"family": "flux", "path": str(schnell)},
+        "student": {"guidance": None, "lora": {"rank": 2, "alpha": 4}},
+        "tasks": [{"name": "t", "prompts": str(prompt_file), "teacher": {"path": str(schnell), "format": "full"}}],
+        "prompts": {"encoder": "pipeline", "max_sequence_length": 8},
+        "sampling": {"num_steps": STEPS, "resolution": 64},
+        "logging": {"tensorboard": False, "progress": False},
+    })  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    expected, _ = pipeline_sigmas("flux", schnell, 64)
+    assert torch.equal(trainer.sigmas, expected)
