@@ -110,6 +110,21 @@ class _RoundCounter:
         self.done = 0
 
 
+@contextlib.contextmanager
+def values_swapped_in(params: list[torch.Tensor], values: list[torch.Tensor]):
+    """Temporarily copy `values` into `params` (same shapes); the parameters' own values are put back after."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 class EMA:
     """The official schedule (Flow-GRPO's EMAModuleWrapper): called with s, the optimizer steps taken so far (the
     trainer calls it after each step: s = 1, 2, ...); when (s + 1) % update_every == 0,
@@ -141,16 +156,8 @@ class EMA:
         modules hold shards (and gathered copies of small parameters) this would not reach: export gathers instead."""
         if getattr(self.engine, "stage", None) == 3:
             raise NotImplementedError("EMA.swapped_in under ZeRO-3: gather the EMA (state_dict) and load it instead")
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
+        with values_swapped_in(self.params, self.shadow):
             yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         full = self.shadow if self.engine is None else self.engine.gather(self.shadow)

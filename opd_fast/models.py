@@ -144,10 +144,10 @@ class Conditioning:
 
 
 def latent_shape(model: torch.nn.Module, family: str, batch: int, resolution: int) -> tuple[int, ...]:
-    side = resolution // VAE_SCALE
     if family == "flux":
         # packed: 2x2 latent patches become one token of 4 * latent_channels
-        return (batch, (side // 2) * (side // 2), model.config.in_channels)
+        return (batch, image_tokens(model, family, resolution), model.config.in_channels)
+    side = resolution // VAE_SCALE
     return (batch, model.config.in_channels, side, side)
 
 

@@ -34,7 +34,7 @@ from opd_fast.checkpoint import (
 )  # fmt: skip
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
-from opd_fast.engine import EMA, lr_at, make_engine
+from opd_fast.engine import EMA, lr_at, make_engine, values_swapped_in
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import add_student_lora, image_tokens, latent_shape, load_transformer, velocity
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
@@ -372,19 +372,12 @@ class Trainer:
         self.export()
         return records
 
-    @torch.no_grad()
     def _save_with(self, values: dict[str, torch.Tensor], folder: Path) -> None:
         """save_pretrained of the student with `values` (name -> full tensor) in place of those parameters; the
         parameters are put back after (the caller holds them gathered under ZeRO-3)."""
         params = dict(self.student.named_parameters())
-        saved = {n: params[n].detach().clone() for n in values}
-        for n, v in values.items():
-            params[n].copy_(v)
-        try:
+        with values_swapped_in([params[n] for n in values], list(values.values())):
             self.student.save_pretrained(folder)
-        finally:
-            for n, v in saved.items():
-                params[n].copy_(v)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def save(self) -> Path | None:

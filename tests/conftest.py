@@ -39,6 +39,16 @@ def set_args(overrides: list[str]) -> list[str]:
     return [arg for kv in overrides for arg in ("--set", kv)]
 
 
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny saved SD3 and FLUX pipeline folders (tests/tiny_pipeline.py), written once per session: family ->
+    folder. A test that edits one puts it back, or edits a copy."""
+    from tiny_pipeline import write_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: write_tiny_pipeline(root / family, family) for family in ("sd3", "flux")}
+
+
 @pytest.fixture
 def tiny_config():
     from opd_fast.config import load_config

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_pipeline import one_thread, write_tiny_pipeline  # noqa: F401  (one_thread: autouse fixture)
+from tiny_pipeline import one_thread  # noqa: F401  (autouse fixture)
 
 from opd_fast.config import ConfigError, config_from_dict
 from opd_fast.schedule import sigma_grid
@@ -13,11 +13,6 @@ from opd_fast.text_encoders import pipeline_class
 
 STEPS = 4
 
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {family: write_tiny_pipeline(root / family, family) for family in ("sd3", "flux")}
 
 
 def pipeline_sigmas(family: str, folder, resolution: int) -> tuple[torch.Tensor, int]:
@@ -40,31 +35,31 @@ def with_scheduler_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize("resolution", [64, 128])
-def test_flux_dynamic_shift_follows_the_pipeline(folders, resolution):
-    expected, tokens = pipeline_sigmas("flux", folders["flux"], resolution)
-    ours = sigma_grid("flux", STEPS, image_seq_len=tokens, path=folders["flux"])
+def test_flux_dynamic_shift_follows_the_pipeline(tiny_pipelines, resolution):
+    expected, tokens = pipeline_sigmas("flux", tiny_pipelines["flux"], resolution)
+    ours = sigma_grid("flux", STEPS, image_seq_len=tokens, path=tiny_pipelines["flux"])
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     # the same grid from the transformer/ folder (its pipeline's scheduler) and with no folder (FLUX.1-dev's config)
-    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=folders["flux"] / "transformer"), ours)
+    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=tiny_pipelines["flux"] / "transformer"), ours)
     assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens), ours)
 
 
-def test_flux_static_config_and_explicit_shift(folders, tmp_path):
+def test_flux_static_config_and_explicit_shift(tiny_pipelines, tmp_path):
     """A FLUX.1-schnell-like config (no dynamic shift, shift 1) is followed; so is an explicit sampling.shift."""
-    schnell = with_scheduler_config(folders["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
+    schnell = with_scheduler_config(tiny_pipelines["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
     expected, tokens = pipeline_sigmas("flux", schnell, 64)
     assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=schnell), expected)
-    dev = sigma_grid("flux", STEPS, image_seq_len=tokens, path=folders["flux"])
+    dev = sigma_grid("flux", STEPS, image_seq_len=tokens, path=tiny_pipelines["flux"])
     assert not torch.allclose(dev, expected)  # the two configs give different grids, so the check above can fail
-    assert torch.equal(sigma_grid("flux", STEPS, shift=1.0, image_seq_len=tokens, path=folders["flux"]), expected)
+    assert torch.equal(sigma_grid("flux", STEPS, shift=1.0, image_seq_len=tokens, path=tiny_pipelines["flux"]), expected)
 
 
-def test_sd3_follows_its_scheduler_config(folders, tmp_path):
-    expected, tokens = pipeline_sigmas("sd3", folders["sd3"], 64)
-    assert torch.equal(sigma_grid("sd3", STEPS, path=folders["sd3"]), expected)
+def test_sd3_follows_its_scheduler_config(tiny_pipelines, tmp_path):
+    expected, tokens = pipeline_sigmas("sd3", tiny_pipelines["sd3"], 64)
+    assert torch.equal(sigma_grid("sd3", STEPS, path=tiny_pipelines["sd3"]), expected)
     assert torch.equal(sigma_grid("sd3", STEPS), expected)  # no folder: SD3.5's shift 3.0
     # a dynamic-shift SD3 config (as some fine-tunes ship): the SD3 pipeline's mu from its patched image tokens
-    dynamic = with_scheduler_config(folders["sd3"], tmp_path / "dynamic", use_dynamic_shifting=True)
+    dynamic = with_scheduler_config(tiny_pipelines["sd3"], tmp_path / "dynamic", use_dynamic_shifting=True)
     expected_dynamic, _ = pipeline_sigmas("sd3", dynamic, 64)
     assert not torch.allclose(expected_dynamic, expected)
     assert torch.equal(sigma_grid("sd3", STEPS, image_seq_len=tokens, path=dynamic), expected_dynamic)
@@ -72,18 +67,18 @@ def test_sd3_follows_its_scheduler_config(folders, tmp_path):
         sigma_grid("sd3", STEPS, path=dynamic)
 
 
-def test_bad_scheduler_config_names_the_file(folders, tmp_path):
-    broken = with_scheduler_config(folders["sd3"], tmp_path / "broken")
+def test_bad_scheduler_config_names_the_file(tiny_pipelines, tmp_path):
+    broken = with_scheduler_config(tiny_pipelines["sd3"], tmp_path / "broken")
     (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"broken/scheduler/scheduler_config\.json is not valid JSON"):
         sigma_grid("sd3", STEPS, path=broken)
 
 
-def test_trainer_samples_at_the_model_folders_grid(folders, tmp_path):
+def test_trainer_samples_at_the_model_folders_grid(tiny_pipelines, tmp_path):
     """The trainer hands model.path and its image tokens to the grid: a schnell-like FLUX folder gives its grid."""
     from opd_fast.trainer import Trainer
 
-    schnell = with_scheduler_config(folders["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
+    schnell = with_scheduler_config(tiny_pipelines["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a cat\na dog\n")
     cfg = config_from_dict({

@@ -1,4 +1,4 @@
-"""The pipeline text encoders (opd_fast.text_encoders) on tiny SD3 / FLUX pipeline folders built from config: the
+"""The pipeline text encoders (opd_fast.text_encoders) on tiny SD3 / FLUX pipeline tiny_pipelines built from config: the
 cached embeddings equal the pipeline's own encode_prompt, the cache name tracks the model, the encoders are freed,
 and a training round runs with `prompts.encoder: pipeline`."""
 
@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_pipeline import one_thread, write_tiny_pipeline  # noqa: F401  (one_thread: autouse fixture)
+from tiny_pipeline import one_thread  # noqa: F401  (autouse fixture)
 
 from opd_fast.config import ConfigError, ModelConfig, PromptsConfig, config_from_dict
 from opd_fast.prompts import PromptSet, encode_cached
@@ -20,11 +20,6 @@ from opd_fast.text_encoders import PipelineTextEncoder, pipeline_encoder
 PROMPTS = ["a photo of the cat", 'a red sign that says "hi"', "the blue dog of", "cat"]
 MSL = 16  # T5 tokens; the pipelines' defaults (256 / 512) work too but cost more here
 
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {family: write_tiny_pipeline(root / family, family) for family in ("sd3", "flux")}
 
 
 def reference_encode(family: str, folder, prompts: list[str]):
@@ -42,15 +37,15 @@ def reference_encode(family: str, folder, prompts: list[str]):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_cache_equals_pipeline_encode_prompt(family, folders, tmp_path):
-    encoder, name = pipeline_encoder(ModelConfig(family=family, path=str(folders[family])),
+def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
+    encoder, name = pipeline_encoder(ModelConfig(family=family, path=str(tiny_pipelines[family])),
                                      PromptsConfig(max_sequence_length=MSL, encode_batch_size=3))
     cache = tmp_path / "task.safetensors"
     with encoder:
         encoded = encode_cached(PromptSet(PROMPTS), encoder, name, "blurry", cache)
     assert encoder.pipe is None  # freed on exit
 
-    ref_embeds, ref_pooled = reference_encode(family, folders[family], PROMPTS + ["blurry"])
+    ref_embeds, ref_pooled = reference_encode(family, tiny_pipelines[family], PROMPTS + ["blurry"])
     stored = load_file(str(cache))
     clip_tokens = 77 if family == "sd3" else 0  # SD3 puts the CLIP hidden states before T5's
     assert stored["embeds"].shape == (len(PROMPTS), clip_tokens + MSL, 32)
@@ -63,23 +58,23 @@ def test_cache_equals_pipeline_encode_prompt(family, folders, tmp_path):
     torch.testing.assert_close(encoded.embeds, stored["embeds"])
 
     # A cache hit never loads the encoders.
-    again, name_again = pipeline_encoder(ModelConfig(family=family, path=str(folders[family])),
+    again, name_again = pipeline_encoder(ModelConfig(family=family, path=str(tiny_pipelines[family])),
                                          PromptsConfig(max_sequence_length=MSL, encode_batch_size=3))
     assert name_again == name
     encode_cached(PromptSet(PROMPTS), again, name_again, "blurry", cache)
     assert again.pipe is None
 
 
-def test_cache_name_tracks_model_and_length(folders, tmp_path):
-    sd3 = ModelConfig(family="sd3", path=str(folders["sd3"]))
+def test_cache_name_tracks_model_and_length(tiny_pipelines, tmp_path):
+    sd3 = ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"]))
     _, name = pipeline_encoder(sd3, PromptsConfig(max_sequence_length=MSL))
     _, longer = pipeline_encoder(sd3, PromptsConfig(max_sequence_length=MSL + 1))
     _, default = pipeline_encoder(sd3)
-    assert str(folders["sd3"].resolve()) in name and f"msl{MSL}" in name and "msl256" in default
+    assert str(tiny_pipelines["sd3"].resolve()) in name and f"msl{MSL}" in name and "msl256" in default
     assert len({name, longer, default}) == 3
 
     # Another model at the same path: the fingerprint (configs + weight sizes) changes the name.
-    config_file = folders["sd3"] / "text_encoder_3" / "config.json"
+    config_file = tiny_pipelines["sd3"] / "text_encoder_3" / "config.json"
     original = config_file.read_text()
     try:
         config_file.write_text(json.dumps({**json.loads(original), "dropout_rate": 0.2}))
@@ -89,10 +84,10 @@ def test_cache_name_tracks_model_and_length(folders, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["close", "drop"])
-def test_encoders_are_freed(folders, how):
+def test_encoders_are_freed(tiny_pipelines, how):
     """close() (or `with`), or merely dropping the encoder as the trainer does: the weights go at once, without
     waiting for the garbage collector's next cycle."""
-    encoder = PipelineTextEncoder(folders["sd3"], "sd3", max_sequence_length=MSL)
+    encoder = PipelineTextEncoder(tiny_pipelines["sd3"], "sd3", max_sequence_length=MSL)
     encoder(["a cat"])
     t5 = weakref.ref(encoder.pipe.text_encoder_3)
     gc.disable()
@@ -106,16 +101,16 @@ def test_encoders_are_freed(folders, how):
         gc.enable()
 
 
-def test_wrong_folder_errors(folders, tmp_path):
+def test_wrong_folder_errors(tiny_pipelines, tmp_path):
     with pytest.raises(ConfigError, match="StableDiffusion3Pipeline pipeline but model.family is 'flux'"):
-        pipeline_encoder(ModelConfig(family="flux", path=str(folders["sd3"])))
+        pipeline_encoder(ModelConfig(family="flux", path=str(tiny_pipelines["sd3"])))
     with pytest.raises(ConfigError, match="no model_index.json"):
-        pipeline_encoder(ModelConfig(family="sd3", path=str(folders["sd3"] / "transformer")))
+        pipeline_encoder(ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"] / "transformer")))
     with pytest.raises(ConfigError, match="encode_batch_size"):
-        pipeline_encoder(ModelConfig(family="sd3", path=str(folders["sd3"])), PromptsConfig(encode_batch_size=0))
+        pipeline_encoder(ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"])), PromptsConfig(encode_batch_size=0))
 
 
-def test_trainer_round_with_pipeline_encoder(folders, tmp_path):
+def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
     """One round of the real trainer on the tiny pipeline: transformer and text encoders from model.path, the
     teacher the same folder's transformer (layout `full`)."""
     from opd_fast.trainer import Trainer
@@ -123,10 +118,10 @@ def test_trainer_round_with_pipeline_encoder(folders, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     cfg = config_from_dict({
-        "model": {"family": "sd3", "path": str(folders["sd3"])},
+        "model": {"family": "sd3", "path": str(tiny_pipelines["sd3"])},
         "student": {"lora": {"rank": 2, "alpha": 4}},
         "tasks": [{"name": "pick", "prompts": str(prompt_file),
-                   "teacher": {"path": str(folders["sd3"]), "format": "full", "guidance": 4.5}}],
+                   "teacher": {"path": str(tiny_pipelines["sd3"]), "format": "full", "guidance": 4.5}}],
         "prompts": {"encoder": "pipeline", "max_sequence_length": MSL, "encode_batch_size": 2},
         "sampling": {"num_steps": 2, "resolution": 64},
         "train": {"rounds": 1, "micro_batch_size": 1},
@@ -144,7 +139,7 @@ def test_trainer_round_with_pipeline_encoder(folders, tmp_path):
         name = f.metadata()["encoder"]
     assert f"msl{MSL}" in name, "trainer.encode_task_prompts must pass cfg.prompts to pipeline_encoder"
     cached = load_file(str(out / "embeddings" / "pick.safetensors"))
-    ref_embeds, ref_pooled = reference_encode("sd3", folders["sd3"], PROMPTS)
+    ref_embeds, ref_pooled = reference_encode("sd3", tiny_pipelines["sd3"], PROMPTS)
     torch.testing.assert_close(cached["embeds"], ref_embeds)  # prompts.max_sequence_length reached the encoder
     torch.testing.assert_close(cached["pooled"], ref_pooled)
     assert (out / "lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
