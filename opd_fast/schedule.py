@@ -22,16 +22,16 @@ from opd_fast.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# scheduler/scheduler_config.json of the released stabilityai/stable-diffusion-3.5-* and black-forest-labs/FLUX.1-dev
-RELEASED = {
-    "sd3": dict(shift=3.0),
-    "flux": dict(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
-                 max_shift=1.15),
-}
 # the defaults each pipeline assumes for a dynamic-shift key its scheduler config lacks
 PIPELINE_MU_DEFAULTS = {
     "sd3": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.16),
     "flux": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15),
+}
+# scheduler/scheduler_config.json of the released stabilityai/stable-diffusion-3.5-* and black-forest-labs/FLUX.1-dev
+# (FLUX.1-dev's dynamic-shift keys are its pipeline's defaults)
+RELEASED = {
+    "sd3": dict(shift=3.0),
+    "flux": dict(shift=3.0, use_dynamic_shifting=True, **PIPELINE_MU_DEFAULTS["flux"]),
 }
 
 

@@ -14,7 +14,6 @@ from opd_fast.text_encoders import pipeline_class
 STEPS = 4
 
 
-
 def pipeline_sigmas(family: str, folder, resolution: int) -> tuple[torch.Tensor, int]:
     """(the sigmas the pipeline at `folder` sampled at, its image tokens) after a real call at `resolution` px."""
     pipe = pipeline_class(family).from_pretrained(folder, local_files_only=True)
@@ -40,7 +39,8 @@ def test_flux_dynamic_shift_follows_the_pipeline(tiny_pipelines, resolution):
     ours = sigma_grid("flux", STEPS, image_seq_len=tokens, path=tiny_pipelines["flux"])
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     # the same grid from the transformer/ folder (its pipeline's scheduler) and with no folder (FLUX.1-dev's config)
-    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=tiny_pipelines["flux"] / "transformer"), ours)
+    transformer = tiny_pipelines["flux"] / "transformer"
+    assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=transformer), ours)
     assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens), ours)
 
 
@@ -51,7 +51,8 @@ def test_flux_static_config_and_explicit_shift(tiny_pipelines, tmp_path):
     assert torch.equal(sigma_grid("flux", STEPS, image_seq_len=tokens, path=schnell), expected)
     dev = sigma_grid("flux", STEPS, image_seq_len=tokens, path=tiny_pipelines["flux"])
     assert not torch.allclose(dev, expected)  # the two configs give different grids, so the check above can fail
-    assert torch.equal(sigma_grid("flux", STEPS, shift=1.0, image_seq_len=tokens, path=tiny_pipelines["flux"]), expected)
+    explicit = sigma_grid("flux", STEPS, shift=1.0, image_seq_len=tokens, path=tiny_pipelines["flux"])
+    assert torch.equal(explicit, expected)
 
 
 def test_sd3_follows_its_scheduler_config(tiny_pipelines, tmp_path):

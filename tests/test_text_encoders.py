@@ -1,4 +1,4 @@
-"""The pipeline text encoders (opd_fast.text_encoders) on tiny SD3 / FLUX pipeline tiny_pipelines built from config: the
+"""The pipeline text encoders (opd_fast.text_encoders) on tiny SD3 / FLUX pipeline folders built from config: the
 cached embeddings equal the pipeline's own encode_prompt, the cache name tracks the model, the encoders are freed,
 and a training round runs with `prompts.encoder: pipeline`."""
 
@@ -19,7 +19,6 @@ from opd_fast.text_encoders import PipelineTextEncoder, pipeline_encoder
 
 PROMPTS = ["a photo of the cat", 'a red sign that says "hi"', "the blue dog of", "cat"]
 MSL = 16  # T5 tokens; the pipelines' defaults (256 / 512) work too but cost more here
-
 
 
 def reference_encode(family: str, folder, prompts: list[str]):
