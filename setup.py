@@ -53,7 +53,7 @@ setup(
     packages=find_packages(include=["opd_fast", "opd_fast.*"]),
     install_requires=[
         "torch>=2.5",
-        "diffusers>=0.35",
+        "diffusers>=0.40",
         "peft>=0.17",
         "transformers>=4.50",
         "safetensors",

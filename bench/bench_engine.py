@@ -121,7 +121,7 @@ def worker(args) -> None:
               "cuda_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
               "backwards": backwards}  # fmt: skip
     Path(args.result).with_suffix(f".rank{info.rank}.json").write_text(json.dumps(result))
-    distributed.shutdown()
+    distributed.finish(0)  # not a plain return: see distributed.finish
 
 
 # -- the coordinator -----------------------------------------------------------------------------------------------

@@ -91,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from opd_fast import distributed
     from opd_fast.config import ConfigError
-    from opd_fast.distributed import slurm_launch_env
     from opd_fast.prompts import PromptError
     from opd_fast.safeio import UnsafeFileError
     from opd_fast.teachers import TeacherError
     from opd_fast.trainer import OutputDirError, TrainingError
 
     try:
-        os.environ.update(slurm_launch_env())  # ranks srun started itself: torchrun's variables, from srun's
+        os.environ.update(distributed.slurm_launch_env())  # ranks srun started itself: torchrun's variables, from srun's
     except ConfigError as e:
         print(f"opd-fast: error: {e}", file=sys.stderr)
         return 2
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     many_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ConfigError, PromptError, TeacherError, OutputDirError, TrainingError, UnsafeFileError,
             FileNotFoundError) as e:
         rank = f"rank {os.environ.get('RANK', '0')}: " if many_ranks else ""
@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         if many_ranks:
-            from opd_fast import distributed
-
             distributed.fail(e)  # one clear line, and an exit that cannot block on a dead peer
         raise
+    if many_ranks:  # leave without the interpreter's teardown, which can abort a finished run (distributed.finish)
+        distributed.finish(code)
+    return code
 
 
 if __name__ == "__main__":

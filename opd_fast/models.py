@@ -73,7 +73,7 @@ def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
     cls = TRANSFORMER_CLASSES[cfg.family]
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model = cls.from_pretrained(transformer_folder(cfg.path), torch_dtype=dtype, use_safetensors=True)
+        model = cls.from_pretrained(transformer_folder(cfg.path), dtype=dtype, use_safetensors=True)
     else:
         if cfg.preset not in PRESETS:
             raise ValueError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")

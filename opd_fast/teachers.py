@@ -230,7 +230,7 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg
         probe = type("Probe", (), {"config": arch})
         _check_architecture(base, probe, where)
         dtype = next(base.parameters()).dtype
-        model = freeze(cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True))
+        model = freeze(cls.from_pretrained(folder, dtype=dtype, use_safetensors=True))
     else:
         model = frozen_copy(base)
         merge_lora(model, _read_lora(path, fmt, where), where)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from opd_fast.config import ConfigError, ModelConfig, PromptsConfig
+from opd_fast.models import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ TEXT_COMPONENTS = {
     "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),
     "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pipeline_class(family: str):
@@ -105,7 +105,7 @@ class PipelineTextEncoder:
             log.info("loading the %s text encoders from %s", self.family, self.path)
             # transformer / vae None: diffusers skips them entirely (no weights read).
             self.pipe = pipeline_class(self.family).from_pretrained(
-                self.path, transformer=None, vae=None, torch_dtype=self.dtype, local_files_only=True
+                self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True
             ).to(self.device)  # fmt: skip
         return self.pipe
 

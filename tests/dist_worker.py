@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from opd_fast import distributed
 from opd_fast.config import load_config
 from opd_fast.trainer import Trainer
 
@@ -82,3 +83,4 @@ def main(jobs_file: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    distributed.finish(0)  # what opd-fast's CLI does: a plain exit can abort a finished run (see its docstring)

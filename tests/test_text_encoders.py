@@ -142,3 +142,24 @@ def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
     torch.testing.assert_close(cached["embeds"], ref_embeds)  # prompts.max_sequence_length reached the encoder
     torch.testing.assert_close(cached["pooled"], ref_pooled)
     assert (out / "lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_every_from_pretrained_loads_at_model_dtype(family, tiny_pipelines):
+    """model.dtype reaches the transformer, a full teacher and the text encoders, through diffusers' `dtype` keyword:
+    `torch_dtype` is deprecated from diffusers 0.40 on (a FutureWarning, which fails here) and goes in 1.0."""
+    import warnings
+
+    from opd_fast.config import TeacherConfig
+    from opd_fast.models import load_transformer
+    from opd_fast.teachers import load_teacher
+
+    folder = tiny_pipelines[family]
+    model_cfg = ModelConfig(family=family, path=str(folder), dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        transformer = load_transformer(model_cfg)
+        teacher = load_teacher("t", TeacherConfig(path=str(folder), format="full"), transformer, model_cfg).model
+        pipe = PipelineTextEncoder(folder, family, torch.bfloat16, "cpu").load()
+    modules = [transformer, teacher, pipe.text_encoder, pipe.text_encoder_2]
+    assert {p.dtype for m in modules for p in m.parameters()} == {torch.bfloat16}

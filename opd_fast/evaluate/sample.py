@@ -24,8 +24,9 @@ import torch
 
 from opd_fast import attention
 from opd_fast.config import ConfigError, RunConfig
+from opd_fast.models import DTYPES
 from opd_fast.prompts import PromptSet
-from opd_fast.text_encoders import DTYPES, PipelineTextEncoder, check_pipeline_folder, pipeline_class
+from opd_fast.text_encoders import PipelineTextEncoder, check_pipeline_folder, pipeline_class
 
 log = logging.getLogger(__name__)
 EVAL_STEPS = 40  # the paper's evaluation setting (its guidance, 4.5, is the student's own in our configs)
@@ -64,7 +65,7 @@ def load_model_into(pipe, cfg: RunConfig, which: str, run_dir: Path | None) -> t
         weights = _student_weights(run_dir, which)
         if weights.name == "transformer":
             cls = type(pipe.transformer)
-            pipe.transformer = cls.from_pretrained(weights, torch_dtype=pipe.transformer.dtype, use_safetensors=True)
+            pipe.transformer = cls.from_pretrained(weights, dtype=pipe.transformer.dtype, use_safetensors=True)
         else:
             pipe.load_lora_weights(weights)  # diffusers' own loader: the exported alpha/r metadata is honoured
             pipe.fuse_lora()
@@ -122,7 +123,7 @@ def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings:
 
     embeds, pooled, negative, negative_pooled = _encode(cfg, prompt_set.prompts, device)
     pipe = pipeline_class(cfg.model.family).from_pretrained(
-        folder, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, torch_dtype=dtype,
+        folder, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, dtype=dtype,
         local_files_only=True, **({"text_encoder_3": None, "tokenizer_3": None} if cfg.model.family == "sd3" else {}),
     )  # fmt: skip
     weights, own_guidance = load_model_into(pipe, cfg, settings.model, run_dir)
