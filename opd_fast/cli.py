@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = f"rank {os.environ.get('RANK', '0')}: " if many_ranks else ""
         print(f"opd-fast: error: {rank}{e}", file=sys.stderr, flush=True)
         if many_ranks:  # the other ranks may be waiting on this one: leave without the group's teardown
-            os._exit(2)
+            distributed.exit_now(2)
         return 2
     except Exception as e:
         if many_ranks:
