@@ -4,11 +4,11 @@
 //   forward   x_next = x_coef x + v_coef v_s + sbar noise,   loss[b] = w[b] sum_n (v_s - v_t)^2
 //   backward  dv_s = 2 w[b] g[b] (v_s - v_t);  CFG v = v_u + gw (v_c - v_u), dv_u = (1 - gw) dv, dv_c = gw dv
 //
-// Grid (chunks, B), 256 threads; each thread moves 8 consecutive elements per step: one 16-byte load for bf16/fp16,
-// two for fp32 (VEC path, taken when N % 8 == 0 and every pointer is 16-byte aligned; otherwise bounds-checked
-// scalar accesses). Offsets are int64. The per-sample sum is two-stage and deterministic: a fixed-shape block
-// reduction writes one partial per (sample, chunk), then one block per sample sums its partials in a fixed order
-// (no atomics, so the loss is bitwise reproducible run to run).
+// Grid (chunks, B), 256 threads; each thread moves 8 consecutive elements per step: one 16-byte load / store for
+// bf16/fp16, two for fp32 (VEC path, taken when N % 8 == 0 and every pointer is 16-byte aligned; otherwise
+// bounds-checked scalar accesses). Offsets are int64. The per-sample sum is two-stage and deterministic: a
+// fixed-shape block reduction writes one partial per (sample, chunk), then one block per sample sums its partials in
+// a fixed order (no atomics, so the loss is bitwise reproducible run to run).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -45,14 +45,25 @@ __device__ __forceinline__ uint32_t float_to_bits(float v, __nv_bfloat16) {
 }
 __device__ __forceinline__ uint32_t float_to_bits(float v, __half) { return __half_as_ushort(__float2half_rn(v)); }
 
+// The 16-byte vector at p[i]; on the VEC path p is 16-byte aligned and i a multiple of 8. Index a Vec array rather
+// than cast p + i: that shows nvcc the offset is whole vectors. From `*(uint4*)(p + i) = ...` it emitted four 32-bit
+// stores (i depends on the run-time chunk), whatever the vector type's alignment, __builtin_assume_aligned or
+// __builtin_assume(i % 8 == 0) said. i >= 0, so the unsigned division is a shift.
+template <typename Vec, typename T>
+__device__ __forceinline__ Vec* vec16(T* p, int64_t i) {
+  static_assert(sizeof(Vec) == 16 && 16 % sizeof(T) == 0, "16-byte vectors of T");
+  return reinterpret_cast<Vec*>(p) + static_cast<uint64_t>(i) / (16 / sizeof(T));
+}
+
 // 8 elements p[i .. i+8) as fp32; past `end` (scalar path only) they read as 0.
 template <typename T, bool VEC>
 __device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_t end, float out[kPerThread]) {
   if constexpr (VEC && sizeof(T) == 4) {
-    const float4 a = *reinterpret_cast<const float4*>(p + i), b = *reinterpret_cast<const float4*>(p + i + 4);
+    const float4* src = vec16<const float4>(p, i);
+    const float4 a = src[0], b = src[1];
     out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
   } else if constexpr (VEC) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
+    const uint4 raw = *vec16<const uint4>(p, i);
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -68,13 +79,14 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, int64_t i, int64_
 template <typename T, bool VEC>
 __device__ __forceinline__ void store8(T* __restrict__ p, int64_t i, int64_t end, const float in[kPerThread]) {
   if constexpr (VEC && sizeof(T) == 4) {
-    *reinterpret_cast<float4*>(p + i) = make_float4(in[0], in[1], in[2], in[3]);
-    *reinterpret_cast<float4*>(p + i + 4) = make_float4(in[4], in[5], in[6], in[7]);
+    float4* dst = vec16<float4>(p, i);
+    dst[0] = make_float4(in[0], in[1], in[2], in[3]);
+    dst[1] = make_float4(in[4], in[5], in[6], in[7]);
   } else if constexpr (VEC) {
     uint32_t words[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) words[k] = float_to_bits(in[2 * k], T{}) | (float_to_bits(in[2 * k + 1], T{}) << 16);
-    *reinterpret_cast<uint4*>(p + i) = make_uint4(words[0], words[1], words[2], words[3]);
+    *vec16<uint4>(p, i) = make_uint4(words[0], words[1], words[2], words[3]);
   } else {
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k)

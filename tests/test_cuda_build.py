@@ -1,10 +1,14 @@
 """The CUDA C++ kernels (csrc/opd_step_cuda.cu, with nvcc) and the Triton kernels (opd_fast/kernels) compile for
-sm_90: compile only, no GPU needed, so CI catches a broken GPU build. Running them is tests/test_kernels.py's job."""
+sm_90, and the CUDA kernels' vector path is 128-bit loads and stores in the SASS: compile only, no GPU needed, so CI
+catches a broken GPU build. Running them is tests/test_kernels.py's job."""
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,6 +43,78 @@ def test_cuda_kernels_compile_for_sm90(tmp_path):
         symbols = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
         for name in ("opd_step_cuda_forward", "opd_step_cuda_backward"):
             assert f" T {name}" in symbols, f"{name} is not exported by {obj.name}"
+
+
+def _cuobjdump(nvcc: str) -> str | None:
+    """cuobjdump from PATH, the toolkit of nvcc / $CUDA_HOME, or the copy triton's wheel ships (found, not imported)."""
+    candidates = [shutil.which("cuobjdump"), str(Path(nvcc).parent / "cuobjdump")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "cuobjdump"))
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin is not None:
+        candidates.append(str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _kernel_name(mangled: str) -> str:
+    """opd_step_fwd_kernel<__half, float, true> for a mangled kernel name (itself where c++filt is absent)."""
+    if shutil.which("c++filt") is None:
+        return mangled
+    full = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=False).stdout.strip()
+    return re.sub(r"^void |\(anonymous namespace\)::|\(.*$", "", full) or mangled
+
+
+# The VEC instantiations (opd_step_{fwd,bwd}_kernel<..., true>: N % 8 == 0, 16-byte aligned pointers) move every
+# element as 16-byte vectors; the only narrower global accesses are these per-block scalars.
+_NARROW_ALLOWED = {
+    "fwd": {"LDG": 3, "STG": 1},  # loads of x_coef, v_coef, sbar; the store of the block's partial sum
+    "bwd": {"LDG": 2, "STG": 0},  # loads of w and grad_loss
+}
+
+
+def test_cuda_vec_path_moves_128_bit_vectors(tmp_path):
+    """The VEC path stores (and loads) each 16 bytes with one 128-bit instruction. Only the SASS shows it: nvcc once
+    emitted the bf16 / fp16 16-byte stores as four 32-bit STG.E each (csrc/opd_step_cuda.cu, vec16, says why)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found on PATH or in $CUDA_HOME/bin: the SASS check needs a CUDA toolkit")
+    cuobjdump = _cuobjdump(nvcc)
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found on PATH, beside nvcc, in $CUDA_HOME/bin or in triton's backends/nvidia/bin")
+    cubin = tmp_path / "opd_step_cuda.cubin"
+    result = subprocess.run(
+        ["bash", str(ROOT / "csrc" / "check_nvcc.sh"), str(cubin)],
+        env={**os.environ, "NVCC": nvcc},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"nvcc failed:\n{result.stdout}\n{result.stderr}"
+    dump = subprocess.run([cuobjdump, "-sass", str(cubin)], check=False, capture_output=True, text=True, timeout=120)
+    assert dump.returncode == 0, f"{cuobjdump} -sass failed:\n{dump.stdout}\n{dump.stderr}"
+
+    parts = re.split(r"^\s*Function : (\S+)\s*$", dump.stdout, flags=re.MULTILINE)
+    kernels = dict(zip(parts[1::2], parts[2::2], strict=True))
+    vec = {name: body for name, body in kernels.items() if re.search(r"opd_step_(fwd|bwd)_kernelI.*Lb1EE", name)}
+    kinds = Counter("fwd" if "_fwd_" in name else "bwd" for name in vec)
+    # 3 x 3 (x, v) dtype pairs forward, 3 v dtypes backward: a kernel renamed away must not make this test vacuous
+    assert kinds == {"fwd": 9, "bwd": 3}, f"VEC instantiations found: {sorted(map(_kernel_name, vec))}"
+    problems = []
+    for name, body in sorted(vec.items()):
+        kind = "fwd" if "_fwd_" in name else "bwd"
+        # LDG / STG and their modifiers (.E.128, .E.CONSTANT, .E.U16, ...); LDGSTS etc. are other instructions
+        ops = re.findall(r"\b(LDG|STG)((?:\.\w+)*)(?=\s)", body)
+        wide = Counter(op for op, mods in ops if "128" in mods.split("."))
+        narrow = Counter(f"{op}{mods}" for op, mods in ops if "128" not in mods.split("."))
+        for op in ("LDG", "STG"):
+            narrow_op = {instr: n for instr, n in narrow.items() if instr.startswith(op)}
+            if wide[op] == 0 or sum(narrow_op.values()) > _NARROW_ALLOWED[kind][op]:
+                problems.append(
+                    f"{_kernel_name(name)}: {wide[op]} x {op}.128, narrower {narrow_op or 'none'} "
+                    f"(at most {_NARROW_ALLOWED[kind][op]} allowed, the per-block scalars)"
+                )
+    assert not problems, "VEC path not 128-bit:\n" + "\n".join(problems)
 
 
 # Run in a fresh interpreter: tests/conftest.py sets TRITON_INTERPRET=1 here, and compiled mode is fixed per process.
