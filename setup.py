@@ -33,11 +33,13 @@ def extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
             print(f"opd-fast: no GPU visible, building opd_fast._C_cuda for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
+        # The binding includes ATen and torch's pybind casters, like opd_fast._C, and -g0 overrides the -g of
+        # Python's CFLAGS. nvcc has no -g0 and needs none: it emits debug info only when asked (-g, -G, -lineinfo).
         exts.append(
             CUDAExtension(
                 "opd_fast._C_cuda",
                 ["csrc/opd_step_cuda_binding.cpp", "csrc/opd_step_cuda.cu"],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-std=c++17"]},
             )
         )
     return exts

@@ -1,10 +1,16 @@
 // Thin torch binding of the standalone CUDA kernels (extension opd_fast._C_cuda): checks tensors, fetches the
 // current stream, calls the extern "C" launchers of opd_step_cuda.cu. Built only where torch has CUDA (setup.py).
-#include <torch/extension.h>
+//
+// Includes ATen's Tensor and torch's pybind casters (at::Tensor, std::optional) rather than torch/extension.h, which
+// pulls in most of libtorch's headers; opd_step_cpu.cpp does the same (setup.py says what it saves).
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
 #include <optional>
 
 #include "opd_step_cuda.h"
