@@ -5,6 +5,10 @@ student_forward, loss, backward, optimizer; inside the two-pass rollout its step
 and rollout/loss. The `nvtx` package works on CPU builds (torch.cuda.nvtx does not); with no profiler attached a
 range costs well under a microsecond. Without the package the ranges are no-ops.
 
+While a torch profiler records (torch.profiler.profile, e.g. bench/profile_round.py), every range is also a
+torch.profiler.record_function range of the same name, so the phases show in its trace and key_averages where no
+Nsight tool is at hand; otherwise that costs one check of the profiler's state (well under a microsecond).
+
 Capture window (`opd-fast train --profile-steps a:b`): cudaProfilerStart before round a, cudaProfilerStop after
 round b-1, so `nsys profile --capture-range=cudaProfilerApi` records only those rounds (the first rounds pay for
 allocator growth, cuDNN/cuBLAS heuristics and compilation, and would swamp a trace).
@@ -29,10 +33,21 @@ DOMAIN = "opd_fast"
 PHASES = ("rollout", "teacher", "student_forward", "loss", "backward", "optimizer")
 
 
+# True while any torch profiler records (kineto's own state, however the profiler was started)
+_torch_profiler_on = getattr(torch._C._autograd, "_profiler_enabled", None) or (lambda: False)
+
+
+@contextlib.contextmanager
+def _recorded(name: str, rng):
+    with rng, torch.profiler.record_function(name):
+        yield
+
+
 def nvtx_range(name: str):
-    if _nvtx is None:
-        return contextlib.nullcontext()
-    return _nvtx.annotate(name, domain=DOMAIN)
+    rng = contextlib.nullcontext() if _nvtx is None else _nvtx.annotate(name, domain=DOMAIN)
+    if _torch_profiler_on():
+        return _recorded(name, rng)
+    return rng
 
 
 class PhaseTimer:

@@ -85,9 +85,12 @@ def test_gpu_scripts_refuse_a_cpu_machine_at_once():
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", os.devnull], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
-    proc = subprocess.run(["bash", "bench/gpu_all.sh", "kernels"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHON": sys.executable}, check=False)  # fmt: skip
-    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    env = {**os.environ, "PYTHON": sys.executable}
+    for args in ([], ["kernels"], ["round1024", "profile"]):  # the first command, and named steps
+        proc = subprocess.run(["bash", "bench/gpu_all.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env=env, check=False)  # fmt: skip
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr, (args, proc.stdout, proc.stderr)
+        assert "===" not in proc.stdout  # no step started
 
 
 def test_preset_arch_keeps_the_widths_and_cuts_the_blocks():
@@ -125,7 +128,9 @@ def test_make_bench_collects_the_microbenchmarks():
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_gpu_check_timed_functions_run_on_cpu_tensors(backend):
     # What bench/gpu_check.py times on the GPU ("op": opd_step + autograd; "kernels": the launchers on preallocated
-    # buffers), run once each on CPU tensors (Triton through its interpreter), so the GPU run meets no stale signature
+    # buffers), run once each on CPU tensors (Triton through its interpreter), so the GPU run meets no stale signature:
+    # SDE with all four tensors one dtype (the full table), ODE with float32 state and CFG-stacked bf16 velocities
+    # (--quick, as the trainer feeds the op at SD3.5-M shapes).
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -141,5 +146,13 @@ def test_gpu_check_timed_functions_run_on_cpu_tensors(backend):
     for kind in ("op", "kernels"):
         fns = gpu_check._timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma - 0.1, torch.ones(2))
         assert sorted(fns) == sorted(gpu_check.MODES)
+        for fn in fns.values():
+            fn()
+    case = dict(gpu_check.QUICK_CASES[1], shape=(2, 4, 6, 6))  # CFG-stacked, at a CPU-sized shape
+    x, v_s, v_t, noise, sigma, sigma_next, g = gpu_check.make_inputs(case, torch.device("cpu"))
+    assert v_s.shape[0] == 2 * x.shape[0] and v_s.dtype == torch.bfloat16 and x.dtype == torch.float32
+    for kind in ("op", "kernels"):
+        fns = gpu_check._timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma_next, g,
+                                   guidance=case["guidance"], noise_level=case["noise_level"])  # fmt: skip
         for fn in fns.values():
             fn()
