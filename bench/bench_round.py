@@ -15,13 +15,19 @@ random LoRA teachers (peft layout, official targets) written to a scratch folder
     one_pass   + one-pass rollout-train          fused    + fused opd_step (loss.backend auto)
     merged     + frozen merged teacher copies     fp8      + FP8 teachers (opd_fast.fp8, backend auto, rowwise)
     side       + teacher on a side CUDA stream    cudnn    + model.attention cudnn (cuDNN first in SDPA's order)
+    task_batch + train.task_batching: the three tasks' micro-batches as one student batch per step
     compile    + torch.compile of every transformer block (student and teachers)
     adapter    alternative to merged at the fp8+side state: one shared FP8 base + unmerged LoRA adapters
     flash      alternative to cudnn: model.attention flash (the flash-attn package, where it imports)
+    graphs     alternative at the task_batch state: teacher forwards replayed as CUDA graphs
+
+A 16-bit base trains its fp32 LoRA under autocast in every row, the official-like one included (the released code
+autocasts its forward to fp16): the rows differ by schedule, not by the student's precision.
 
 Reported per variant, from the fastest of its timed rounds: images/s (tasks x prompts per round / round time),
 seconds per phase (opd_fast.profiling PhaseTimer: CUDA events on the stream running the phase, so side-stream
-teacher time overlaps others; CPU: perf_counter), peak device memory, teacher weight memory, and MFU = FLOPs of one
+teacher time overlaps others; CPU: perf_counter) and their sum over the wall time (table() says how to read it),
+peak device memory, teacher weight memory, and MFU = FLOPs of one
 round / (round time x the measured matmul ceiling), and the loss of round 0 (the same student, prompts and noise in
 every variant) against the official-like one: the optimisations must keep it (verdict() states the tolerance), with
 the cosine of the round-0 student gradient with the official-like one's (FP8 teachers' effect on training).
@@ -56,13 +62,21 @@ from fp8_accuracy import build_random_transformer
 import opd_fast.trainer as trainer_module
 from opd_fast import attention
 from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
-from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, latent_shape, preset_arch, velocity
+from opd_fast.models import (
+    PRESETS,
+    TRANSFORMER_CLASSES,
+    latent_shape,
+    preset_arch,
+    student_forward_context,
+    velocity,
+)
 from opd_fast.profiling import PHASES, PhaseTimer
 from opd_fast.teachers import Teacher, add_lora_adapter, read_peft_lora, teacher_memory_bytes
 
 TASKS = (("geneval", 1.0), ("ocr", 4.5), ("aesthetic", 4.5))  # official teachers' CFG
 START = {"schedule": "two_pass", "backend": "reference", "teachers": "swap", "precision": "model",
-         "stream": "serial", "attention": "sdpa", "compile": False}  # fmt: skip
+         "stream": "serial", "attention": "sdpa", "task_batching": False, "cuda_graphs": False,
+         "compile": False}  # fmt: skip
 LADDER = [
     ("official", "official-like", {}),
     ("one_pass", "+ one-pass", {"schedule": "one_pass"}),
@@ -71,12 +85,14 @@ LADDER = [
     ("fp8", "+ FP8 teachers", {"precision": "fp8"}),
     ("side", "+ side stream", {"stream": "side"}),
     ("cudnn", "+ cuDNN attention", {"attention": "cudnn"}),
+    ("task_batch", "+ cross-task student batch", {"task_batching": True}),
     ("compile", "+ torch.compile", {"compile": True}),
 ]
 ALTERNATIVES = [("adapter", "alt: adapter-mode FP8 teachers (at side)", "side", {"teachers": "adapter"}),
-                ("flash", "alt: flash-attn attention (at cudnn)", "cudnn", {"attention": "flash"})]
+                ("flash", "alt: flash-attn attention (at cudnn)", "cudnn", {"attention": "flash"}),
+                ("graphs", "alt: CUDA-graph teachers (at task_batch)", "task_batch", {"cuda_graphs": True})]
 CUDA_ONLY = {"side": "no CUDA stream on CPU (runs serially: same as the row above)",
-             "cudnn": "cuDNN attention is a CUDA backend"}  # fmt: skip
+             "cudnn": "cuDNN attention is a CUDA backend", "graphs": "CUDA graphs need a CUDA device"}  # fmt: skip
 
 
 class StudentSwapTeacher(Teacher):
@@ -129,11 +145,13 @@ def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
         "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
         "tasks": tasks,
         "teacher_runtime": {"precision": state["precision"], "stream": state["stream"],
-                            "mode": "adapter" if state["teachers"] == "adapter" else "merged"},
+                            "mode": "adapter" if state["teachers"] == "adapter" else "merged",
+                            "cuda_graphs": state["cuda_graphs"]},
         "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
         "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
         "loss": {"backend": state["backend"]},
-        "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": state["schedule"]},
+        "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": state["schedule"],
+                  "task_batching": state["task_batching"]},
         "logging": {"progress": False, "tensorboard": False},
     })  # fmt: skip
 
@@ -199,7 +217,8 @@ def count_round_flops(trainer) -> float:
     for task in cfg.tasks:
         cond = trainer.prompts[task.name].conditioning(torch.arange(mb), device)
         with FlopCounterMode(display=False) as counter:
-            v, _ = velocity(trainer.student, family, x, sigma, cond, cfg.student.guidance)
+            with student_forward_context(trainer.student, trainer.student_autocast):
+                v, _ = velocity(trainer.student, family, x, sigma, cond, cfg.student.guidance)
             v.float().square().mean().backward()
             trainer.teachers[task.name].velocity(family, x, sigma, cond)
         total += counter.get_total_flops() * trainer.num_trained[task.name]
@@ -316,24 +335,34 @@ def fmt_cos(cos: float | None) -> str:
     return "n/a" if cos is None else f"{cos:.6f}"
 
 
-def table(results: dict, flops: float, ceiling: float) -> str:
+def table(results: dict, flops: float, ceiling: float, notes: dict[str, str] | None = None) -> str:
+    """The ladder as a markdown table. "phases / wall": the phases' summed time over the round's wall time. On CUDA
+    the phases are device time (events on the stream running each), so well below 1 means the device idles while
+    the host prepares work (the host is the bottleneck); above 1 means phases overlap (side-stream teachers).
+    notes: text shown after a variant's label (e.g. the precision its student runs in)."""
     timed = [label for label, r in results.items() if "round_s" in r]
     base_label = "official-like" if "official-like" in timed else timed[0]
     base = results[base_label]
-    head = (f"| variant | img/s | x {base_label} | round s | " + " | ".join(PHASES) + " | peak GB | teacher MB | MFU | "
-            "round-0 loss | loss rel. diff | grad cos |")
+    head = (f"| variant | img/s | x {base_label} | round s | " + " | ".join(PHASES) + " | phases / wall | peak GB | "
+            "teacher MB | MFU | round-0 loss | loss rel. diff | grad cos |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, r in results.items():
+        shown = f"{label} ({notes[label]})" if notes and label in notes else label
         if "round_s" not in r:
-            lines.append(f"| {label} | {r.get('skipped') or r.get('error')} |" + " |" * (head.count("|") - 3))
+            lines.append(f"| {shown} | {r.get('skipped') or r.get('error')} |" + " |" * (head.count("|") - 3))
             continue
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
         phases = " | ".join(f"{r['phases_s'][p]:.3f}" for p in PHASES)
         mfu = flops / (r["round_s"] * ceiling)
-        lines.append(f"| {label} | {r['images_per_s']:.3f} | {base['round_s'] / r['round_s']:.2f} | "
-                     f"{r['round_s']:.3f} | {phases} | {peak} | {r['teacher_mb']:.2f} | {100 * mfu:.2f}% | "
-                     f"{r['loss0']:.6g} | {loss_diff(r, base):.2e} | {fmt_cos(r['grad_cos'])} |")
+        lines.append(f"| {shown} | {r['images_per_s']:.3f} | {base['round_s'] / r['round_s']:.2f} | "
+                     f"{r['round_s']:.3f} | {phases} | {phase_share(r):.2f} | {peak} | {r['teacher_mb']:.2f} | "
+                     f"{100 * mfu:.2f}% | {r['loss0']:.6g} | {loss_diff(r, base):.2e} | {fmt_cos(r['grad_cos'])} |")
     return "\n".join(lines)
+
+
+def phase_share(r: dict) -> float:
+    """Summed phase seconds over the round's wall seconds."""
+    return sum(r["phases_s"].values()) / r["round_s"]
 
 
 def verdict(results: dict, target: float = 2.0) -> str:
@@ -376,7 +405,12 @@ def write_report(args, results: dict, machine: str, interleave: bool, flops: flo
                     f"{flops / 1e12:.4f} TFLOP (FlopCounterMode)")
     memory = teacher_memory_by_mode(args.preset, args.layers, getattr(torch, args.dtype),
                                     rank=4 if args.preset.startswith("tiny") else 32)  # fmt: skip
-    text = f"\n{header}\n{ceiling_line}\n\n{memory}\n\n{table(results, flops, ceiling)}\n\n{verdict(results)}"
+    # Every row's student runs as ours does: a 16-bit base with fp32 LoRA weights trains under autocast, the
+    # official-like row too (the released code autocasts its whole forward to fp16), so the ladder compares schedules
+    short = {"bfloat16": "bf16", "float16": "fp16"}
+    notes = {"official-like": f"{short[args.dtype]} autocast student"} if args.dtype in short else None
+    text = (f"\n{header}\n{ceiling_line}\n\n{memory}\n\n{table(results, flops, ceiling, notes)}\n\n"
+            f"{verdict(results)}")
     if args.md:
         Path(args.md).write_text(text + "\n")
     if args.json:
@@ -407,7 +441,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.resolution = args.resolution or (64 if args.preset.startswith("tiny") else 512)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    wanted = args.variants.split(",") if args.variants else [k for k, _, _ in LADDER] + [k for k, *_ in ALTERNATIVES]
+    known = [k for k, _, _ in LADDER] + [k for k, *_ in ALTERNATIVES]
+    wanted = args.variants.split(",") if args.variants else known
+    if unknown := [k for k in wanted if k not in known]:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(known)})")
 
     ceiling, ceiling_what = matmul_ceiling(args.device)
     pristine = build_random_transformer(args.preset, args.device, getattr(torch, args.dtype), layers=args.layers)

@@ -632,7 +632,7 @@ def judge_ladder(run: Run, step: Step, o: Outcome) -> Outcome:
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     rows = rows[1:]  # the header's first cell
     asked = wanted.split(",")
-    count = f"{len(rows)} of {len(asked)} asked variants in the table"  # an unknown key gives no row
+    count = f"{len(rows)} of {len(asked)} asked variants in the table"
     raw = f"variants asked: {wanted}\n\n{text.strip()}"
     if o.verdict == "TIMEOUT":
         return dataclasses.replace(o, detail=f"{o.detail}; rows finished: {', '.join(rows)}; {target}", raw=raw)

@@ -68,6 +68,7 @@ class TeacherRuntimeConfig:
     fp8_scaling: Literal["rowwise", "tensorwise"] = "rowwise"  # from the current amax (why not delayed: opd_fast.fp8)
     fp8_skip: list[str] | None = None  # fnmatch patterns of Linear names kept in high precision; null: fp8 default
     stream: Literal["side", "serial"] = "side"  # side: overlap teacher(x_j+1) with backward(j) on CUDA
+    cuda_graphs: bool = False  # CUDA: replay each teacher's forward as a captured CUDA graph (static shapes per task)
     mode: Literal["merged", "adapter"] = "merged"  # merged: one copy per teacher; adapter: one base + LoRAs
 
 
@@ -96,6 +97,9 @@ class PromptsConfig:
     # pipeline encoder (opd_fast.text_encoders): T5 tokens; null = the pipeline's default (SD3 256, FLUX 512)
     max_sequence_length: int | None = None
     encode_batch_size: int = 32  # prompts per text-encoder forward
+    # where the embedding cache lives while training (CUDA): device (no copy per micro-batch), host (a micro-batch's
+    # rows are copied through pinned memory, without a wait), auto: the device when all sets fit in 10% of its memory
+    placement: Literal["auto", "device", "host"] = "auto"
 
 
 @dataclass(kw_only=True)
@@ -140,6 +144,8 @@ class TrainConfig:
     micro_batch_size: int = 3
     micro_batches_per_task: int = 1
     schedule: Literal["one_pass", "two_pass"] = "one_pass"
+    # the tasks' micro-batches as one student batch per step (each teacher on its own rows); same gradient
+    task_batching: bool = False
     max_nonfinite_rounds: int = 3  # rounds skipped for a NaN/inf loss or gradient before the run stops
 
 

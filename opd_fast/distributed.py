@@ -53,6 +53,23 @@ class DistInfo:
             dist.barrier()
 
 
+# Every collective of opd-fast goes through these helpers, on the rank's device: an NCCL group refuses CPU tensors
+# (gloo would hide that in the CPU tests), and a tensor already on the device saves a host-to-device copy.
+def all_reduce(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """`t` reduced over the ranks (op: sum | max | min), as a new tensor on the rank's device (t is not changed)."""
+    out = t.detach().to(info.device, copy=True)
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return out
+
+
+def all_gather_flat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's `t` flattened and concatenated in rank order (world_size * t.numel(),), on the rank's device."""
+    piece = t.detach().flatten().to(info.device).contiguous()
+    out = torch.empty(piece.numel() * info.world_size, dtype=piece.dtype, device=info.device)
+    dist.all_gather_into_tensor(out, piece)
+    return out
+
+
 def slurm_launch_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
     """What torchrun would export, for ranks that srun started itself (`srun -N 2 --ntasks-per-node 8 python -m
     opd_fast.cli train ...`): rank SLURM_PROCID of SLURM_STEP_NUM_TASKS, local rank SLURM_LOCALID, the master on the
@@ -159,16 +176,17 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
         os.environ.setdefault(var, str(value))  # DeepSpeed reads them even for a world of one
     backend = "nccl" if dev.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    device_id = dev if dev.type == "cuda" else None  # NCCL binds the rank to its GPU at once (barriers use it)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
     else:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise ConfigError(f"launcher environment: WORLD_SIZE={world} but {var} is not set; start the ranks "
                                   "with torchrun or the deepspeed launcher")
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    device_id=dev if dev.type == "cuda" else None)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, device_id=device_id)
         except Exception as e:  # the store did not form within the timeout: a rank never came up
             raise DistributedError(f"rank {rank}: could not form the {world}-rank {backend} group at "
                                    f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "

@@ -236,7 +236,7 @@ _COEF_CACHE: dict[tuple, torch.Tensor] = {}
 _COEF_CACHE_SIZE = 256
 
 
-def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="exact", reduction="sum"):
+def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="exact", reduction="sum", cache=True):
     """(4, B) float32 = x_coef, v_coef, sbar, w from opd_fast.reference: the one scalar math of all backends.
 
     For CPU sigmas the result is memoised by value: a sampling grid has a handful of distinct steps, and these ~15
@@ -244,7 +244,7 @@ def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="e
     (reading their values would synchronise the device). The cached tensor is only ever read.
     """
     key = None
-    if sigma.device.type == "cpu" and sigma_next.device.type == "cpu":
+    if cache and sigma.device.type == "cpu" and sigma_next.device.type == "cpu":
         key = (tuple(sigma.tolist()), tuple(sigma_next.tolist()), float(noise_level), numel, kl_normalization)
         key += (reduction,)
         if (coef := _COEF_CACHE.get(key)) is not None:
@@ -273,13 +273,16 @@ def opd_step_fused(
     reduction="sum",
     student_guidance=None,
     teacher_guidance=None,
+    coef=None,
 ):
-    """opd_step on fused backend `name` (availability already checked by opd_fast.ops.resolve_backend)."""
+    """opd_step on fused backend `name` (availability already checked by opd_fast.ops.resolve_backend). coef: the
+    (4, B) per-sample scalars when the caller has them (ops.LossSpec.coefficient_table); else computed here."""
     if name not in _IMPLS:
         raise ValueError(f"unknown fused backend {name!r}; fused backends are {FUSED_BACKENDS}")
-    coef = step_coefficients(
-        sigma.to(x.device), sigma_next.to(x.device), noise_level, x[0].numel(), kl_normalization, reduction
-    )
+    if coef is None:
+        coef = step_coefficients(
+            sigma.to(x.device), sigma_next.to(x.device), noise_level, x[0].numel(), kl_normalization, reduction
+        )
     # noise_level == 0 makes every sbar exactly 0: skip reading noise (a fifth of the forward's traffic)
     noise = noise if float(noise_level) != 0 else None
     return OpdStep.apply(x, v_student, v_teacher, noise, coef, name, student_guidance, teacher_guidance)

@@ -7,6 +7,7 @@ guidance scale goes into the model's guidance embedding and there is no CFG batc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,41 @@ def add_student_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftLoraConfig
         if p.requires_grad:
             p.data = p.data.float()
     return peft_config
+
+
+def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype the student's forward runs in under autocast: its frozen weights' dtype when that is bf16/fp16 and
+    its trainable weights are fp32 (fp32 master weights, trained in place); None when there is nothing to mix (an
+    fp32 model, or one whose trainable weights are 16-bit as DeepSpeed's bf16 engine keeps them)."""
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = frozen & {torch.bfloat16, torch.float16}
+    if len(low) == 1 and trainable == {torch.float32}:
+        return low.pop()
+    return None
+
+
+@contextlib.contextmanager
+def student_forward_context(model: torch.nn.Module, dtype: torch.dtype | None):
+    """What the student's forward runs inside: with `dtype` (autocast_dtype(model)), autocast to it with peft's
+    input casting off. peft would otherwise cast each LoRA layer's bf16 input to the fp32 of its weights: ~190 fp32
+    GEMMs per forward at SD3.5-M, with an fp32 copy of every LoRA input kept for the backward. Under autocast the
+    LoRA GEMMs run in bf16 and their gradients still reach the fp32 weights. The casting is switched off only
+    here: a forward outside this context (a user's script) keeps peft's fp32 path, which runs without autocast."""
+    if dtype is None:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and m.cast_input_dtype_enabled]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+            yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

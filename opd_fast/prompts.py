@@ -109,12 +109,32 @@ class EncodedPrompts:
     negative_pooled: torch.Tensor  # (1, P)
 
     def conditioning(self, index: torch.Tensor, device) -> Conditioning:
+        """The rows `index` of the set, on `device` (gathered where the cache lives, then copied without a wait)."""
+        rows = to_device(index, self.embeds.device)
         return Conditioning(
-            self.embeds[index].to(device),
-            self.pooled[index].to(device),
-            self.negative_embeds.to(device),
-            self.negative_pooled.to(device),
+            to_device(self.embeds[rows], device),
+            to_device(self.pooled[rows], device),
+            to_device(self.negative_embeds, device),
+            to_device(self.negative_pooled, device),
         )
+
+    def to(self, device, dtype: torch.dtype) -> EncodedPrompts:
+        """The same set with its tensors on `device` in `dtype` (copied once, e.g. to keep the cache on the GPU)."""
+        move = [t.to(device, dtype) for t in (self.embeds, self.pooled, self.negative_embeds, self.negative_pooled)]
+        return EncodedPrompts(self.prompts, *move)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.embeds, self.pooled, self.negative_embeds, self.negative_pooled))
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device` without making the host wait: a copy from pageable host memory to a GPU waits for the device
+    to finish its queued work, one from pinned memory does not (the side-stream overlap needs a host that runs
+    ahead). torch's pinned allocator keeps the host buffer alive until the copy is done."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _cache_key(encoder_name: str, prompts: list[str], negative: str, extra: dict) -> str:

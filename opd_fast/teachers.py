@@ -340,6 +340,50 @@ def teacher_memory_bytes(teachers: dict[str, Teacher]) -> int:
     return total
 
 
+class GraphedVelocity:
+    """One teacher's forward captured as a CUDA graph for one input signature, replayed for every call with it.
+
+    A teacher forward is hundreds of kernel launches at fixed shapes (per task: batch, resolution, tokens, CFG), no
+    grad and no host logic that depends on values, so a captured graph replays it without the host's launch cost.
+    Inputs are copied into the graph's static tensors on the current stream; the output is cloned out of the
+    graph's static output, which the next replay overwrites while the caller may still read the last one (the
+    backward of opd_step(j) keeps the teacher velocity of step j and runs after the teacher of step j + 1 is
+    submitted)."""
+
+    WARMUP = 2  # eager runs on a side stream before capture: lazy initialisations must not happen inside it
+
+    @staticmethod
+    def signature(x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> tuple:
+        tensors = (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled)
+        return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+    def __init__(self, teacher: Teacher, family: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        self.inputs = [t.detach().clone() for t in (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds,
+                                                   cond.negative_pooled)]  # fmt: skip
+        static_x, static_sigma, *static_cond = self.inputs
+
+        def forward():
+            return teacher.velocity(family, static_x, static_sigma, Conditioning(*static_cond))
+
+        warm = torch.cuda.Stream(x.device)
+        warm.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(warm):
+            for _ in range(self.WARMUP):
+                forward()
+        torch.cuda.current_stream(x.device).wait_stream(warm)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output, self.guidance = forward()
+        log.info("teacher %r: CUDA graph captured for input %s", teacher.name, tuple(x.shape))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        for static, t in zip(self.inputs, (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds,
+                                           cond.negative_pooled)):  # fmt: skip
+            static.copy_(t)
+        self.graph.replay()
+        return self.output.clone(), self.guidance
+
+
 @dataclass
 class TeacherHandle:
     """A submitted teacher forward: its velocity (valid once `ready` has passed on the consumer's stream)."""
@@ -361,25 +405,37 @@ class TeacherRunner:
     once, and result() returns it: the same schedule, run in order.
     """
 
-    def __init__(self, family: str, device: torch.device | str, stream: str = "side", phase=None):
+    def __init__(self, family: str, device: torch.device | str, stream: str = "side", phase=None,
+                 cuda_graphs: bool = False):
         self.family = family
         self.device = torch.device(device)
         self.side = stream == "side" and self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.side else None
         self.phase = phase or nvtx_range
+        self.graphs: dict[tuple, GraphedVelocity] | None = {} if cuda_graphs and self.device.type == "cuda" else None
         if stream == "side" and not self.side:
             log.info("teacher_runtime.stream side: no CUDA device, teacher forwards run serially")
+        if cuda_graphs and self.graphs is None:
+            log.info("teacher_runtime.cuda_graphs: no CUDA device, teacher forwards run eagerly")
+
+    def _velocity(self, teacher: Teacher, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        if self.graphs is None:
+            return teacher.velocity(self.family, x, sigma, cond)
+        key = (teacher.name, *GraphedVelocity.signature(x, sigma, cond))
+        if key not in self.graphs:
+            self.graphs[key] = GraphedVelocity(teacher, self.family, x, sigma, cond)
+        return self.graphs[key](x, sigma, cond)
 
     def submit(self, teacher: Teacher, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> TeacherHandle:
         if not self.side:
             with self.phase("teacher"):
-                v, guidance = teacher.velocity(self.family, x, sigma, cond)
+                v, guidance = self._velocity(teacher, x, sigma, cond)
             return TeacherHandle(v, guidance, None)
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
             with self.phase("teacher"):
-                v, guidance = teacher.velocity(self.family, x, sigma, cond)
+                v, guidance = self._velocity(teacher, x, sigma, cond)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         for t in (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled):

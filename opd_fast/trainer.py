@@ -36,9 +36,19 @@ from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
 from opd_fast.engine import EMA, lr_at, make_engine, values_swapped_in
 from opd_fast.metrics import MetricsWriter
-from opd_fast.models import add_student_lora, image_tokens, latent_shape, load_transformer, velocity
+from opd_fast.models import (
+    DTYPES,
+    Conditioning,
+    add_student_lora,
+    autocast_dtype,
+    image_tokens,
+    latent_shape,
+    load_transformer,
+    student_forward_context,
+    velocity,
+)
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
-from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached
+from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, to_device
 from opd_fast.schedule import sigma_grid
 from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
 
@@ -46,7 +56,8 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"train.rounds", "checkpoint.every", "checkpoint.keep_last", "logging.progress",
                      "logging.tensorboard", "loss.backend", "engine.kind", "engine.zero_stage", "engine.offload",
                      "engine.bf16", "engine.timeout_s", "engine.persistence_threshold",
-                     "teacher_runtime.stream", "teacher_runtime.mode"}  # fmt: skip  (speed only: same teacher outputs)
+                     "teacher_runtime.stream", "teacher_runtime.mode", "teacher_runtime.cuda_graphs",
+                     "prompts.placement"}  # fmt: skip  (speed only: same teacher outputs)
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +66,59 @@ class TrainingError(RuntimeError):
 
 class OutputDirError(RuntimeError):
     """The output folder holds another run or other files."""
+
+
+@dataclass
+class Lane:
+    """One task's micro-batch in a round: its teacher, prompts, noise (trained steps + 1, B, ...) and loss scale."""
+
+    index: int  # the task's index in cfg.tasks
+    teacher: Teacher
+    cond: Conditioning
+    noise: torch.Tensor
+    scale: float
+
+    @property
+    def steps(self) -> int:
+        return self.noise.shape[0] - 1
+
+    @property
+    def batch(self) -> int:
+        return self.noise.shape[1]
+
+
+class _JointBatch:
+    """The student's batch over the first k lanes (the ones still training): their states and prompts side by side
+    (offsets[k] samples), and each lane's rows of the student's velocity."""
+
+    def __init__(self, lanes: list[Lane]):
+        self.lanes = lanes
+        self.offsets = [0]
+        for lane in lanes:
+            self.offsets.append(self.offsets[-1] + lane.batch)
+        self._conds: dict[int, Conditioning] = {}
+
+    def states(self, x: list[torch.Tensor], k: int) -> torch.Tensor:
+        return x[0] if k == 1 else torch.cat(x[:k])
+
+    def cond(self, k: int) -> Conditioning:
+        if k == 1:
+            return self.lanes[0].cond
+        if k not in self._conds:  # the negative prompt is one for all tasks (cfg.prompts.negative_prompt)
+            conds = [lane.cond for lane in self.lanes[:k]]
+            self._conds[k] = Conditioning(torch.cat([c.prompt_embeds for c in conds]),
+                                          torch.cat([c.pooled for c in conds]), conds[0].negative_embeds,
+                                          conds[0].negative_pooled)  # fmt: skip
+        return self._conds[k]
+
+    def rows(self, v: torch.Tensor, guided: float | None, i: int, k: int) -> torch.Tensor:
+        """Lane i's rows of the velocity of the first k lanes: (2n, ...) = [uncond; cond] when guided."""
+        if k == 1:
+            return v
+        start, stop, n = self.offsets[i], self.offsets[i + 1], self.offsets[k]
+        if guided is None:
+            return v[start:stop]
+        return torch.cat([v[start:stop], v[n + start : n + stop]])
 
 
 @dataclass
@@ -99,6 +163,29 @@ def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Pat
     }
 
 
+PROMPTS_DEVICE_SHARE = 0.1  # prompts.placement auto: the cache goes to the GPU when it takes at most this share
+
+
+def place_prompts(prompts: dict[str, EncodedPrompts], cfg: RunConfig, device: torch.device) -> dict[str, EncodedPrompts]:
+    """The embedding caches where cfg.prompts.placement puts them: on the device, in the widest dtype any model
+    reads them in (fp32 when the model or a teacher runs in fp32, else the model's 16-bit dtype: the transformers
+    cast their text inputs to it, so nothing is lost), or left on the host (each micro-batch's rows are then copied
+    through pinned memory)."""
+    if device.type != "cuda":
+        return prompts
+    wide = cfg.model.dtype == "float32" or cfg.teacher_runtime.precision == "fp32"
+    dtype = torch.float32 if wide else DTYPES[cfg.model.dtype]
+    placement = cfg.prompts.placement
+    if placement == "auto":
+        need = sum(p.nbytes() for p in prompts.values()) * torch.finfo(dtype).bits // 32  # cached as float32
+        placement = "device" if need <= PROMPTS_DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory \
+            else "host"
+        log.info("prompt embeddings: %.2f GB in %s on the %s (prompts.placement auto)", need / 1e9, dtype, placement)
+    if placement == "device":
+        return {task: p.to(device, dtype) for task, p in prompts.items()}
+    return prompts
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
                  engine=None):
@@ -113,9 +200,13 @@ class Trainer:
         # before the models load (minutes at full size) and before anything is written
         attention.check(cfg.model.attention)
         try:
-            self.backend = ops.resolve_backend(cfg.loss.backend, self.device, cfg.loss.estimator)
+            self.loss_spec = ops.LossSpec.resolve(cfg.sampling.noise_level, self.device,
+                                                  kl_normalization=cfg.loss.kl_normalization,
+                                                  reduction=cfg.loss.reduction, estimator=cfg.loss.estimator,
+                                                  backend=cfg.loss.backend)  # fmt: skip
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"loss.backend: {e}") from None
+        self.backend = self.loss_spec.backend
         log.info("opd_step backend: %s", self.backend)
         base = load_transformer(cfg.model).to(self.device)
         # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
@@ -123,8 +214,10 @@ class Trainer:
         self.teachers: dict[str, Teacher] = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
         self.phase_timer: PhaseTimer | None = None  # benchmarks attach one to time the phases
         self.capture: CaptureWindow | None = None  # opd-fast train --profile-steps a:b
-        self.teacher_runner = TeacherRunner(cfg.model.family, self.device, cfg.teacher_runtime.stream, self._phase)
-        self._sigma_table: torch.Tensor | None = None
+        self.teacher_runner = TeacherRunner(cfg.model.family, self.device, cfg.teacher_runtime.stream, self._phase,
+                                            cuda_graphs=cfg.teacher_runtime.cuda_graphs)
+        self._sigma_tables: dict[int, torch.Tensor] = {}  # batch -> (num_steps + 1, batch) sigmas on the device
+        self._coef_tables: dict[tuple[int, int], torch.Tensor] = {}  # (batch, latent numel) -> coefficient table
         self.student = base
         for model in {id(m): m for m in [base] + [t.model for t in self.teachers.values()]}.values():
             attention.use_backend(model, cfg.model.attention)
@@ -137,10 +230,12 @@ class Trainer:
         # After the teachers were copied: DeepSpeed ZeRO-3 partitions the student it is given, and only the student.
         self.engine = engine if engine is not None else make_engine(cfg, self.student, self.dist)
         self.ema = EMA(self.engine.params, cfg.ema, self.engine) if cfg.ema.enabled else None
+        # bf16 autocast over a bf16 base with fp32 LoRA weights (read after the engine, which may cast the student)
+        self.student_autocast = autocast_dtype(self.student)
 
         cache_dir = Path(cfg.prompts.cache_dir) if cfg.prompts.cache_dir else self.out_dir / "embeddings"
         with distributed.rank_zero_first(self.dist):  # rank 0 fills the cache, the others read it
-            self.prompts = encode_task_prompts(cfg, self.student, cache_dir)
+            self.prompts = place_prompts(encode_task_prompts(cfg, self.student, cache_dir), cfg, self.device)
 
         self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift, path=cfg.model.path,
                                  image_seq_len=image_tokens(self.student, cfg.model.family, cfg.sampling.resolution))
@@ -204,7 +299,7 @@ class Trainer:
         for i in range(shape[0]):
             g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, round_idx, task_idx, 1, first + i))
             per_sample.append(torch.randn((steps + 1,) + shape[1:], generator=g))
-        return torch.stack(per_sample, 1).to(self.device)
+        return to_device(torch.stack(per_sample, 1), self.device)
 
     # -- one round -------------------------------------------------------------------------------------------------
     def _phase(self, name: str):
@@ -212,70 +307,107 @@ class Trainer:
         return phase(name, self.phase_timer)
 
     def _sigma_rows(self, batch: int) -> torch.Tensor:
-        """(num_steps + 1, batch) sigmas on the device, made once: a per-step host-to-device copy would make the host
-        wait for the device (a pageable copy synchronises), and the teacher/backward overlap needs a host that
-        runs ahead."""
-        if self._sigma_table is None or self._sigma_table.shape[1] != batch:
-            self._sigma_table = self.sigmas.to(self.device)[:, None].expand(-1, batch).contiguous()
-        return self._sigma_table
+        """(num_steps + 1, batch) sigmas on the device, made once per batch size: a per-step host-to-device copy
+        would make the host wait for the device (a pageable copy synchronises), and the teacher/backward overlap
+        needs a host that runs ahead."""
+        if batch not in self._sigma_tables:
+            self._sigma_tables[batch] = self.sigmas.to(self.device)[:, None].expand(-1, batch).contiguous()
+        return self._sigma_tables[batch]
 
-    def _transition(self, cond, x, noise, sigma, sigma_next, teacher: TeacherHandle | None):
-        """Student forward at x and the fused step/loss. teacher: the submitted teacher forward at x for a trained
-        step (the student forward then runs with grad); None in the two-pass rollout, whose step is the student's
-        own. The teacher's result is taken only after the student's forward is launched, so a side-stream teacher
-        runs alongside it."""
-        cfg = self.cfg
-        with_grad = teacher is not None
+    def _coefficients(self, batch: int, numel: int) -> torch.Tensor:
+        """(num_steps, 4, batch): every step's per-sample scalars of the fused op, made once per batch size."""
+        key = (batch, numel)
+        if key not in self._coef_tables:
+            self._coef_tables[key] = self.loss_spec.coefficient_table(self.sigmas, numel, batch, self.device)
+        return self._coef_tables[key]
+
+    def _student_velocity(self, x, sigma, cond, with_grad: bool):
         prefix = "" if with_grad else "rollout/"
-        with self._phase(prefix + "student_forward"), torch.set_grad_enabled(with_grad):
-            v_student, student_cfg = velocity(self.engine.forward_model, cfg.model.family, x, sigma, cond,
-                                              cfg.student.guidance)
+        with (self._phase(prefix + "student_forward"), torch.set_grad_enabled(with_grad),
+              student_forward_context(self.student, self.student_autocast)):
+            return velocity(self.engine.forward_model, self.cfg.model.family, x, sigma, cond, self.cfg.student.guidance)
+
+    def _step(self, lane: Lane, j: int, x, v_student, student_cfg, teacher: TeacherHandle | None):
+        """The fused step/loss of one lane at step j. teacher: the lane's submitted teacher forward at x (taken
+        here, after the student's forward was launched, so a side-stream teacher runs alongside it); None in the
+        two-pass rollout, whose step is the student's own."""
+        with_grad = teacher is not None
         if with_grad:
             v_teacher, teacher_cfg = self.teacher_runner.result(teacher)  # any precision: opd_step promotes
         else:
             v_teacher, teacher_cfg = v_student, student_cfg
-        with self._phase(prefix + "loss"), torch.set_grad_enabled(with_grad):
-            return ops.opd_step(
-                x, v_student, v_teacher, noise, sigma, sigma_next, cfg.sampling.noise_level,
-                kl_normalization=cfg.loss.kl_normalization, reduction=cfg.loss.reduction, backend=self.backend,
-                student_guidance=student_cfg, teacher_guidance=teacher_cfg, estimator=cfg.loss.estimator,
-            )  # fmt: skip
+        sigmas = self._sigma_rows(lane.batch)
+        coefs = self._coefficients(lane.batch, x[0].numel())
+        with self._phase("loss" if with_grad else "rollout/loss"), torch.set_grad_enabled(with_grad):
+            return self.loss_spec.step(x, v_student, v_teacher, lane.noise[j + 1], sigmas[j], sigmas[j + 1],
+                                       coef=coefs[j], student_guidance=student_cfg, teacher_guidance=teacher_cfg)
 
-    def _train_micro_batch(self, teacher: Teacher, cond, noise: torch.Tensor, scale: float) -> torch.Tensor:
-        """Roll out from noise[0] and backpropagate the loss of every trained step (one per noise[1:]); returns the
-        per-sample loss summed (or averaged) over steps, detached.
+    def _train_lanes(self, lanes: list[Lane]) -> list[torch.Tensor]:
+        """Roll out every lane (one task's micro-batch) from its noise[0] and backpropagate the loss of each of its
+        trained steps (one per noise[1:]); returns each lane's per-sample loss summed (or averaged) over its steps,
+        detached.
 
-        Pipelining: the teacher's forward at x_{j+1} is submitted as soon as x_{j+1} exists (after opd_step(j),
+        One lane is the task-by-task schedule. Several lanes (train.task_batching) share the student's forward and
+        backward: its weights are fixed within a round, so at step j one batch serves every task still training at
+        step j (a task whose trained steps are over drops out of the batch); each teacher sees its own lane.
+
+        Pipelining: a lane's teacher forward at x_{j+1} is submitted as soon as x_{j+1} exists (after opd_step(j),
         which needs teacher(x_j)) and BEFORE backward(j), so on a side CUDA stream it runs while backward(j) does;
         its result is awaited (a stream event, no host sync) only after the student's forward at x_{j+1}. On CPU the
         runner computes at submit: the same order, serially. No teacher call at untrained steps."""
+        lanes = sorted(lanes, key=lambda lane: -lane.steps)  # stable; the lanes still training form a prefix
         runner = self.teacher_runner
-        steps = noise.shape[0] - 1
-        sigmas = self._sigma_rows(noise.shape[1])
-        x = noise[0]
-        total = torch.zeros(x.shape[0], device=self.device)
-        states = None  # two-pass: every trained state, from the rollout without grad
+        joint = _JointBatch(lanes)
+        x = [lane.noise[0] for lane in lanes]
+        totals = [torch.zeros(lane.batch, device=self.device) for lane in lanes]
+        states = None  # two-pass: every lane's trained states, from the rollout without grad
         if self.cfg.train.schedule == "two_pass":
-            states = [x]
+            states = [[state] for state in x]
             with self._phase("rollout"):
-                for j in range(steps - 1):
-                    x, _ = self._transition(cond, x, noise[j + 1], sigmas[j], sigmas[j + 1], None)
-                    states.append(x)
-            x = states[0]
-        pending = runner.submit(teacher, x, sigmas[0], cond)
-        for j in range(steps):
-            x_next, loss = self._transition(cond, x, noise[j + 1], sigmas[j], sigmas[j + 1], pending)
-            if j + 1 < steps:
-                if states is not None:
-                    x_next = states[j + 1]  # the same state, from the rollout
-                pending = runner.submit(teacher, x_next, sigmas[j + 1], cond)  # overlaps backward(j)
+                for j in range(lanes[0].steps - 1):
+                    k = sum(lane.steps > j + 1 for lane in lanes)  # lanes that train state j + 1
+                    sigma = self._sigma_rows(joint.offsets[k])[j]
+                    v, guided = self._student_velocity(joint.states(x, k), sigma, joint.cond(k), with_grad=False)
+                    for i in range(k):
+                        x[i], _ = self._step(lanes[i], j, x[i], joint.rows(v, guided, i, k), guided, None)
+                        states[i].append(x[i])
+            x = [lane_states[0] for lane_states in states]
+        pending = [runner.submit(lane.teacher, x[i], self._sigma_rows(lane.batch)[0], lane.cond)
+                   for i, lane in enumerate(lanes)]  # fmt: skip
+        for j in range(lanes[0].steps):
+            k = sum(lane.steps > j for lane in lanes)
+            sigma = self._sigma_rows(joint.offsets[k])[j]
+            v, guided = self._student_velocity(joint.states(x, k), sigma, joint.cond(k), with_grad=True)
+            stepped = [self._step(lanes[i], j, x[i], joint.rows(v, guided, i, k), guided, pending[i])
+                       for i in range(k)]  # fmt: skip
+            for i in range(k):
+                if j + 1 < lanes[i].steps:
+                    x[i] = stepped[i][0] if states is None else states[i][j + 1]  # (two-pass: the same state)
+                    pending[i] = runner.submit(lanes[i].teacher, x[i], self._sigma_rows(lanes[i].batch)[j + 1],
+                                               lanes[i].cond)  # overlaps backward(j)
+            loss = stepped[0][1].sum() * lanes[0].scale
+            for i in range(1, k):
+                loss = loss + stepped[i][1].sum() * lanes[i].scale
             with self._phase("backward"):
-                self.engine.backward(loss.sum() * scale)
-            total += loss.detach()
-            x = x_next
+                self.engine.backward(loss)
+            for i in range(k):
+                totals[i] += stepped[i][1].detach()
         if self.cfg.loss.timestep_reduction == "mean":
-            total /= steps
-        return total
+            for lane, total in zip(lanes, totals):
+                total /= lane.steps
+        return [total for _, total in sorted(zip(lanes, totals), key=lambda pair: pair[0].index)]
+
+    def _lane(self, t_idx: int, start: int, indices: torch.Tensor, shape: tuple[int, ...], scale: float) -> Lane:
+        """Task t_idx's micro-batch of this round starting at sample `start` of this rank's share."""
+        cfg, mb = self.cfg, self.cfg.train.micro_batch_size
+        task = cfg.tasks[t_idx]
+        per_rank = mb * cfg.train.micro_batches_per_task
+        task_scale = scale * task.loss_weight
+        if cfg.loss.timestep_reduction == "mean":
+            task_scale /= self.num_trained[task.name]
+        noise = self.sample_noise(self.round, t_idx, self.engine.rank * per_rank + start, shape)
+        cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
+        return Lane(t_idx, self.teachers[task.name], cond, noise, task_scale)
 
     def train_round(self) -> RoundResult:
         cfg = self.cfg
@@ -283,20 +415,20 @@ class Trainer:
         per_rank = mb * cfg.train.micro_batches_per_task
         scale = 1.0 / (len(cfg.tasks) * per_rank)
         shape = latent_shape(self.student, cfg.model.family, mb, cfg.sampling.resolution)
-        task_losses = {}
-        for t_idx, task in enumerate(cfg.tasks):
-            with nvtx_range(f"task:{task.name}"):
-                indices = self.batch_indices(self.round, t_idx)
-                task_scale = scale * task.loss_weight
-                if cfg.loss.timestep_reduction == "mean":
-                    task_scale /= self.num_trained[task.name]
-                losses = []
+        indices = [self.batch_indices(self.round, t_idx) for t_idx in range(len(cfg.tasks))]
+        losses: list[list[torch.Tensor]] = [[] for _ in cfg.tasks]
+        if cfg.train.task_batching:
+            with nvtx_range("tasks"):
                 for start in range(0, per_rank, mb):
-                    first = self.engine.rank * per_rank + start
-                    noise = self.sample_noise(self.round, t_idx, first, shape)
-                    cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
-                    losses.append(self._train_micro_batch(self.teachers[task.name], cond, noise, task_scale))
-                task_losses[task.name] = torch.cat(losses).mean()
+                    lanes = [self._lane(t_idx, start, indices[t_idx], shape, scale) for t_idx in range(len(cfg.tasks))]
+                    for t_idx, total in enumerate(self._train_lanes(lanes)):
+                        losses[t_idx].append(total)
+        else:
+            for t_idx, task in enumerate(cfg.tasks):
+                with nvtx_range(f"task:{task.name}"):
+                    for start in range(0, per_rank, mb):
+                        losses[t_idx] += self._train_lanes([self._lane(t_idx, start, indices[t_idx], shape, scale)])
+        task_losses = {task.name: torch.cat(per_task).mean() for task, per_task in zip(cfg.tasks, losses)}
         # One host sync per round: a NaN/inf anywhere shows up in the loss sum or the gradient norm. Averaged over
         # ranks first, so every rank takes the same step-or-skip decision (and logs the global batch's loss).
         averaged = self.engine.average(torch.stack(list(task_losses.values())))
@@ -414,12 +546,12 @@ class Trainer:
     def _check_ranks_agree(self, round_idx: int) -> None:
         """Every rank must resume the same checkpoint (OUT on a filesystem that not all nodes share would break
         this; a rank that finds none takes part with round 0)."""
-        if self.dist.world_size == 1:
+        if not torch.distributed.is_initialized():  # the single engine: one process, no group
             return
-        rounds = torch.tensor([round_idx, -round_idx], dtype=torch.float64)
-        torch.distributed.all_reduce(rounds, op=torch.distributed.ReduceOp.MAX)
-        if rounds[0] != -rounds[1]:
-            raise OutputDirError(f"ranks resumed different rounds ({int(-rounds[1])}..{int(rounds[0])}): is "
+        # (a world of one checks too: on one GPU, that is the NCCL group's own test of this collective)
+        high, neg_low = distributed.all_reduce(torch.tensor([round_idx, -round_idx]), self.dist, "max").tolist()
+        if high != -neg_low:
+            raise OutputDirError(f"ranks resumed different rounds ({-neg_low}..{high}): is "
                                  f"{self.out_dir} on a filesystem that every node shares?")
 
     def export(self) -> Path | None:

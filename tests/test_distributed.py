@@ -405,6 +405,7 @@ def test_ranks_that_find_different_checkpoints_stop_naming_the_cause(runs, tmp_p
 
 
 TIMEOUT_S = 20  # the hung case waits all of it; shorter risks a slow rank's start-up counting as hung
+LOST_RANK_WAIT_S = TIMEOUT_S + 100  # far below torch's default collective timeout (600 s), far above a slow exit
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -422,7 +423,7 @@ def test_a_lost_rank_makes_the_other_exit_with_a_clear_error(tmp_path, how):
             time.sleep(0.5)
         procs[1].send_signal(how)
         lost = time.monotonic()
-        code = wait(procs[:1], timeout=TIMEOUT_S + 30)[0]
+        code = wait(procs[:1], timeout=LOST_RANK_WAIT_S)[0]
         elapsed = time.monotonic() - lost
     finally:
         for p in procs:
@@ -431,41 +432,85 @@ def test_a_lost_rank_makes_the_other_exit_with_a_clear_error(tmp_path, how):
     err = (tmp_path / "logs" / "rank0.err").read_text()
     assert code == 3, logs(tmp_path / "logs")
     assert "rank 0 of 2: lost contact with another rank" in err
-    assert elapsed < TIMEOUT_S + 15, elapsed  # a closed connection is seen at once; a silent peer at the timeout
+    # engine.timeout_s bounds the wait (a closed connection is seen at once, a silent peer at the timeout), not
+    # torch's default of 10 minutes; the slack only absorbs a loaded machine's slow exit
+    assert elapsed < LOST_RANK_WAIT_S, elapsed
 
 
-# The race distributed.finish exists for, made likely: the group stays referenced after destroy_process_group (as
-# DeepSpeed keeps it), Python lets go of the last collectives' tensors at once, and the interpreter finalizes next.
-EXIT_RACE = """
-import sys, torch, torch.distributed as dist
-from opd_fast import distributed
-dist.init_process_group("gloo")
-KEEP = dist.distributed_c10d._get_default_group()
-for _ in range(5):
-    dist.all_gather_into_tensor(torch.empty(2 * 2**16), torch.ones(2**16))
-dist.destroy_process_group()
-if sys.argv[1] == "finish":
-    distributed.finish(0)
-"""
-
-
-def test_finish_exits_cleanly_where_the_interpreters_exit_aborts(tmp_path):
-    """A plain exit after the last collective aborts a rank (SIGABRT: a gloo thread takes the GIL during finalization;
-    here most launches, after real 2-rank ZeRO-3 runs 3 in 36); distributed.finish, which the CLI ends every
-    multi-rank run with, exits 0 every time."""
-    def launch(how: str, i: int) -> list[int | None]:
-        log_dir = tmp_path / f"{how}{i}"
-        codes = wait(start(["-c", EXIT_RACE, how], WORLD, log_dir), timeout=60)
-        assert None not in codes, logs(log_dir)
-        return codes
-
-    plain = []
-    while -signal.SIGABRT not in plain and len(plain) < 10 * WORLD:  # abort-free launches are possible: retry
-        plain += launch("plain", len(plain))
-    assert -signal.SIGABRT in plain, f"torch no longer aborts here ({plain}): is distributed.finish still needed?"
-    assert set(plain) <= {0, -signal.SIGABRT}
+def test_finish_exits_cleanly_after_the_last_collective(tmp_path):
+    """distributed.finish, which the CLI ends every multi-rank run with, exits 0 every time, in the situation where
+    the interpreter's own exit can abort a rank (tests/exit_race.py; after real 2-rank ZeRO-3 runs it aborted 3 of
+    36 plain exits). Whether a plain exit aborts depends on torch and the machine's load, so only our exit is tested:
+    `python tests/exit_race.py --report N` counts the plain exits' aborts."""
     for i in range(5):
-        assert launch("finish", i) == [0] * WORLD, logs(tmp_path / f"finish{i}")
+        log_dir = tmp_path / f"finish{i}"
+        assert wait(start([str(ROOT / "tests" / "exit_race.py"), "finish"], WORLD, log_dir), timeout=60) == [0] * WORLD, (
+            logs(log_dir)
+        )
+
+
+# -- collectives on the rank's device ----------------------------------------------------------------------------
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "all_to_all", "gather", "scatter", "reduce", "all_gather_object", "broadcast_object_list"}
+
+
+def test_every_collective_of_ours_goes_through_the_device_helpers():
+    """An NCCL group refuses CPU tensors, and gloo (the CPU tests) would hide a collective on a CPU tensor: the trainer's
+    resume check once all-reduced one, which failed every multi-GPU --resume. So no module but opd_fast.distributed
+    calls a torch.distributed collective; its helpers put the tensors on the rank's device."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "opd_fast").rglob("*.py")):
+        if path.name == "distributed.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+                owner = ast.unparse(node.func.value)
+                if owner in ("dist", "torch.distributed", "torch.distributed.distributed_c10d"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {owner}.{node.func.attr}")
+    assert not offenders, offenders
+
+
+def test_collective_helpers_hand_the_group_tensors_on_the_ranks_device(monkeypatch):
+    """A group that refuses tensors not on the rank's device, as NCCL refuses CPU ones; "meta" stands in for the GPU
+    a CPU machine lacks. The helpers take tensors from anywhere and return them on the rank's device."""
+    device = torch.device("meta")
+    seen = []
+
+    def strict(name):
+        def collective(*tensors, **kwargs):
+            for t in tensors:
+                if t.device != device:
+                    raise RuntimeError(f"{name}: tensor on {t.device}, the group takes {device} only")
+            seen.append(name)
+
+        return collective
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", strict("all_reduce"))
+    monkeypatch.setattr(torch.distributed, "all_gather_into_tensor", strict("all_gather_into_tensor"))
+    info = distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=device, timeout_s=60)
+    with pytest.raises(RuntimeError, match="takes meta only"):
+        torch.distributed.all_reduce(torch.zeros(2))  # what the resume check once did
+    reduced = distributed.all_reduce(torch.tensor([2.0, -2.0]), info, "max")
+    gathered = distributed.all_gather_flat(torch.ones(2, 3), info)
+    assert reduced.device == device and reduced.shape == (2,)
+    assert gathered.device == device and gathered.shape == (12,)
+    assert seen == ["all_reduce", "all_gather_into_tensor"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (an NCCL group)")
+def test_ddp_resume_on_one_gpu_runs_its_collectives_on_nccl(tmp_path):
+    """engine ddp on one GPU forms a one-rank NCCL group; --resume's agreement check, the loss average and the
+    checkpoint gathers then run on it (a CPU tensor there fails at once)."""
+    out = tmp_path / "run"
+    common = ["-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out), "--device", "cuda",
+              *set_args(COMMON + ["engine.kind=ddp"])]  # fmt: skip
+    for rounds, extra in ((2, []), (3, ["--resume"])):
+        proc = subprocess.run([sys.executable, *common, *set_args([f"train.rounds={rounds}"]), *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and len(losses(out)) == 3
 
 
 # -- configuration --------------------------------------------------------------------------------------------------

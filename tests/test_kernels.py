@@ -290,3 +290,43 @@ def test_unavailable_backend_raises_the_reason(monkeypatch):
         monkeypatch.setattr(kernels, "INTERPRETED", False)
         with pytest.raises(RuntimeError, match="triton on CPU tensors needs TRITON_INTERPRET=1"):
             ops.opd_step(x, v_s, v_t, noise, sigma, sigma_next, 0.7, backend="triton")
+
+
+@pytest.mark.parametrize("noise_level", NOISE_LEVELS)
+@pytest.mark.parametrize("norm,red", [("exact", "sum"), ("official", "mean")])
+def test_coefficient_table_holds_each_steps_scalars_bit_for_bit(noise_level, norm, red):
+    """The trainer's table (made once per run on the host) is what step_coefficients computes at every step of the
+    grid, first step (sigma == 1) and last (sigma_next == 0) included, for every sample of the batch."""
+    from opd_fast.schedule import sigma_grid
+
+    sigmas = sigma_grid("sd3", 10, 3.0)
+    spec = ops.LossSpec(noise_level, norm, red)
+    table = spec.coefficient_table(sigmas, 4096, 3, "cpu")
+    assert table.shape == (10, 4, 3) and table.is_contiguous()
+    for j in range(10):
+        want = fused.step_coefficients(sigmas[j].expand(3), sigmas[j + 1].expand(3), noise_level, 4096, norm, red)
+        torch.testing.assert_close(table[j], want, rtol=0, atol=0)
+
+
+def test_fused_op_with_the_table_row_gives_the_op_without_it():
+    if not fused.backend_available("cpp", torch.device("cpu")):
+        pytest.skip(f"opd_fast._C unavailable: {fused.why_unavailable('cpp', 'cpu')}")
+    from opd_fast.schedule import sigma_grid
+
+    sigmas = sigma_grid("sd3", 10, 3.0)
+    spec = ops.LossSpec.resolve(0.7, "cpu", backend="cpp")
+    x, v_s, v_t, noise, _, _ = _inputs((2, 4, 6, 6), torch.float32, "cpu", (None, None))
+    table = spec.coefficient_table(sigmas, x[0].numel(), 2, "cpu")
+    for j in (0, 4, 9):
+        sigma, sigma_next = sigmas[j].expand(2), sigmas[j + 1].expand(2)
+        plain = ops.opd_step(x, v_s, v_t, noise, sigma, sigma_next, 0.7, backend="cpp")
+        tabled = spec.step(x, v_s, v_t, noise, sigma, sigma_next, coef=table[j])
+        for a, b in zip(plain, tabled):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_loss_spec_refuses_unknown_modes_by_name():
+    for kwargs, name in (({"kl_normalization": "kl"}, "kl_normalization"), ({"reduction": "max"}, "reduction"),
+                         ({"estimator": "dpo"}, "estimator"), ({"backend": "auto"}, "backend")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name} must be one of"):
+            ops.LossSpec(0.7, **kwargs)

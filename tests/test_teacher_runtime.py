@@ -148,14 +148,13 @@ def test_side_stream_gives_the_serial_result_on_cuda(tiny_trainer, precision):
 @needs_cuda
 def test_pipelined_micro_batch_does_not_synchronise_the_host(tiny_trainer):
     trainer = tiny_trainer(device="cuda")
-    task = trainer.cfg.tasks[0]
-    noise = trainer.sample_noise(0, 0, 0, (2, 4, 8, 8))
-    cond = trainer.prompts[task.name].conditioning(torch.arange(2), trainer.device)
-    trainer._sigma_rows(2)  # made once, before the loop
+    lane = trainer._lane(0, 0, trainer.batch_indices(0, 0), (2, 4, 8, 8), 0.5)
+    trainer._sigma_rows(2)  # made once per batch size, before the loop
+    trainer._coefficients(2, 4 * 8 * 8)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        trainer._train_micro_batch(trainer.teachers[task.name], cond, noise, 0.5)
+        trainer._train_lanes([lane])
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -178,3 +177,50 @@ def test_runner_keeps_cross_stream_tensors_alive():
     v, _ = runner.result(handle)
     torch.testing.assert_close(v, expected)
     del junk
+
+
+def test_cuda_graphs_on_cpu_run_the_teachers_eagerly(tiny_trainer, caplog):
+    with caplog.at_level(logging.INFO, logger="opd_fast.teachers"):
+        graphed = tiny_trainer(**{"teacher_runtime.cuda_graphs": True, "sampling.num_steps": 3})
+    assert graphed.teacher_runner.graphs is None and "run eagerly" in caplog.text
+    plain = tiny_trainer(**{"sampling.num_steps": 3})
+    graphed.train_round()
+    plain.train_round()
+    for a, b in zip(graphed.engine.params, plain.engine.params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("stream", ["side", "serial"])
+def test_cuda_graph_teachers_give_the_eager_gradient(tiny_trainer, stream):
+    # The replayed graph runs the eager forward's kernels on copies of the inputs; its output is cloned, because the
+    # backward of step j still reads the teacher velocity of step j after the teacher of step j + 1 was submitted
+    # (a replay would overwrite it): both schedules would differ from eager without the clone.
+    grads = []
+    for graphs in (True, False):
+        trainer = tiny_trainer(device="cuda", **{"teacher_runtime.cuda_graphs": graphs,
+                                                 "teacher_runtime.stream": stream})  # fmt: skip
+        trainer.engine.step = lambda: 0.0  # keep the accumulated gradient
+        trainer.train_round()
+        trainer.engine.zero_grad()
+        trainer.train_round()  # the second round replays the graphs captured in the first
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.engine.params]))
+        if graphs:
+            assert len(trainer.teacher_runner.graphs) == 1  # one task, one input signature
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@needs_cuda
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_prompt_placement_copies_without_a_host_wait(tiny_trainer, placement):
+    trainer = tiny_trainer(device="cuda", **{"prompts.placement": placement})
+    cache = trainer.prompts[trainer.cfg.tasks[0].name]
+    assert cache.embeds.device.type == ("cuda" if placement == "device" else "cpu")
+    index = trainer.batch_indices(0, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cond = cache.conditioning(index, trainer.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(cond.prompt_embeds.cpu(), cache.embeds[index.to(cache.embeds.device)].cpu().float())

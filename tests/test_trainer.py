@@ -258,3 +258,82 @@ def test_loss_weight_scales_its_tasks_gradient(tiny_trainer):
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], 4.0 * g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+@pytest.mark.parametrize("noise_level", [0.0, 0.7])
+def test_task_batching_gives_the_task_by_task_gradient(tiny_config, tmp_path, schedule, noise_level):
+    """train.task_batching runs every task's micro-batch through one student forward and backward per step; the
+    tasks train 1, 2 and 3 of 4 steps here (int(4 x fraction)), so the batch shrinks as tasks drop out, and two
+    micro-batches per task make two such batches per round. Same terms summed in another order: rtol 1e-5, as the
+    schedules' test."""
+    overrides = {"sampling.noise_level": noise_level, "train.schedule": schedule, "sampling.timestep_fraction": 0.75,
+                 "tasks.0.timestep_fraction": 0.25, "tasks.1.timestep_fraction": 0.5, "tasks.2.loss_weight": 2.0,
+                 "train.micro_batches_per_task": 2}
+    by_task = Trainer(tiny_config(**overrides), tmp_path / "by_task", device="cpu")
+    batched = Trainer(tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched", device="cpu")
+    assert list(by_task.num_trained.values()) == [1, 2, 3]
+    forwards = []
+    batched.student.register_forward_hook(lambda module, args, kwargs, out: forwards.append(
+        kwargs["hidden_states"].shape[0]), with_kwargs=True)  # fmt: skip
+    backwards = []
+    backward = batched.engine.backward
+    batched.engine.backward = lambda loss: backwards.append(1) or backward(loss)
+    losses = {}
+    for name, trainer in (("by_task", by_task), ("batched", batched)):
+        grads = capture_round_gradient(trainer)
+        losses[name] = grads
+    assert_grads_close(losses["by_task"], losses["batched"], ratio=1e-5)
+    # per micro-batch: 3 steps trained by 3, 2, 1 tasks of 2 samples each, CFG doubling the batch; two-pass first
+    # rolls out states 1 and 2 for the tasks that train them
+    trained = [2 * 6, 2 * 4, 2 * 2]
+    rollout = [2 * 4, 2 * 2] if schedule == "two_pass" else []
+    assert forwards == (rollout + trained) * 2
+    assert len(backwards) == 3 * 2 == backwards_per_round(batched.cfg)
+
+
+def test_task_batching_logs_the_task_by_task_losses(tiny_config, tmp_path):
+    overrides = {"train.rounds": 2, "tasks.0.timestep_fraction": 0.5}
+    by_task = Trainer(tiny_config(**overrides), tmp_path / "by_task", device="cpu").fit()
+    batched = Trainer(tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched",
+                      device="cpu").fit()  # fmt: skip
+    for a, b in zip(by_task, batched):
+        for key in ("loss", "loss/geneval", "loss/ocr", "loss/aesthetic"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_optimizer_flags_belong_to_the_machine_not_the_checkpoint():
+    """AdamW runs fused on a GPU and torch's default on the CPU; a resume keeps this machine's choice, where torch's
+    load_state_dict would take the checkpoint's (a CPU run's state switching a GPU resume off the fused kernel)."""
+    from opd_fast.config import OptimizerConfig
+    from opd_fast.engine import load_optimizer_state, make_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    cpu = make_optimizer(params, OptimizerConfig())
+    assert not cpu.param_groups[0]["fused"]
+    params[0].grad = torch.ones(3, 2)
+    cpu.step()
+    state = cpu.state_dict()
+    state["param_groups"][0].update(fused=True, foreach=True)  # as a GPU run's checkpoint would say
+    resumed = make_optimizer([torch.nn.Parameter(params[0].detach().clone())], OptimizerConfig())
+    load_optimizer_state(resumed, state)
+    assert resumed.param_groups[0]["fused"] == cpu.param_groups[0]["fused"]
+    assert resumed.param_groups[0]["foreach"] == cpu.param_groups[0]["foreach"]
+    torch.testing.assert_close(next(iter(resumed.state.values()))["exp_avg"], next(iter(cpu.state.values()))["exp_avg"])
+    if torch.cuda.is_available():
+        assert make_optimizer([torch.nn.Parameter(torch.randn(3, device="cuda"))], OptimizerConfig()).param_groups[0][
+            "fused"
+        ]
+
+
+def test_ema_update_is_one_lerp_per_tensor_bit_for_bit():
+    """The multi-tensor EMA update equals a lerp_ of each tensor (the update it replaced), bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g).bfloat16()]
+    ema = EMA(params, EMAConfig(decay=0.9, update_every=1))
+    shadows = [s.clone() for s in ema.shadow]
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+    ema.update(4)
+    for shadow, start, p in zip(ema.shadow, shadows, params):
+        torch.testing.assert_close(shadow, start.lerp(p.float(), 1 - ema.decay(4)), rtol=0, atol=0)
