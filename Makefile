@@ -26,8 +26,9 @@ test: setup
 bench: setup
 	$(BIN)/python -m pytest -q bench/bench_opd_step.py --benchmark-only
 
-lint: setup
-	$(BIN)/ruff check --line-length 120 opd_fast tests bench
+lint: setup  ## ruff: the lint rules and the formatting (ruff.toml), as CI checks them
+	$(BIN)/ruff check opd_fast tests bench setup.py
+	$(BIN)/ruff format --check opd_fast tests bench setup.py
 
 # The GPU machine's preinstalled stack (torch 2.11 CUDA build, triton 3.6, transformers 5.17, huggingface_hub 1.33;
 # peft 0.18.0, the oldest that imports with transformers 5) on this CPU, before spending GPU minutes: the suite on

@@ -65,9 +65,15 @@ def worker(args) -> None:
     from opd_fast.config import load_config
     from opd_fast.engine import backwards_per_round, make_engine
 
-    overrides = [*VARIANTS[args.variant][1], f"model.preset={args.preset}", f"sampling.num_steps={args.num_steps}",
-                 f"sampling.resolution={args.resolution}", f"train.micro_batch_size={args.batch}",
-                 f"student.lora.enabled={'false' if args.full else 'true'}", f"student.lora.rank={args.lora_rank}"]
+    overrides = [
+        *VARIANTS[args.variant][1],
+        f"model.preset={args.preset}",
+        f"sampling.num_steps={args.num_steps}",
+        f"sampling.resolution={args.resolution}",
+        f"train.micro_batch_size={args.batch}",
+        f"student.lora.enabled={'false' if args.full else 'true'}",
+        f"student.lora.rank={args.lora_rank}",
+    ]
     if args.bf16 and "engine.kind=deepspeed" in overrides:
         overrides.append("engine.bf16=true")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
@@ -87,8 +93,12 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(info.rank)
     shape = models.latent_shape(model, family, args.batch, args.resolution)
     dim, pooled, tokens = model.config.joint_attention_dim, model.config.pooled_projection_dim, args.tokens
-    cond = models.Conditioning(*(torch.randn(*s, generator=g).to(info.device) for s in
-                                 [(args.batch, tokens, dim), (args.batch, pooled), (1, tokens, dim), (1, pooled)]))
+    cond = models.Conditioning(
+        *(
+            torch.randn(*s, generator=g).to(info.device)
+            for s in [(args.batch, tokens, dim), (args.batch, pooled), (1, tokens, dim), (1, pooled)]
+        )
+    )
     x = torch.randn(shape, generator=g).to(info.device)
     target = torch.randn(shape, generator=g).to(info.device)
     sigma = torch.full((args.batch,), 0.7, device=info.device)
@@ -116,10 +126,15 @@ def worker(args) -> None:
         one_step()
         sync()
         times.append(time.perf_counter() - t0)
-    result = {"rank": info.rank, "step_s": statistics.median(times), "min_s": min(times),
-              "peak_rss_mb": high_water_mb(), "rss_over_base_mb": high_water_mb() - base_mb,
-              "cuda_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
-              "backwards": backwards}  # fmt: skip
+    result = {
+        "rank": info.rank,
+        "step_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_rss_mb": high_water_mb(),
+        "rss_over_base_mb": high_water_mb() - base_mb,
+        "cuda_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
+        "backwards": backwards,
+    }
     Path(args.result).with_suffix(f".rank{info.rank}.json").write_text(json.dumps(result))
     distributed.finish(0)  # not a plain return: see distributed.finish
 
@@ -136,18 +151,31 @@ def run_variant(args, variant: str, scratch: Path) -> dict:
     port, result = str(free_port()), scratch / variant
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": str(args.threads)}  # fmt: skip
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": str(args.threads),
+        }
         cmd = [sys.executable, __file__, "--worker", variant, "--result", str(result), *args.passthrough]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate()[1] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"{variant} failed:\n" + "\n".join(e[-3000:] for e in errors))
     ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
-    return {"variant": variant, "world": world, "step_s": ranks[0]["step_s"], "min_s": ranks[0]["min_s"],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
-            "rss_over_base_mb": max(r["rss_over_base_mb"] for r in ranks),
-            "cuda_peak_gb": max(r["cuda_peak_gb"] or 0 for r in ranks) or None, "backwards": ranks[0]["backwards"]}
+    return {
+        "variant": variant,
+        "world": world,
+        "step_s": ranks[0]["step_s"],
+        "min_s": ranks[0]["min_s"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+        "rss_over_base_mb": max(r["rss_over_base_mb"] for r in ranks),
+        "cuda_peak_gb": max(r["cuda_peak_gb"] or 0 for r in ranks) or None,
+        "backwards": ranks[0]["backwards"],
+    }
 
 
 def merge(repeats: list[dict]) -> dict:
@@ -163,22 +191,30 @@ def merge(repeats: list[dict]) -> dict:
 
 def table(rows: list[dict], title: str) -> str:
     single = next((r for r in rows if r["variant"] == "single"), None)
-    header = ("| variant | ranks | median s/step | min s/step | x single (median) | peak RSS MB (max over ranks) | "
-              "RSS over base MB | x single | CUDA peak GB |")
+    header = (
+        "| variant | ranks | median s/step | min s/step | x single (median) | peak RSS MB (max over ranks) | "
+        "RSS over base MB | x single | CUDA peak GB |"
+    )
     lines = [f"**{title}**", "", header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['step_s'] / single['step_s']:.2f}" if single else ""
         mem = f"{r['rss_over_base_mb'] / single['rss_over_base_mb']:.2f}" if single else ""
         cuda = f"{r['cuda_peak_gb']:.2f}" if r["cuda_peak_gb"] else ""
-        lines.append(f"| {r['variant']} | {r['world']} | {r['step_s']:.3f} | {r['min_s']:.3f} | {speed} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['rss_over_base_mb']:.0f} | {mem} | {cuda} |")
+        lines.append(
+            f"| {r['variant']} | {r['world']} | {r['step_s']:.3f} | {r['min_s']:.3f} | {speed} | "
+            f"{r['peak_rss_mb']:.0f} | {r['rss_over_base_mb']:.0f} | {mem} | {cuda} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (CPU default: "
-                        f"{CPU_DEFAULT}; then the same for a full-parameter student unless --lora-only)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma list of {', '.join(VARIANTS)} (CPU default: "
+        f"{CPU_DEFAULT}; then the same for a full-parameter student unless --lora-only)",
+    )
     parser.add_argument("--world", type=int, default=2, help="ranks of the multi-process variants")
     parser.add_argument("--preset", default="tiny-sd3")
     parser.add_argument("--layers", type=int, default=None, help="keep only this many blocks (widths unchanged)")
@@ -191,9 +227,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="text tokens (SD3.5: 333 = 77 CLIP + 256 T5)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
-                        help="CPU threads per process, the same for every variant (default: cores / 2), so the single "
-                             "process does one rank's work with one rank's share of the machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 2),
+        help="CPU threads per process, the same for every variant (default: cores / 2), so the single "
+        "process does one rank's work with one rank's share of the machine",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run the variant list this many times, interleaved")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -203,17 +243,34 @@ def main() -> None:
         args.variant = args.worker
         worker(args)
         return
-    common = ["--preset", args.preset, "--resolution", str(args.resolution), "--num-steps", str(args.num_steps),
-              "--batch", str(args.batch), "--tokens", str(args.tokens), "--lora-rank", str(args.lora_rank),
-              "--steps", str(args.steps), "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
+    common = [
+        "--preset",
+        args.preset,
+        "--resolution",
+        str(args.resolution),
+        "--num-steps",
+        str(args.num_steps),
+        "--batch",
+        str(args.batch),
+        "--tokens",
+        str(args.tokens),
+        "--lora-rank",
+        str(args.lora_rank),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+    ] + (["--bf16"] if args.bf16 else [])
     common += ["--layers", str(args.layers)] if args.layers else []
     variants = (args.variants or CPU_DEFAULT).split(",")
     students = [True] if args.full else [False] if args.lora_only or args.variants else [False, True]
     import torch
 
-    print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for full in students:
@@ -223,8 +280,14 @@ def main() -> None:
             for r in block:
                 r["student"] = "full" if full else f"LoRA r{args.lora_rank}"
             rows += block
-            print(table(block, f"{args.preset}, {'full-parameter' if full else f'LoRA r{args.lora_rank}'} student, "
-                               f"{block[0]['backwards']} backward calls per step"), flush=True)
+            print(
+                table(
+                    block,
+                    f"{args.preset}, {'full-parameter' if full else f'LoRA r{args.lora_rank}'} student, "
+                    f"{block[0]['backwards']} backward calls per step",
+                ),
+                flush=True,
+            )
             print()
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:

@@ -74,9 +74,17 @@ from opd_fast.profiling import PHASES, PhaseTimer
 from opd_fast.teachers import Teacher, add_lora_adapter, read_peft_lora, teacher_memory_bytes
 
 TASKS = (("geneval", 1.0), ("ocr", 4.5), ("aesthetic", 4.5))  # official teachers' CFG
-START = {"schedule": "two_pass", "backend": "reference", "teachers": "swap", "precision": "model",
-         "stream": "serial", "attention": "sdpa", "task_batching": False, "cuda_graphs": False,
-         "compile": False}  # fmt: skip
+START = {
+    "schedule": "two_pass",
+    "backend": "reference",
+    "teachers": "swap",
+    "precision": "model",
+    "stream": "serial",
+    "attention": "sdpa",
+    "task_batching": False,
+    "cuda_graphs": False,
+    "compile": False,
+}
 LADDER = [
     ("official", "official-like", {}),
     ("one_pass", "+ one-pass", {"schedule": "one_pass"}),
@@ -88,11 +96,16 @@ LADDER = [
     ("task_batch", "+ cross-task student batch", {"task_batching": True}),
     ("compile", "+ torch.compile", {"compile": True}),
 ]
-ALTERNATIVES = [("adapter", "alt: adapter-mode FP8 teachers (at side)", "side", {"teachers": "adapter"}),
-                ("flash", "alt: flash-attn attention (at cudnn)", "cudnn", {"attention": "flash"}),
-                ("graphs", "alt: CUDA-graph teachers (at task_batch)", "task_batch", {"cuda_graphs": True})]
-CUDA_ONLY = {"side": "no CUDA stream on CPU (runs serially: same as the row above)",
-             "cudnn": "cuDNN attention is a CUDA backend", "graphs": "CUDA graphs need a CUDA device"}  # fmt: skip
+ALTERNATIVES = [
+    ("adapter", "alt: adapter-mode FP8 teachers (at side)", "side", {"teachers": "adapter"}),
+    ("flash", "alt: flash-attn attention (at cudnn)", "cudnn", {"attention": "flash"}),
+    ("graphs", "alt: CUDA-graph teachers (at task_batch)", "task_batch", {"cuda_graphs": True}),
+]
+CUDA_ONLY = {
+    "side": "no CUDA stream on CPU (runs serially: same as the row above)",
+    "cudnn": "cuDNN attention is a CUDA backend",
+    "graphs": "CUDA graphs need a CUDA device",
+}
 
 
 class StudentSwapTeacher(Teacher):
@@ -114,8 +127,11 @@ class StudentSwapTeacher(Teacher):
 
 def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompts: int) -> list[dict]:
     """Prompt files and peft-layout LoRA teachers (B ~ N(0, 0.02^2): a teacher visibly off the base)."""
-    targets = [name for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)
-               and any(name.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)]  # fmt: skip
+    targets = [
+        name
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)
+    ]
     tasks = []
     for seed, (task, guidance) in enumerate(TASKS):
         (root / "prompts").mkdir(parents=True, exist_ok=True)
@@ -130,8 +146,11 @@ def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompt
         folder = root / "teachers" / task
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
-                                                                "target_modules": list(OFFICIAL_LORA_TARGETS)}))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(OFFICIAL_LORA_TARGETS)}
+            )
+        )
         teacher = {"path": str(folder), "guidance": guidance}
         tasks.append({"name": task, "prompts": str(prompt_file), "teacher": teacher})
     return tasks
@@ -139,21 +158,34 @@ def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompt
 
 def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
     large = not args.preset.startswith("tiny")
-    return config_from_dict({
-        "model": {"family": PRESETS[args.preset][0], "preset": args.preset, "dtype": args.dtype,
-                  "attention": state["attention"]},
-        "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
-        "tasks": tasks,
-        "teacher_runtime": {"precision": state["precision"], "stream": state["stream"],
-                            "mode": "adapter" if state["teachers"] == "adapter" else "merged",
-                            "cuda_graphs": state["cuda_graphs"]},
-        "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
-        "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
-        "loss": {"backend": state["backend"]},
-        "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": state["schedule"],
-                  "task_batching": state["task_batching"]},
-        "logging": {"progress": False, "tensorboard": False},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "model": {
+                "family": PRESETS[args.preset][0],
+                "preset": args.preset,
+                "dtype": args.dtype,
+                "attention": state["attention"],
+            },
+            "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
+            "tasks": tasks,
+            "teacher_runtime": {
+                "precision": state["precision"],
+                "stream": state["stream"],
+                "mode": "adapter" if state["teachers"] == "adapter" else "merged",
+                "cuda_graphs": state["cuda_graphs"],
+            },
+            "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
+            "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
+            "loss": {"backend": state["backend"]},
+            "train": {
+                "rounds": 1000,
+                "micro_batch_size": args.prompts,
+                "schedule": state["schedule"],
+                "task_batching": state["task_batching"],
+            },
+            "logging": {"progress": False, "tensorboard": False},
+        }
+    )
 
 
 def build_trainer(args, tasks, state, scratch: Path, index: int, pristine) -> trainer_module.Trainer:
@@ -250,8 +282,12 @@ def capture_round0_gradient(trainer) -> None:
 
     def first_step():
         engine.step = step
-        trainer.round0_grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float()
-                                         .flatten().cpu() for p in engine.params])  # fmt: skip
+        trainer.round0_grad = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
+                for p in engine.params
+            ]
+        )
         return step()
 
     engine.step = first_step
@@ -271,14 +307,24 @@ def summarize(trainer, rounds: list[tuple[float, dict]], args, state: dict, refe
     cosine of the round-0 gradient with `reference_grad` (the official-like variant's; None before it ran)."""
     seconds, phases = min(rounds, key=lambda r: r[0])
     grad = trainer.round0_grad
-    cos = None if reference_grad is None else float(grad.double() @ reference_grad.double()
-                                                    / (grad.double().norm() * reference_grad.double().norm()))
+    cos = (
+        None
+        if reference_grad is None
+        else float(grad.double() @ reference_grad.double() / (grad.double().norm() * reference_grad.double().norm()))
+    )
     cuda = torch.device(args.device).type == "cuda"
-    return {"round_s": seconds, "images_per_s": len(trainer.cfg.tasks) * args.prompts / seconds,
-            "phases_s": {p: phases.get(p, 0.0) for p in PHASES}, "rounds_s": [r[0] for r in rounds],
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "teacher_mb": teacher_bytes(trainer) / 2**20, "backend": trainer.backend,
-            "loss0": trainer.round0_loss, "grad_cos": cos, "precision": state["precision"]}  # fmt: skip
+    return {
+        "round_s": seconds,
+        "images_per_s": len(trainer.cfg.tasks) * args.prompts / seconds,
+        "phases_s": {p: phases.get(p, 0.0) for p in PHASES},
+        "rounds_s": [r[0] for r in rounds],
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "teacher_mb": teacher_bytes(trainer) / 2**20,
+        "backend": trainer.backend,
+        "loss0": trainer.round0_loss,
+        "grad_cos": cos,
+        "precision": state["precision"],
+    }
 
 
 def teacher_bytes(trainer) -> int:
@@ -289,8 +335,9 @@ def teacher_bytes(trainer) -> int:
     return sum(p.nbytes for n, p in trainer.student.named_parameters() if any(t in n for t in names))
 
 
-def teacher_memory_by_mode(preset: str, layers: int | None, dtype: torch.dtype, teachers: int = 3,
-                           rank: int = 32) -> str:
+def teacher_memory_by_mode(
+    preset: str, layers: int | None, dtype: torch.dtype, teachers: int = 3, rank: int = 32
+) -> str:
     """Teacher weight memory of each runtime mode, from the architecture's shapes (meta device, nothing allocated):
     merged = one copy per teacher; adapter = one shared base + a LoRA (official targets) per teacher; fp8 = the
     linears opd_fast.fp8 quantizes at 1 byte per weight, the rest in `dtype`."""
@@ -303,14 +350,22 @@ def teacher_memory_by_mode(preset: str, layers: int | None, dtype: torch.dtype, 
     total = sum(p.numel() for p in model.parameters())
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     quantized = sum(m.weight.numel() for n, m in linears if not fp8.is_skipped(n, fp8.DEFAULT_SKIP))
-    lora = sum(rank * (m.in_features + m.out_features) for n, m in linears
-               if any(n.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)) * width  # fmt: skip
+    lora = (
+        sum(
+            rank * (m.in_features + m.out_features)
+            for n, m in linears
+            if any(n.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)
+        )
+        * width
+    )
     copy_hp, copy_fp8 = total * width, quantized + (total - quantized) * width
     mib = 2**20
-    return (f"teacher weights, {teachers} teachers of {preset} ({total / 1e6:.2f} M params, {quantized / 1e6:.2f} M in "
-            f"FP8 linears, LoRA r{rank} {lora / mib:.2f} MiB each): merged {teachers * copy_hp / mib:.1f} MiB, "
-            f"merged fp8 {teachers * copy_fp8 / mib:.1f} MiB, adapter {(copy_hp + teachers * lora) / mib:.1f} MiB, "
-            f"adapter fp8 {(copy_fp8 + teachers * lora) / mib:.1f} MiB ({str(dtype).removeprefix('torch.')} base)")
+    return (
+        f"teacher weights, {teachers} teachers of {preset} ({total / 1e6:.2f} M params, {quantized / 1e6:.2f} M in "
+        f"FP8 linears, LoRA r{rank} {lora / mib:.2f} MiB each): merged {teachers * copy_hp / mib:.1f} MiB, "
+        f"merged fp8 {teachers * copy_fp8 / mib:.1f} MiB, adapter {(copy_hp + teachers * lora) / mib:.1f} MiB, "
+        f"adapter fp8 {(copy_fp8 + teachers * lora) / mib:.1f} MiB ({str(dtype).removeprefix('torch.')} base)"
+    )
 
 
 def free(device):
@@ -343,8 +398,10 @@ def table(results: dict, flops: float, ceiling: float, notes: dict[str, str] | N
     timed = [label for label, r in results.items() if "round_s" in r]
     base_label = "official-like" if "official-like" in timed else timed[0]
     base = results[base_label]
-    head = (f"| variant | img/s | x {base_label} | round s | " + " | ".join(PHASES) + " | phases / wall | peak GB | "
-            "teacher MB | MFU | round-0 loss | loss rel. diff | grad cos |")
+    head = (
+        f"| variant | img/s | x {base_label} | round s | " + " | ".join(PHASES) + " | phases / wall | peak GB | "
+        "teacher MB | MFU | round-0 loss | loss rel. diff | grad cos |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, r in results.items():
         shown = f"{label} ({notes[label]})" if notes and label in notes else label
@@ -354,9 +411,11 @@ def table(results: dict, flops: float, ceiling: float, notes: dict[str, str] | N
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
         phases = " | ".join(f"{r['phases_s'][p]:.3f}" for p in PHASES)
         mfu = flops / (r["round_s"] * ceiling)
-        lines.append(f"| {shown} | {r['images_per_s']:.3f} | {base['round_s'] / r['round_s']:.2f} | "
-                     f"{r['round_s']:.3f} | {phases} | {phase_share(r):.2f} | {peak} | {r['teacher_mb']:.2f} | "
-                     f"{100 * mfu:.2f}% | {r['loss0']:.6g} | {loss_diff(r, base):.2e} | {fmt_cos(r['grad_cos'])} |")
+        lines.append(
+            f"| {shown} | {r['images_per_s']:.3f} | {base['round_s'] / r['round_s']:.2f} | "
+            f"{r['round_s']:.3f} | {phases} | {phase_share(r):.2f} | {peak} | {r['teacher_mb']:.2f} | "
+            f"{100 * mfu:.2f}% | {r['loss0']:.6g} | {loss_diff(r, base):.2e} | {fmt_cos(r['grad_cos'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -373,17 +432,23 @@ def verdict(results: dict, target: float = 2.0) -> str:
     base = results.get("official-like")
     if base is None or "round_s" not in base:
         return "target: not checked (the official-like variant did not run)"
-    ok = {label: r for label, r in results.items()
-          if "round_s" in r and loss_diff(r, base) <= LOSS_TOLERANCE[r["precision"]]}  # fmt: skip
-    failed = [f"{label} ({loss_diff(r, base):.1%})" for label, r in results.items()
-              if "round_s" in r and label not in ok]  # fmt: skip
+    ok = {
+        label: r
+        for label, r in results.items()
+        if "round_s" in r and loss_diff(r, base) <= LOSS_TOLERANCE[r["precision"]]
+    }
+    failed = [
+        f"{label} ({loss_diff(r, base):.1%})" for label, r in results.items() if "round_s" in r and label not in ok
+    ]
     label, best = min(ok.items(), key=lambda item: item[1]["round_s"])
     speedup = base["round_s"] / best["round_s"]
-    return (f"target: {speedup:.2f}x the official-like images/s ({label}), round-0 loss within "
-            f"{LOSS_TOLERANCE[best['precision']]:.0%} ({loss_diff(best, base):.2%}, gradient cosine "
-            f"{fmt_cos(best['grad_cos'])}): "
-            f"{'PASS' if speedup >= target else 'FAIL'} (>= {target:g}x asked at SD3.5-M 512 px on one H200)"
-            + (f"; loss outside tolerance: {', '.join(failed)}" if failed else ""))
+    return (
+        f"target: {speedup:.2f}x the official-like images/s ({label}), round-0 loss within "
+        f"{LOSS_TOLERANCE[best['precision']]:.0%} ({loss_diff(best, base):.2%}, gradient cosine "
+        f"{fmt_cos(best['grad_cos'])}): "
+        f"{'PASS' if speedup >= target else 'FAIL'} (>= {target:g}x asked at SD3.5-M 512 px on one H200)"
+        + (f"; loss outside tolerance: {', '.join(failed)}" if failed else "")
+    )
 
 
 def ordered(results: dict) -> dict:
@@ -391,31 +456,44 @@ def ordered(results: dict) -> dict:
     return {label: results[label] for label in order if label in results}
 
 
-def write_report(args, results: dict, machine: str, interleave: bool, flops: float, ceiling: float,
-                 ceiling_what: str) -> str:
+def write_report(
+    args, results: dict, machine: str, interleave: bool, flops: float, ceiling: float, ceiling_what: str
+) -> str:
     """The report (header, teacher memory, table, verdict) of the variants in `results`, written to --md and --json
     where given; returned for printing."""
     cuda = torch.device(args.device).type == "cuda"
     blocks = f" ({args.layers} blocks)" if args.layers else ""
     threads = f", {torch.get_num_threads()} thread(s)" if not cuda else ""
-    header = (f"{args.preset}{blocks} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, torch "
-              f"{torch.__version__}), {len(TASKS)} tasks x {args.prompts} prompts, 10 steps / 9 trained, fastest of "
-              f"{args.rounds} round(s) after {args.warmup} warm-up{', interleaved' if interleave else ''}{threads}")
-    ceiling_line = (f"ceiling: {ceiling / 1e12:.3f} TFLOP/s ({ceiling_what}); useful work per round: "
-                    f"{flops / 1e12:.4f} TFLOP (FlopCounterMode)")
-    memory = teacher_memory_by_mode(args.preset, args.layers, getattr(torch, args.dtype),
-                                    rank=4 if args.preset.startswith("tiny") else 32)  # fmt: skip
+    header = (
+        f"{args.preset}{blocks} @ {args.resolution}px, {args.dtype}, {args.device} ({machine}, torch "
+        f"{torch.__version__}), {len(TASKS)} tasks x {args.prompts} prompts, 10 steps / 9 trained, fastest of "
+        f"{args.rounds} round(s) after {args.warmup} warm-up{', interleaved' if interleave else ''}{threads}"
+    )
+    ceiling_line = (
+        f"ceiling: {ceiling / 1e12:.3f} TFLOP/s ({ceiling_what}); useful work per round: "
+        f"{flops / 1e12:.4f} TFLOP (FlopCounterMode)"
+    )
+    memory = teacher_memory_by_mode(
+        args.preset, args.layers, getattr(torch, args.dtype), rank=4 if args.preset.startswith("tiny") else 32
+    )
     # Every row's student runs as ours does: a 16-bit base with fp32 LoRA weights trains under autocast, the
     # official-like row too (the released code autocasts its whole forward to fp16), so the ladder compares schedules
     short = {"bfloat16": "bf16", "float16": "fp16"}
     notes = {"official-like": f"{short[args.dtype]} autocast student"} if args.dtype in short else None
-    text = (f"\n{header}\n{ceiling_line}\n\n{memory}\n\n{table(results, flops, ceiling, notes)}\n\n"
-            f"{verdict(results)}")
+    text = f"\n{header}\n{ceiling_line}\n\n{memory}\n\n{table(results, flops, ceiling, notes)}\n\n{verdict(results)}"
     if args.md:
         Path(args.md).write_text(text + "\n")
     if args.json:
-        report = {"preset": args.preset, "layers": args.layers, "resolution": args.resolution, "device": machine,
-                  "dtype": args.dtype, "ceiling_flops": ceiling, "round_flops": flops, "results": results}
+        report = {
+            "preset": args.preset,
+            "layers": args.layers,
+            "resolution": args.resolution,
+            "device": machine,
+            "dtype": args.dtype,
+            "ceiling_flops": ceiling,
+            "round_flops": flops,
+            "results": results,
+        }
         Path(args.json).write_text(json.dumps(report, indent=2))
     return text
 
@@ -460,8 +538,9 @@ def main(argv=None) -> int:
         unavailable["flash"] = flash_why
     with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
         scratch = Path(tmp)
-        tasks = write_world(scratch / "world", pristine, rank=32 if large else 4, alpha=64 if large else 8,
-                            prompts=args.prompts)  # fmt: skip
+        tasks = write_world(
+            scratch / "world", pristine, rank=32 if large else 4, alpha=64 if large else 8, prompts=args.prompts
+        )
         state, live = dict(START), {}
         plan = [(k, label, None, changes) for k, label, changes in LADDER] + list(ALTERNATIVES)
         for index, (key, label, based_on, changes) in enumerate(plan):
@@ -503,8 +582,11 @@ def main(argv=None) -> int:
         for label, trainer, state, rounds in live.values():
             results[label] = summarize(trainer, rounds, args, state, reference_grad)
     if flops is None:  # no variant got as far as a trainer
-        print("no variant ran:\n" + "\n".join(f"  {label}: {r.get('skipped') or r.get('error')}"
-                                                for label, r in results.items()), file=sys.stderr)  # fmt: skip
+        print(
+            "no variant ran:\n"
+            + "\n".join(f"  {label}: {r.get('skipped') or r.get('error')}" for label, r in results.items()),
+            file=sys.stderr,
+        )
         return 1
     print(write_report(args, ordered(results), machine, interleave, flops, ceiling, ceiling_what))
     return 0

@@ -50,8 +50,9 @@ LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first 
 }
 
 
-def build_random_transformer(preset: str, device: str, dtype: torch.dtype, seed: int = 0,
-                             layers: int | None = None) -> torch.nn.Module:
+def build_random_transformer(
+    preset: str, device: str, dtype: torch.dtype, seed: int = 0, layers: int | None = None
+) -> torch.nn.Module:
     """A preset's architecture (models.preset_arch says what `layers` keeps) with seeded random weights, built
     directly on `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU); the final projection
     initialised as opd_fast.models initialises a preset's."""
@@ -74,10 +75,12 @@ def make_inputs(model, family: str, batch: int, resolution: int, device: str, se
     shape = latent_shape(model, family, batch, resolution)
     dim, pooled = model.config.joint_attention_dim, model.config.pooled_projection_dim
     tokens = TEXT_TOKENS[family] if dim >= 1024 else 16  # the tiny presets use the builtin 16-token encoder
-    cond = Conditioning(torch.randn(batch, tokens, dim, generator=g).to(device),
-                        torch.randn(batch, pooled, generator=g).to(device),
-                        torch.randn(1, tokens, dim, generator=g).to(device),
-                        torch.randn(1, pooled, generator=g).to(device))  # fmt: skip
+    cond = Conditioning(
+        torch.randn(batch, tokens, dim, generator=g).to(device),
+        torch.randn(batch, pooled, generator=g).to(device),
+        torch.randn(1, tokens, dim, generator=g).to(device),
+        torch.randn(1, pooled, generator=g).to(device),
+    )
     sigmas = sigma_grid(family, 10, image_seq_len=shape[1] if family == "flux" else None)  # the released configs
     states = []
     for j in (0, 2, 4, 6, 8):
@@ -136,9 +139,12 @@ def main(argv=None) -> int:
             print(f"note: {len(unclassified)} linears of no listed type, e.g. {unclassified[:3]}")
         for kind in kinds + ["all"]:
             others = [n for n in names if kind != "all" and layer_type(n) != kind]
-            per_layer[kind] = {s: rel_err(velocities(fp8_copy(model32, "torch", s, skip=others), family, cond,
-                                                     states, args.guidance), ref32)
-                               for s in ("rowwise", "tensorwise")}  # fmt: skip
+            per_layer[kind] = {
+                s: rel_err(
+                    velocities(fp8_copy(model32, "torch", s, skip=others), family, cond, states, args.guidance), ref32
+                )
+                for s in ("rowwise", "tensorwise")
+            }
 
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     del model32
@@ -160,8 +166,10 @@ def main(argv=None) -> int:
         rows["fp8 torch rowwise (fp32 base)"] = {"vs_fp32": rel_err(v, ref32)}
 
     blocks = f" ({args.layers} blocks)" if args.layers else ""
-    print(f"\n{args.preset}{blocks} @ {resolution}px, batch {args.batch}, CFG {args.guidance}, {args.device}"
-          f"{'' if te_ok else f' (TE: {te_why})'}; {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\n{args.preset}{blocks} @ {resolution}px, batch {args.batch}, CFG {args.guidance}, {args.device}"
+        f"{'' if te_ok else f' (TE: {te_why})'}; {time.perf_counter() - t0:.1f} s"
+    )
     print(f"{'teacher':34s} {'rel err vs fp32':>16s} {'vs bf16':>10s}")
     for name, r in rows.items():
         if "error" in r:
@@ -175,9 +183,19 @@ def main(argv=None) -> int:
         for kind, r in per_layer.items():
             print(f"{kind:24s} {r['rowwise']:9.4f} {r['tensorwise']:11.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": args.preset, "layers": args.layers, "resolution": resolution,
-                                               "device": args.device, "teachers": rows, "per_layer": per_layer},
-                                              indent=2))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "layers": args.layers,
+                    "resolution": resolution,
+                    "device": args.device,
+                    "teachers": rows,
+                    "per_layer": per_layer,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

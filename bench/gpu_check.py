@@ -44,8 +44,11 @@ TARGET_X_EAGER = 4.0
 
 def full_cases() -> list[dict]:
     """Every shape in bf16 and float32 (all four tensors one dtype), SDE, no CFG."""
-    return [dict(label="x".join(map(str, s)), shape=s, x_dtype=d, v_dtype=d, guidance=None, noise_level=NOISE_LEVEL)
-            for s in SHAPES for d in ("bfloat16", "float32")]  # fmt: skip
+    return [
+        dict(label="x".join(map(str, s)), shape=s, x_dtype=d, v_dtype=d, guidance=None, noise_level=NOISE_LEVEL)
+        for s in SHAPES
+        for d in ("bfloat16", "float32")
+    ]
 
 
 # SD3.5-M at 512 px: 3 prompts x 16 channels x 64 x 64 latents; the student's CFG stacks [uncond; cond] velocities
@@ -120,8 +123,16 @@ def cpu_timer(calls: int = 2):
     return timer
 
 
-def benchmark(out: Path, cases: list[dict], *, device: str = "cuda", backends: list[str] | None = None, rep: int = 100,
-              copy_bytes: int = 2 << 30, timer=None) -> tuple[list[dict], dict]:
+def benchmark(
+    out: Path,
+    cases: list[dict],
+    *,
+    device: str = "cuda",
+    backends: list[str] | None = None,
+    rep: int = 100,
+    copy_bytes: int = 2 << 30,
+    timer=None,
+) -> tuple[list[dict], dict]:
     """(rows, meta) of every case x backend x kind x mode; also written to out/results.json. On CUDA the timer is
     do_bench; pass device="cpu" with explicit backends (e.g. triton under TRITON_INTERPRET=1) to run the same code on
     CPU tensors."""
@@ -142,8 +153,11 @@ def benchmark(out: Path, cases: list[dict], *, device: str = "cuda", backends: l
     if backends is None:
         backends = [b for b in ops.available_backends(dev) if b != "reference"]
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}; copy bandwidth ({copy_bytes / 2**31:.3g} GiB copied, read + "
-          f"write): {copy_gbps:.0f} GB/s; fused backends: {backends}", flush=True)
+    print(
+        f"device {name}, torch {torch.__version__}; copy bandwidth ({copy_bytes / 2**31:.3g} GiB copied, read + "
+        f"write): {copy_gbps:.0f} GB/s; fused backends: {backends}",
+        flush=True,
+    )
 
     rows = []
     for case in cases:
@@ -154,35 +168,58 @@ def benchmark(out: Path, cases: list[dict], *, device: str = "cuda", backends: l
         eager = {}
         for backend in ["reference"] + backends:
             for kind in ["op"] if backend == "reference" else ["op", "kernels"]:
-                fns = _timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma_next, g,
-                                 guidance=case["guidance"], noise_level=case["noise_level"])  # fmt: skip
+                fns = _timed_fns(
+                    ops,
+                    fused,
+                    backend,
+                    kind,
+                    x,
+                    v_s,
+                    v_t,
+                    noise,
+                    sigma,
+                    sigma_next,
+                    g,
+                    guidance=case["guidance"],
+                    noise_level=case["noise_level"],
+                )
                 for mode in MODES:
                     ms = timer(fns[mode])
                     if backend == "reference":
                         eager[mode] = ms
-                    rows.append({
-                        "backend": backend if backend == "reference" else f"{backend} {kind}",
-                        "case": case["label"],
-                        "shape": "x".join(map(str, case["shape"])) + (" cfg" if case["guidance"] is not None else ""),
-                        "dtype": case["x_dtype"] if case["x_dtype"] == case["v_dtype"]
-                        else f"{case['x_dtype']} x / {case['v_dtype']} v",
-                        "mode": mode,
-                        "ms": ms,
-                        "gb_per_s": nbytes[mode] / ms / 1e6,
-                        "pct_copy": 100 * nbytes[mode] / ms / 1e6 / copy_gbps,
-                        "pct_same_size_copy": 100 * same_size_copy_ms[mode] / ms,
-                        "x_eager": eager[mode] / ms,
-                        "bytes": nbytes[mode],
-                    })  # fmt: skip
-    meta = {"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbps, "backends": backends,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+                    rows.append(
+                        {
+                            "backend": backend if backend == "reference" else f"{backend} {kind}",
+                            "case": case["label"],
+                            "shape": "x".join(map(str, case["shape"]))
+                            + (" cfg" if case["guidance"] is not None else ""),
+                            "dtype": case["x_dtype"]
+                            if case["x_dtype"] == case["v_dtype"]
+                            else f"{case['x_dtype']} x / {case['v_dtype']} v",
+                            "mode": mode,
+                            "ms": ms,
+                            "gb_per_s": nbytes[mode] / ms / 1e6,
+                            "pct_copy": 100 * nbytes[mode] / ms / 1e6 / copy_gbps,
+                            "pct_same_size_copy": 100 * same_size_copy_ms[mode] / ms,
+                            "x_eager": eager[mode] / ms,
+                            "bytes": nbytes[mode],
+                        }
+                    )
+    meta = {
+        "device": name,
+        "torch": torch.__version__,
+        "copy_gb_per_s": copy_gbps,
+        "backends": backends,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets(rows)}, indent=1))
     return rows, meta
 
 
-def _timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma_next, g, guidance=None,
-               noise_level=NOISE_LEVEL):
+def _timed_fns(
+    ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma_next, g, guidance=None, noise_level=NOISE_LEVEL
+):
     """{mode: fn}. "op": opd_step + autograd; "kernels": the backend's launchers on preallocated buffers. guidance:
     v_s and v_t are CFG-stacked (2B rows) and combined with this weight (student and teacher alike)."""
     import torch
@@ -232,30 +269,39 @@ def targets(rows: list[dict]) -> dict:
     if not full:
         return {"pass": None, "line": "targets: not checked (no fused backend ran)"}
     largest = max(r["bytes"] for r in full)
-    kernels = [r for r in full if r["bytes"] == largest and r["backend"].endswith(" kernels")] or \
-        [r for r in full if r["bytes"] == largest]  # fmt: skip
+    kernels = [r for r in full if r["bytes"] == largest and r["backend"].endswith(" kernels")] or [
+        r for r in full if r["bytes"] == largest
+    ]
     best_bw = max(kernels, key=lambda r: r["pct_copy"])
     bw_ok = best_bw["pct_copy"] >= TARGET_PCT_COPY
     eager_parts, eager_ok = [], True
     for case in dict.fromkeys(r["case"] for r in full):
-        ops_ = [r for r in full if r["case"] == case and r["backend"].endswith(" op")] or \
-            [r for r in full if r["case"] == case]  # fmt: skip
+        ops_ = [r for r in full if r["case"] == case and r["backend"].endswith(" op")] or [
+            r for r in full if r["case"] == case
+        ]
         best = max(ops_, key=lambda r: r["x_eager"])
         eager_ok &= best["x_eager"] >= TARGET_X_EAGER
         eager_parts.append(f"{case} {best['x_eager']:.1f}x ({best['backend']})")
-    line = (f"targets: {'PASS' if bw_ok and eager_ok else 'FAIL'}; fused full at {best_bw['case']} "
-            f"({best_bw['backend']}): {best_bw['pct_copy']:.0f}% of the copy ceiling, {best_bw['gb_per_s']:.0f} GB/s "
-            f"({best_bw['pct_same_size_copy']:.0f}% of a same-size copy) {'>=' if bw_ok else '<'} "
-            f"{TARGET_PCT_COPY:.0f}%; op vs eager: {', '.join(eager_parts)} "
-            f"({'all >=' if eager_ok else 'not all >='} {TARGET_X_EAGER:g}x)")
+    line = (
+        f"targets: {'PASS' if bw_ok and eager_ok else 'FAIL'}; fused full at {best_bw['case']} "
+        f"({best_bw['backend']}): {best_bw['pct_copy']:.0f}% of the copy ceiling, {best_bw['gb_per_s']:.0f} GB/s "
+        f"({best_bw['pct_same_size_copy']:.0f}% of a same-size copy) {'>=' if bw_ok else '<'} "
+        f"{TARGET_PCT_COPY:.0f}%; op vs eager: {', '.join(eager_parts)} "
+        f"({'all >=' if eager_ok else 'not all >='} {TARGET_X_EAGER:g}x)"
+    )
     return {"pass": bw_ok and eager_ok, "line": line}
 
 
 def table(rows: list[dict], meta: dict | None = None) -> str:
     lines = []
     if meta:
-        lines += [(f"{meta['device']}, torch {meta['torch']}: copy ceiling {meta['copy_gb_per_s']:.0f} GB/s (1 GiB "
-                   f"device-to-device, read + write); fused backends {', '.join(meta['backends']) or 'none'}"), ""]
+        lines += [
+            (
+                f"{meta['device']}, torch {meta['torch']}: copy ceiling {meta['copy_gb_per_s']:.0f} GB/s (1 GiB "
+                f"device-to-device, read + write); fused backends {', '.join(meta['backends']) or 'none'}"
+            ),
+            "",
+        ]
     lines += [
         "| backend | case | dtype | mode | ms | GB/s | % copy BW | % same-size copy | x eager |",
         "|---" * 9 + "|",
@@ -284,8 +330,21 @@ def launch(count: int, backend: str) -> None:
 
     case = QUICK_CASES[-1]
     x, v_s, v_t, noise, sigma, sigma_next, g = make_inputs(case, torch.device("cuda"))
-    fns = _timed_fns(ops, fused, backend, "op", x, v_s, v_t, noise, sigma, sigma_next, g, guidance=case["guidance"],
-                     noise_level=case["noise_level"])  # fmt: skip
+    fns = _timed_fns(
+        ops,
+        fused,
+        backend,
+        "op",
+        x,
+        v_s,
+        v_t,
+        noise,
+        sigma,
+        sigma_next,
+        g,
+        guidance=case["guidance"],
+        noise_level=case["noise_level"],
+    )
     for _ in range(count):
         fns["full"]()
     torch.cuda.synchronize()
@@ -325,8 +384,11 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA device (torch {torch.__version__}); this script benchmarks the GPU backends. On a "
-              "CPU: python -m pytest bench/bench_opd_step.py --benchmark-only", file=sys.stderr)
+        print(
+            f"gpu_check: no CUDA device (torch {torch.__version__}); this script benchmarks the GPU backends. On a "
+            "CPU: python -m pytest bench/bench_opd_step.py --benchmark-only",
+            file=sys.stderr,
+        )
         return 2
     os.environ.pop("TRITON_INTERPRET", None)  # compiled Triton on the GPU
     sys.path.insert(0, str(ROOT))
@@ -343,7 +405,9 @@ def main(argv=None) -> int:
         cmd = kernel_tests(args.quick)
         if cmd is not None:
             status["tests"] = run_logged(cmd, out / "tests.log", env)
-    rows, meta = benchmark(out, QUICK_CASES if args.quick else full_cases(), rep=args.rep or (40 if args.quick else 100))
+    rows, meta = benchmark(
+        out, QUICK_CASES if args.quick else full_cases(), rep=args.rep or (40 if args.quick else 100)
+    )
     text = write_report(out, rows, meta)
     print(f"status: {status or 'build and tests skipped'}")
     print(text)

@@ -45,8 +45,12 @@ LADDER_512 = "official,one_pass,fused,merged,fp8,side,cudnn,task_batch"
 # The Triton kernel tests in four processes at once: most of their time is Triton compiling each specialisation
 # (dtype x CFG flags x noise x block), single-threaded per process. The groups split `-k triton` by dtype (tests/
 # test_gpu_plan.py checks that they cover it exactly once); "float16" also matches "bfloat16", hence the "not".
-KERNEL_GROUPS = ("triton and float32", "triton and bfloat16", "triton and float16 and not bfloat16",
-                 "triton and not float32 and not float16")
+KERNEL_GROUPS = (
+    "triton and float32",
+    "triton and bfloat16",
+    "triton and float16 and not bfloat16",
+    "triton and not float32 and not float16",
+)
 OUT_FILE_LIMIT = 15 << 20  # the device tool returns files up to 16 MiB
 BUILD_ARGS = ["setup.py", "build_ext", "--inplace"]  # opd_fast._C and opd_fast._C_cuda, in the tree
 
@@ -97,82 +101,260 @@ def plan(logs: Path, python: str = sys.executable) -> list[Step]:
     TB/s copy, ~790 TFLOP/s bf16 matmul; SD3.5-M: one forward of one CFG branch at 512 px ~2.4 TFLOP at batch 1)."""
     py, L = python, str(logs)
     pytest = [py, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider"]
-    ladder = [py, "bench/bench_round.py", "--preset", "sd3.5-medium", "--device", "cuda", "--warmup", "1", "--rounds",
-              "2"]
+    ladder = [
+        py,
+        "bench/bench_round.py",
+        "--preset",
+        "sd3.5-medium",
+        "--device",
+        "cuda",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+    ]
     return [
-        Step("preflight", 45, "CUDA check and import check ~10 s (torch, deepspeed and diffusers dominate); when they "
-             "fail, pip installs ~14 MB of wheels with --no-deps ~10 s and the imports run again ~10 s; nvidia-smi 1 s; "
-             "the extension build only starts here (background, log build.log)",
-             action=preflight, shows=f"imports of {', '.join(MODULES)}; when one fails: python3 -m pip install -q "
-             f"--no-index --no-deps --no-compile --no-cache-dir --upgrade --target {SITE} .whl/*.whl and "
-             f"PYTHONPATH={SITE}, imports again; versions, GPU; background: TORCH_CUDA_ARCH_LIST=9.0 python setup.py "
-             "build_ext --inplace"),
-        Step("kernels", 60, "~290 Triton cases against the float64 reference (3 shapes x 3 dtypes x SDE/ODE x 2 norms x "
-             "2 reductions x 4 CFG modes); each specialisation (dtype, CFG flags, noise, block, B == 1) compiles once, "
-             "~110 compiles at ~0.5-1 s, spread over 4 processes by dtype (~25 s each), each case then ~20 ms; "
-             "pytest start-up and CUDA init ~10 s",
-             parallel=[pytest + ["-rfEs", "--maxfail=20", "tests/test_kernels.py", "-k", k] for k in KERNEL_GROUPS],
-             judge=judge_pytest),
-        Step("tests", 105, "collecting tests/ ~10 s; ~20 CUDA tests: tiny trainers on CUDA (seconds each; CUDA-graph "
-             "teachers capture once), the torch.compile'd FP8 activation quantization (cold Inductor compiles, ~20 s "
-             "per shape family, twice), cuDNN attention, bf16 autocast, a one-GPU NCCL resume in fresh processes (~20 "
-             "s)",
-             argv=pytest + ["-p", "bench.pytest_cuda", "-rA", "-m", "cuda", "tests"], judge=judge_pytest),
-        Step("bandwidth", 35, "start-up ~8 s; a 1 GiB copy; 3 cases x (same-size copy, reference, Triton op and "
-             "kernels, CUDA op and kernels once built) x 3 modes ~50 do_bench timings of ~60 ms; Triton compiles the "
-             "new block sizes; the CUDA backend's kernel tests ~10 s when the build is done",
-             argv=[py, "bench/gpu_check.py", "--quick", "--out", f"{L}/bandwidth"], judge=judge_bandwidth,
-             needs_build=True),
-        Step("round512", 180, "one round is ~1.2 PFLOP of useful work (student forward + backward at CFG batch 6 and a "
-             "teacher forward, x 9 trained steps x 3 tasks): ~4 s at ~40% of 790 TFLOP/s for the fast rows, ~7 s for "
-             "the official-like two-pass; 8 variants x 3 rounds ~120 s, building each variant's trainer (model copy, 3 "
-             "merged teachers) ~30 s, FP8's compiled quantization ~15 s, start-up and FLOP count ~15 s",
-             argv=ladder + ["--resolution", "512", "--variants", LADDER_512, "--md", f"{L}/round512.md", "--json",
-                            f"{L}/round512.json"], judge=judge_ladder),
-        Step("fp8_sd35m", 45, "fp32, bf16 and two FP8 copies of 2.2 B parameters built on the GPU ~10 s; 5 states x "
-             "batch 4 x CFG = 40 sample-forwards of 2.4 TFLOP per model: fp32 without tensor cores ~100 TFLOP at ~50 "
-             "TFLOP/s ~2 s, the others faster; start-up ~10 s",
-             argv=[py, "bench/fp8_accuracy.py", "--preset", "sd3.5-medium", "--device", "cuda", "--resolution", "512",
-                   "--json", f"{L}/fp8_sd35m.json"], judge=judge_fp8),
+        Step(
+            "preflight",
+            45,
+            "CUDA check and import check ~10 s (torch, deepspeed and diffusers dominate); when they "
+            "fail, pip installs ~14 MB of wheels with --no-deps ~10 s and the imports run again ~10 s; nvidia-smi 1 s; "
+            "the extension build only starts here (background, log build.log)",
+            action=preflight,
+            shows=f"imports of {', '.join(MODULES)}; when one fails: python3 -m pip install -q "
+            f"--no-index --no-deps --no-compile --no-cache-dir --upgrade --target {SITE} .whl/*.whl and "
+            f"PYTHONPATH={SITE}, imports again; versions, GPU; background: TORCH_CUDA_ARCH_LIST=9.0 python setup.py "
+            "build_ext --inplace",
+        ),
+        Step(
+            "kernels",
+            60,
+            "~290 Triton cases against the float64 reference (3 shapes x 3 dtypes x SDE/ODE x 2 norms x "
+            "2 reductions x 4 CFG modes); each specialisation (dtype, CFG flags, noise, block, B == 1) compiles once, "
+            "~110 compiles at ~0.5-1 s, spread over 4 processes by dtype (~25 s each), each case then ~20 ms; "
+            "pytest start-up and CUDA init ~10 s",
+            parallel=[pytest + ["-rfEs", "--maxfail=20", "tests/test_kernels.py", "-k", k] for k in KERNEL_GROUPS],
+            judge=judge_pytest,
+        ),
+        Step(
+            "tests",
+            105,
+            "collecting tests/ ~10 s; ~20 CUDA tests: tiny trainers on CUDA (seconds each; CUDA-graph "
+            "teachers capture once), the torch.compile'd FP8 activation quantization (cold Inductor compiles, ~20 s "
+            "per shape family, twice), cuDNN attention, bf16 autocast, a one-GPU NCCL resume in fresh processes (~20 "
+            "s)",
+            argv=pytest + ["-p", "bench.pytest_cuda", "-rA", "-m", "cuda", "tests"],
+            judge=judge_pytest,
+        ),
+        Step(
+            "bandwidth",
+            35,
+            "start-up ~8 s; a 1 GiB copy; 3 cases x (same-size copy, reference, Triton op and "
+            "kernels, CUDA op and kernels once built) x 3 modes ~50 do_bench timings of ~60 ms; Triton compiles the "
+            "new block sizes; the CUDA backend's kernel tests ~10 s when the build is done",
+            argv=[py, "bench/gpu_check.py", "--quick", "--out", f"{L}/bandwidth"],
+            judge=judge_bandwidth,
+            needs_build=True,
+        ),
+        Step(
+            "round512",
+            180,
+            "one round is ~1.2 PFLOP of useful work (student forward + backward at CFG batch 6 and a "
+            "teacher forward, x 9 trained steps x 3 tasks): ~4 s at ~40% of 790 TFLOP/s for the fast rows, ~7 s for "
+            "the official-like two-pass; 8 variants x 3 rounds ~120 s, building each variant's trainer (model copy, 3 "
+            "merged teachers) ~30 s, FP8's compiled quantization ~15 s, start-up and FLOP count ~15 s",
+            argv=ladder
+            + [
+                "--resolution",
+                "512",
+                "--variants",
+                LADDER_512,
+                "--md",
+                f"{L}/round512.md",
+                "--json",
+                f"{L}/round512.json",
+            ],
+            judge=judge_ladder,
+        ),
+        Step(
+            "fp8_sd35m",
+            45,
+            "fp32, bf16 and two FP8 copies of 2.2 B parameters built on the GPU ~10 s; 5 states x "
+            "batch 4 x CFG = 40 sample-forwards of 2.4 TFLOP per model: fp32 without tensor cores ~100 TFLOP at ~50 "
+            "TFLOP/s ~2 s, the others faster; start-up ~10 s",
+            argv=[
+                py,
+                "bench/fp8_accuracy.py",
+                "--preset",
+                "sd3.5-medium",
+                "--device",
+                "cuda",
+                "--resolution",
+                "512",
+                "--json",
+                f"{L}/fp8_sd35m.json",
+            ],
+            judge=judge_fp8,
+        ),
         # -- deferred: named steps for later commands ----------------------------------------------------------------
-        Step("round1024", 330, "4096 image tokens: ~4.4x the 512 px FLOPs per forward (linears x3.3, attention x10): "
-             "official-like ~30 s a round, the others ~20 s; 4 variants x 3 rounds + builds and start-up ~30 s",
-             argv=ladder + ["--resolution", "1024", "--variants", "official,fp8,cudnn,task_batch", "--md",
-                            f"{L}/round1024.md", "--json", f"{L}/round1024.json"], judge=judge_ladder, first=False),
-        Step("engine", 300, "3 variants, each fresh processes (DeepSpeed + NCCL init ~30 s), 1 warm-up + 3 optimizer "
-             "steps of 27 backward calls at CFG batch 6 (~1.2 PFLOP, ~5 s); offload-all moves the 4.5 GB of bf16 "
-             "parameters over PCIe for every forward and backward (~10 s a step)",
-             argv=[py, "bench/bench_engine.py", "--preset", "sd3.5-medium", "--full", "--world", "1", "--bf16",
-                   "--resolution", "512", "--num-steps", "10", "--batch", "3", "--tokens", "333", "--steps", "3",
-                   "--variants", "zero3,zero3-offload-optimizer,zero3-offload-all", "--json", f"{L}/engine.json"],
-             judge=judge_engine, first=False),
-        Step("fp8_flux", 120, "FLUX.1-dev, 11.9 B parameters: fp32 (48 GB), bf16 and two FP8 copies built on the GPU "
-             "~20 s; 5 states x batch 2 at 512 px, ~36 TFLOP per sample-forward: fp32 ~350 TFLOP at ~50 TFLOP/s ~7 s",
-             argv=[py, "bench/fp8_accuracy.py", "--preset", "flux.1-dev", "--device", "cuda", "--resolution", "512",
-                   "--batch", "2", "--json", f"{L}/fp8_flux.json"], judge=judge_fp8, first=False),
-        Step("round512_extra", 330, "the official-like row again (~30 s; the reference of loss and gradient), "
-             "torch.compile of every block of the student and of three FP8 teachers (a cold Inductor compile of ~6 "
-             "graphs forward and backward, ~2-3 min), adapter-mode FP8 teachers (~20 s), CUDA-graph teachers (a "
-             "capture per task, ~25 s)",
-             argv=ladder + ["--resolution", "512", "--variants", "official,compile,adapter,graphs", "--md",
-                            f"{L}/round512_extra.md", "--json", f"{L}/round512_extra.json"], judge=judge_ladder,
-             first=False),
-        Step("ncu", 60, "a ~15 s process (start-up, Triton compile) launching the fused op 4 times at SD3.5-M 1024 "
-             "px; ncu replays one forward and one backward kernel for two sections (~40 passes of ~10 us): seconds",
-             argv=["ncu", "--target-processes", "all", "--section", "SpeedOfLight", "--section",
-                   "MemoryWorkloadAnalysis", "-k", "regex:opd_step_(fwd|bwd)_kernel", "--launch-skip", "2",
-                   "--launch-count", "2", "-f", "-o", f"{L}/ncu/fused", py, "bench/gpu_check.py", "--launch", "4"],
-             judge=judge_ncu, first=False),
-        Step("trace", 180, "an SD3.5-M 512 px trainer from its preset (random init on the CPU ~20 s, 3 merged FP8 "
-             "teachers), a warm-up round (~10 s, plus a cold compile of the FP8 quantization ~30 s), one round under "
-             "torch.profiler (~15 s), the chrome trace exported and gzipped (~300k events, ~30 s)",
-             argv=[py, "bench/profile_round.py", "--preset", "sd3.5-medium", "--device", "cuda", "--resolution", "512",
-                   "--out", f"{L}/trace"], judge=judge_trace, first=False),
-        Step("kernels_full", 180, "waits for the background build; tests/test_kernels.py on all three backends (~870 "
-             "cases) and test_cuda_build.py ~60 s; 5 shapes x 2 dtypes x (reference + 2 fused backends x op/kernels) "
-             "x 3 modes of ~150 ms ~25 s",
-             argv=[py, "bench/gpu_check.py", "--skip-build", "--out", f"{L}/kernels_full"], judge=judge_bandwidth,
-             first=False, needs_build=True, waits_for_build=True),
+        Step(
+            "round1024",
+            330,
+            "4096 image tokens: ~4.4x the 512 px FLOPs per forward (linears x3.3, attention x10): "
+            "official-like ~30 s a round, the others ~20 s; 4 variants x 3 rounds + builds and start-up ~30 s",
+            argv=ladder
+            + [
+                "--resolution",
+                "1024",
+                "--variants",
+                "official,fp8,cudnn,task_batch",
+                "--md",
+                f"{L}/round1024.md",
+                "--json",
+                f"{L}/round1024.json",
+            ],
+            judge=judge_ladder,
+            first=False,
+        ),
+        Step(
+            "engine",
+            300,
+            "3 variants, each fresh processes (DeepSpeed + NCCL init ~30 s), 1 warm-up + 3 optimizer "
+            "steps of 27 backward calls at CFG batch 6 (~1.2 PFLOP, ~5 s); offload-all moves the 4.5 GB of bf16 "
+            "parameters over PCIe for every forward and backward (~10 s a step)",
+            argv=[
+                py,
+                "bench/bench_engine.py",
+                "--preset",
+                "sd3.5-medium",
+                "--full",
+                "--world",
+                "1",
+                "--bf16",
+                "--resolution",
+                "512",
+                "--num-steps",
+                "10",
+                "--batch",
+                "3",
+                "--tokens",
+                "333",
+                "--steps",
+                "3",
+                "--variants",
+                "zero3,zero3-offload-optimizer,zero3-offload-all",
+                "--json",
+                f"{L}/engine.json",
+            ],
+            judge=judge_engine,
+            first=False,
+        ),
+        Step(
+            "fp8_flux",
+            120,
+            "FLUX.1-dev, 11.9 B parameters: fp32 (48 GB), bf16 and two FP8 copies built on the GPU "
+            "~20 s; 5 states x batch 2 at 512 px, ~36 TFLOP per sample-forward: fp32 ~350 TFLOP at ~50 TFLOP/s ~7 s",
+            argv=[
+                py,
+                "bench/fp8_accuracy.py",
+                "--preset",
+                "flux.1-dev",
+                "--device",
+                "cuda",
+                "--resolution",
+                "512",
+                "--batch",
+                "2",
+                "--json",
+                f"{L}/fp8_flux.json",
+            ],
+            judge=judge_fp8,
+            first=False,
+        ),
+        Step(
+            "round512_extra",
+            330,
+            "the official-like row again (~30 s; the reference of loss and gradient), "
+            "torch.compile of every block of the student and of three FP8 teachers (a cold Inductor compile of ~6 "
+            "graphs forward and backward, ~2-3 min), adapter-mode FP8 teachers (~20 s), CUDA-graph teachers (a "
+            "capture per task, ~25 s)",
+            argv=ladder
+            + [
+                "--resolution",
+                "512",
+                "--variants",
+                "official,compile,adapter,graphs",
+                "--md",
+                f"{L}/round512_extra.md",
+                "--json",
+                f"{L}/round512_extra.json",
+            ],
+            judge=judge_ladder,
+            first=False,
+        ),
+        Step(
+            "ncu",
+            60,
+            "a ~15 s process (start-up, Triton compile) launching the fused op 4 times at SD3.5-M 1024 "
+            "px; ncu replays one forward and one backward kernel for two sections (~40 passes of ~10 us): seconds",
+            argv=[
+                "ncu",
+                "--target-processes",
+                "all",
+                "--section",
+                "SpeedOfLight",
+                "--section",
+                "MemoryWorkloadAnalysis",
+                "-k",
+                "regex:opd_step_(fwd|bwd)_kernel",
+                "--launch-skip",
+                "2",
+                "--launch-count",
+                "2",
+                "-f",
+                "-o",
+                f"{L}/ncu/fused",
+                py,
+                "bench/gpu_check.py",
+                "--launch",
+                "4",
+            ],
+            judge=judge_ncu,
+            first=False,
+        ),
+        Step(
+            "trace",
+            180,
+            "an SD3.5-M 512 px trainer from its preset (random init on the CPU ~20 s, 3 merged FP8 "
+            "teachers), a warm-up round (~10 s, plus a cold compile of the FP8 quantization ~30 s), one round under "
+            "torch.profiler (~15 s), the chrome trace exported and gzipped (~300k events, ~30 s)",
+            argv=[
+                py,
+                "bench/profile_round.py",
+                "--preset",
+                "sd3.5-medium",
+                "--device",
+                "cuda",
+                "--resolution",
+                "512",
+                "--out",
+                f"{L}/trace",
+            ],
+            judge=judge_trace,
+            first=False,
+        ),
+        Step(
+            "kernels_full",
+            180,
+            "waits for the background build; tests/test_kernels.py on all three backends (~870 "
+            "cases) and test_cuda_build.py ~60 s; 5 shapes x 2 dtypes x (reference + 2 fused backends x op/kernels) "
+            "x 3 modes of ~150 ms ~25 s",
+            argv=[py, "bench/gpu_check.py", "--skip-build", "--out", f"{L}/kernels_full"],
+            judge=judge_bandwidth,
+            first=False,
+            needs_build=True,
+            waits_for_build=True,
+        ),
     ]
 
 
@@ -188,8 +370,9 @@ def select(steps: list[Step], names: list[str], preflight_first: bool = True) ->
     unknown = sorted(wanted - set(by_name))
     if unknown:
         aliases = ", ".join(f"{a} = {' '.join(v)}" for a, v in ALIASES.items())
-        raise SystemExit(f"gpu_all.sh: unknown step(s) {', '.join(unknown)}; steps: {', '.join(by_name)}; "
-                         f"aliases: {aliases}")
+        raise SystemExit(
+            f"gpu_all.sh: unknown step(s) {', '.join(unknown)}; steps: {', '.join(by_name)}; aliases: {aliases}"
+        )
     if preflight_first:
         wanted.add("preflight")
     return [s for s in steps if s.name in wanted]
@@ -202,8 +385,11 @@ def dry_run(steps: list[Step], selected: list[Step], names: list[str]) -> str:
     deadline = 0
     for i, s in enumerate(selected, 1):
         deadline += s.budget_s
-        lines += [f"{i}. {s.name}: budget {s.budget_s} s (deadline {deadline} s)", f"   $ {s.command()}",
-                  f"   why: {s.why}"]  # fmt: skip
+        lines += [
+            f"{i}. {s.name}: budget {s.budget_s} s (deadline {deadline} s)",
+            f"   $ {s.command()}",
+            f"   why: {s.why}",
+        ]
     limit = f" (limit {FIRST_COMMAND_LIMIT_S} s)" if not names else ""
     lines += ["", f"total: {total} s{limit}"]
     if not names:
@@ -220,8 +406,9 @@ def dry_run(steps: list[Step], selected: list[Step], names: list[str]) -> str:
 class Run:
     """One command: where logs go, the steps' environment, the background build, the outcomes so far."""
 
-    def __init__(self, steps: list[Step], logs: Path, out: Path | None, title: str = "GPU check",
-                 t0: float | None = None):
+    def __init__(
+        self, steps: list[Step], logs: Path, out: Path | None, title: str = "GPU check", t0: float | None = None
+    ):
         self.steps, self.logs, self.out, self.title = steps, logs, out, title
         self.logs.mkdir(parents=True, exist_ok=True)
         if out is not None:
@@ -245,12 +432,19 @@ class Run:
         with open(self.build_log, "w") as log:
             log.write(f"$ TORCH_CUDA_ARCH_LIST=9.0 python {shlex.join(BUILD_ARGS)}\n")
             log.flush()
-            self.build = subprocess.Popen([sys.executable, *BUILD_ARGS], cwd=ROOT, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            self.build = subprocess.Popen(
+                [sys.executable, *BUILD_ARGS],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.build_started = time.monotonic()
         self.build_ended: list[float] = []  # when it ended, noted by a watcher (the runner only looks between steps)
-        threading.Thread(target=lambda: (self.build.wait(), self.build_ended.append(time.monotonic())),
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=lambda: (self.build.wait(), self.build_ended.append(time.monotonic())), daemon=True
+        ).start()
 
     def build_state(self, wait_until: float | None = None) -> Outcome | None:
         """The build's outcome once it ended (None: not started). wait_until: wait for it up to then."""
@@ -263,16 +457,19 @@ class Run:
             return Outcome("RUNNING", f"running for {time.monotonic() - self.build_started:.0f} s")
         tail = _tail(self.build_log, 1)
         ended = self.build_ended[0] if self.build_ended else time.monotonic()
-        self.build_outcome = Outcome("PASS" if rc == 0 else "FAIL", f"rc {rc}: {tail}", rc,
-                                     ended - self.build_started)  # fmt: skip
+        self.build_outcome = Outcome("PASS" if rc == 0 else "FAIL", f"rc {rc}: {tail}", rc, ended - self.build_started)
         return self.build_outcome
 
     def stop_build(self) -> None:
         state = self.build_state()
         if state is not None and state.verdict == "RUNNING":
             _kill_group(self.build)
-            self.build_outcome = Outcome("TIMEOUT", "still running when the command's time ran out: stopped", None,
-                                         time.monotonic() - self.build_started)  # fmt: skip
+            self.build_outcome = Outcome(
+                "TIMEOUT",
+                "still running when the command's time ran out: stopped",
+                None,
+                time.monotonic() - self.build_started,
+            )
 
     # -- one step ----------------------------------------------------------------------------------------------------
     def live_log(self, step: Step) -> Path:
@@ -310,8 +507,11 @@ class Run:
             with open(log_path, "w") as log:
                 log.write(f"$ {shlex.join(argv)}\n")
                 log.flush()
-                procs.append(subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
         codes, timed_out = [], False
         for proc in procs:
             try:
@@ -343,8 +543,9 @@ class Run:
         for step in self.steps:
             deadline += step.budget_s
             start = time.monotonic()
-            print(f"=== {step.name} (budget {step.budget_s} s, {deadline - start:.0f} s left to its deadline)",
-                  flush=True)  # fmt: skip
+            print(
+                f"=== {step.name} (budget {step.budget_s} s, {deadline - start:.0f} s left to its deadline)", flush=True
+            )
             try:
                 outcome = step.action(self, step, deadline) if step.action else self.run_argv(step, deadline)
                 if step.judge is not None and outcome.verdict != "SKIPPED":
@@ -378,8 +579,11 @@ class Run:
     def summary(self) -> str:
         total = sum(s.budget_s for s in self.steps)
         steps = ", ".join(s.name for s in self.steps)
-        parts = [f"# {self.title}", "",
-                 f"started {self.started}; steps {steps}; budgets {total} s; elapsed {time.monotonic() - self.t0:.0f} s"]
+        parts = [
+            f"# {self.title}",
+            "",
+            f"started {self.started}; steps {steps}; budgets {total} s; elapsed {time.monotonic() - self.t0:.0f} s",
+        ]
         if self.machine:
             parts += ["", self.machine]
         parts += ["", self.table()]
@@ -501,8 +705,15 @@ print("PROBE " + json.dumps(out))
 
 def probe_imports(run: Run, deadline: float, log) -> dict:
     timeout = max(1.0, deadline - time.monotonic())
-    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *MODULES], cwd=ROOT, env=run.env, capture_output=True,
-                          text=True, timeout=timeout, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, *MODULES],
+        cwd=ROOT,
+        env=run.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     log.write(proc.stdout + proc.stderr)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
     if line is None:
@@ -528,20 +739,46 @@ def preflight(run: Run, step: Step, deadline: float) -> Outcome:
                 log.write(f"imports failed ({', '.join(report['failed'])}); trying {SITE} from an earlier command\n")
                 report = probe_imports(run, deadline, log)
             if report["failed"] and wheels:
-                cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                       "--no-cache-dir", "--upgrade", "--target", SITE, *wheels]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--no-cache-dir",
+                    "--upgrade",
+                    "--target",
+                    SITE,
+                    *wheels,
+                ]
                 log.write(f"imports failed ({', '.join(report['failed'])}): $ {shlex.join(cmd)}\n")
                 log.flush()
-                subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False,
-                               timeout=max(1.0, deadline - time.monotonic()))  # fmt: skip
+                subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
                 if SITE not in run.env["PYTHONPATH"]:
                     use_site(run)
                 report = probe_imports(run, deadline, log)
             if shutil.which("nvidia-smi"):
-                smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                                      "--format=csv,noheader"], capture_output=True, text=True,
-                                     timeout=max(1.0, min(30.0, deadline - time.monotonic())),
-                                     check=False).stdout.strip()  # fmt: skip
+                smi = subprocess.run(
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                        "--format=csv,noheader",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=max(1.0, min(30.0, deadline - time.monotonic())),
+                    check=False,
+                ).stdout.strip()
                 log.write(f"nvidia-smi: {smi}\n")
     except subprocess.TimeoutExpired as e:
         return Outcome("TIMEOUT", f"{shlex.join(str(a) for a in e.cmd[:4])} ... did not end within the budget")
@@ -552,9 +789,11 @@ def preflight(run: Run, step: Step, deadline: float) -> Outcome:
             run.start_build()  # whatever the imports said: the build needs only torch
     versions = ", ".join(f"{m} {v}" for m, v in report["versions"].items())
     gpu = report.get("gpu", "no GPU visible to torch")
-    run.machine = (f"{gpu} (capability {report.get('capability')}, {report.get('gpus', 0)} GPU(s); nvidia-smi: "
-                   f"{smi or 'absent'}); CUDA {report.get('cuda')}; {versions}; Transformer Engine: "
-                   f"{report.get('transformer_engine')}")  # fmt: skip
+    run.machine = (
+        f"{gpu} (capability {report.get('capability')}, {report.get('gpus', 0)} GPU(s); nvidia-smi: "
+        f"{smi or 'absent'}); CUDA {report.get('cuda')}; {versions}; Transformer Engine: "
+        f"{report.get('transformer_engine')}"
+    )
     failed = report["failed"]
     raw = "\n".join([run.machine] + [f"- does not import: {m}: {why}" for m, why in failed.items()])
     if failed:
@@ -589,7 +828,7 @@ def judge_pytest(run: Run, step: Step, o: Outcome) -> Outcome:
             continue
         command = [line for line in lines if line.startswith("$ ")][:1]
         marker = next((i for i, line in enumerate(lines) if "short test summary info" in line), None)
-        summary += command + (lines[marker + 1:] if marker is not None else lines[-1:])
+        summary += command + (lines[marker + 1 :] if marker is not None else lines[-1:])
     raw = "```\n" + "\n".join(_rel(line) for line in summary[:150]) + "\n```"
     failed = [line.split(" - ")[0] for line in text.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     if o.verdict == "TIMEOUT":
@@ -610,11 +849,13 @@ def judge_bandwidth(run: Run, step: Step, o: Outcome) -> Outcome:
     if tests.is_file():
         counts = pytest_counts(tests.read_text(errors="replace"))
         raw += "\n\nkernel tests: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or _tail(tests, 2))
-    built = "CUDA backend not built yet" if "not tested or timed" in run.log_of(step).read_text(errors="replace") \
-        else ""  # fmt: skip
+    built = (
+        "CUDA backend not built yet" if "not tested or timed" in run.log_of(step).read_text(errors="replace") else ""
+    )
     if not (out / "results.json").is_file():
-        return dataclasses.replace(o, verdict="FAIL" if o.verdict == "PASS" else o.verdict,
-                                   detail=o.detail or "no results.json", raw=raw)  # fmt: skip
+        return dataclasses.replace(
+            o, verdict="FAIL" if o.verdict == "PASS" else o.verdict, detail=o.detail or "no results.json", raw=raw
+        )
     target = json.loads((out / "results.json").read_text())["targets"]
     detail = "; ".join(x for x in [o.detail, target["line"], built] if x)
     verdict = o.verdict if o.verdict != "PASS" else ("PASS" if target["pass"] else "FAIL")
@@ -624,8 +865,12 @@ def judge_bandwidth(run: Run, step: Step, o: Outcome) -> Outcome:
 def judge_ladder(run: Run, step: Step, o: Outcome) -> Outcome:
     md = Path(step.argv[step.argv.index("--md") + 1])
     if not md.is_file():
-        return dataclasses.replace(o, verdict="FAIL" if o.verdict == "PASS" else o.verdict,
-                                   detail=o.detail or "no report written", raw=f"log: {_tail(run.log_of(step), 5)}")
+        return dataclasses.replace(
+            o,
+            verdict="FAIL" if o.verdict == "PASS" else o.verdict,
+            detail=o.detail or "no report written",
+            raw=f"log: {_tail(run.log_of(step), 5)}",
+        )
     text = md.read_text()
     wanted = step.argv[step.argv.index("--variants") + 1]
     target = next((line for line in text.splitlines() if line.startswith("target: ")), "no target line")
@@ -645,11 +890,14 @@ def judge_ladder(run: Run, step: Step, o: Outcome) -> Outcome:
 def judge_fp8(run: Run, step: Step, o: Outcome) -> Outcome:
     path = Path(step.argv[step.argv.index("--json") + 1])
     if not path.is_file():
-        return dataclasses.replace(o, verdict="FAIL" if o.verdict == "PASS" else o.verdict,
-                                   detail=o.detail or "no JSON written")  # fmt: skip
+        return dataclasses.replace(
+            o, verdict="FAIL" if o.verdict == "PASS" else o.verdict, detail=o.detail or "no JSON written"
+        )
     report = json.loads(path.read_text())
-    head = (f"{report['preset']} @ {report['resolution']} px, {report['device']}: relative error of the teacher "
-            "velocity (CFG applied) against the fp32 and the bf16 teacher")
+    head = (
+        f"{report['preset']} @ {report['resolution']} px, {report['device']}: relative error of the teacher "
+        "velocity (CFG applied) against the fp32 and the bf16 teacher"
+    )
     lines = [head, "", "| teacher | rel. err vs fp32 | vs bf16 |", "|---|---:|---:|"]
     errors = []
     for name, r in report["teachers"].items():
@@ -673,8 +921,12 @@ def judge_fp8(run: Run, step: Step, o: Outcome) -> Outcome:
 def judge_engine(run: Run, step: Step, o: Outcome) -> Outcome:
     path = Path(step.argv[step.argv.index("--json") + 1])
     if not path.is_file():
-        return dataclasses.replace(o, verdict="FAIL" if o.verdict == "PASS" else o.verdict,
-                                   detail=o.detail or "no JSON written", raw=f"```\n{_tail(run.log_of(step), 20)}\n```")
+        return dataclasses.replace(
+            o,
+            verdict="FAIL" if o.verdict == "PASS" else o.verdict,
+            detail=o.detail or "no JSON written",
+            raw=f"```\n{_tail(run.log_of(step), 20)}\n```",
+        )
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_engine  # light at import: torch loads inside its functions
 
@@ -690,8 +942,9 @@ def judge_ncu(run: Run, step: Step, o: Outcome) -> Outcome:
     text = run.log_of(step).read_text(errors="replace")
     if rep.is_file():
         ncu = step.argv[0] if step.argv[0] != "ncu" else (find_ncu() or "ncu")
-        shown = subprocess.run([ncu, "--import", str(rep), "--page", "details"], capture_output=True, text=True,
-                               timeout=60, check=False).stdout  # fmt: skip
+        shown = subprocess.run(
+            [ncu, "--import", str(rep), "--page", "details"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
         (run.logs / "ncu" / "details.txt").write_text(shown)
         text = shown or text
     keep = [line for line in text.splitlines() if line.strip() and not line.startswith("==PROF==")]
@@ -719,8 +972,13 @@ def judge_trace(run: Run, step: Step, o: Outcome) -> Outcome:
 
 def cuda_device(python: str) -> tuple[bool, str]:
     try:
-        proc = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.cuda.is_available())"],
-                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        proc = subprocess.run(
+            [python, "-c", "import torch; print(torch.__version__, torch.cuda.is_available())"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return False, "torch did not answer within 60 s"
     if proc.returncode != 0:
@@ -751,9 +1009,11 @@ def main(argv=None) -> int:
         return 0
     ok, why = cuda_device(sys.executable)
     if not ok:
-        print(f"gpu_all.sh: no CUDA device here ({why}); these are the GPU checks (their CPU paths run in "
-              "tests/test_gpu_plan.py and tests/test_bench.py); `bench/gpu_all.sh --dry-run` prints the plan",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu_all.sh: no CUDA device here ({why}); these are the GPU checks (their CPU paths run in "
+            "tests/test_gpu_plan.py and tests/test_bench.py); `bench/gpu_all.sh --dry-run` prints the plan",
+            file=sys.stderr,
+        )
         return 2
     if total > FIRST_COMMAND_LIMIT_S:
         print(f"note: these steps' budgets add up to {total} s, more than {FIRST_COMMAND_LIMIT_S} s", flush=True)

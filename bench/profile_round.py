@@ -43,18 +43,24 @@ EXPECTED = ("teacher", "student_forward", "loss", "backward", "optimizer")  # on
 def make_config(args, tasks: list[dict], cache_dir: Path):
     cuda = torch.device(args.device).type == "cuda"
     large = not args.preset.startswith("tiny")
-    return config_from_dict({
-        "model": {"family": PRESETS[args.preset][0], "preset": args.preset, "dtype": args.dtype,
-                  "attention": "cudnn" if cuda else "sdpa"},
-        "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
-        "tasks": tasks,
-        "teacher_runtime": {"precision": args.precision, "stream": "side" if cuda else "serial", "mode": "merged"},
-        "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
-        "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
-        "loss": {"backend": "auto"},
-        "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": "one_pass"},
-        "logging": {"progress": False, "tensorboard": False},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "model": {
+                "family": PRESETS[args.preset][0],
+                "preset": args.preset,
+                "dtype": args.dtype,
+                "attention": "cudnn" if cuda else "sdpa",
+            },
+            "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
+            "tasks": tasks,
+            "teacher_runtime": {"precision": args.precision, "stream": "side" if cuda else "serial", "mode": "merged"},
+            "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
+            "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
+            "loss": {"backend": "auto"},
+            "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": "one_pass"},
+            "logging": {"progress": False, "tensorboard": False},
+        }
+    )
 
 
 def sync(device) -> None:
@@ -111,8 +117,11 @@ def write_trace(trace: Path, dest: Path, mode: str) -> str:
     data["traceEvents"] = events
     dest.write_bytes(gzip.compress(json.dumps(data).encode(), compresslevel=6))
     if dest.stat().st_size > TRACE_LIMIT:
-        first = min((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("task:")),
-                    key=lambda e: e["ts"], default=None)  # fmt: skip
+        first = min(
+            (e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("task:")),
+            key=lambda e: e["ts"],
+            default=None,
+        )
         if first is not None:
             end = first["ts"] + first["dur"]
             data["traceEvents"] = [e for e in events if e.get("ph") == "M" or e.get("ts", 0) <= end]
@@ -147,8 +156,9 @@ def main(argv=None) -> int:
         shapes = TRANSFORMER_CLASSES[family](**kwargs)
     with tempfile.TemporaryDirectory(prefix="profile_round_") as tmp:
         scratch = Path(tmp)
-        tasks = write_world(scratch / "world", shapes, rank=32 if large else 4, alpha=64 if large else 8,
-                            prompts=args.prompts)  # fmt: skip
+        tasks = write_world(
+            scratch / "world", shapes, rank=32 if large else 4, alpha=64 if large else 8, prompts=args.prompts
+        )
         trainer = Trainer(make_config(args, tasks, scratch / "embeddings"), scratch / "run", device=args.device)
         built = time.perf_counter() - t0
         for _ in range(args.warmup):
@@ -167,16 +177,33 @@ def main(argv=None) -> int:
     phases, seen = phase_table(averages)
     missing = [p for p in EXPECTED if p not in seen]
     machine = torch.cuda.get_device_name() if cuda else "CPU"
-    header = (f"{args.preset} @ {args.resolution} px, {args.dtype}, teachers {args.precision}, {len(TASKS)} tasks x "
-              f"{args.prompts} prompts, {machine} (torch {torch.__version__}): round {trainer.round - 1} profiled in "
-              f"{round_s:.2f} s (profiler on), loss {result.loss:.6g}; built in {built:.0f} s, {args.warmup} warm-up "
-              "round(s)")
-    note = ("Phase ranges (record_function, opened by opd_fast.profiling while the profiler records; a range's device "
-            "time is that of the kernels launched inside it):")
+    header = (
+        f"{args.preset} @ {args.resolution} px, {args.dtype}, teachers {args.precision}, {len(TASKS)} tasks x "
+        f"{args.prompts} prompts, {machine} (torch {torch.__version__}): round {trainer.round - 1} profiled in "
+        f"{round_s:.2f} s (profiler on), loss {result.loss:.6g}; built in {built:.0f} s, {args.warmup} warm-up "
+        "round(s)"
+    )
+    note = (
+        "Phase ranges (record_function, opened by opd_fast.profiling while the profiler records; a range's device "
+        "time is that of the kernels launched inside it):"
+    )
     size = (out / "trace.json.gz").stat().st_size / 2**20
-    text = "\n".join([header, "", note, "", phases, "", f"Top ops by self {'device' if cuda else 'CPU'} time:", "",
-                      top_ops(averages, cuda), "", f"trace: trace.json.gz ({size:.1f} MiB; {kept})"]
-                     + ([f"\nMISSING phases: {', '.join(missing)}"] if missing else []))
+    text = "\n".join(
+        [
+            header,
+            "",
+            note,
+            "",
+            phases,
+            "",
+            f"Top ops by self {'device' if cuda else 'CPU'} time:",
+            "",
+            top_ops(averages, cuda),
+            "",
+            f"trace: trace.json.gz ({size:.1f} MiB; {kept})",
+        ]
+        + ([f"\nMISSING phases: {', '.join(missing)}"] if missing else [])
+    )
     (out / "profile.md").write_text(text + "\n")
     print(text)
     return 1 if missing else 0

@@ -62,17 +62,30 @@ class FlashSDPA(TorchFunctionMode):
         self.cuda_only = cuda_only
         self.calls = 0
 
-    def qualifies(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False) -> bool:
+    def qualifies(
+        self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ) -> bool:
         """Whether flash-attn can take this call (SDPA's own signature: positional or keyword, as callers pass)."""
-        return (attn_mask is None and not enable_gqa and query.dim() == 4 and query.shape[-1] <= 256
-                and query.shape[-1] == key.shape[-1] == value.shape[-1]
-                and query.dtype in (torch.float16, torch.bfloat16) and (query.is_cuda or not self.cuda_only))
+        return (
+            attn_mask is None
+            and not enable_gqa
+            and query.dim() == 4
+            and query.shape[-1] <= 256
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and (query.is_cuda or not self.cuda_only)
+        )
 
     def route(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         self.calls += 1
-        out = self.kernel(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout_p,
-                          softmax_scale=scale, causal=is_causal)  # fmt: skip
+        out = self.kernel(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            dropout_p=dropout_p,
+            softmax_scale=scale,
+            causal=is_causal,
+        )
         return out.transpose(1, 2)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -87,8 +100,12 @@ def backend_context(backend: str, flash: FlashSDPA | None = None):
     if backend == "cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]  # fmt: skip
+        order = [
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        ]
         return sdpa_kernel(order, set_priority=True)
     if backend == "flash":
         return flash

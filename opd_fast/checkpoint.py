@@ -50,8 +50,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
-                    keep_last: int) -> Path:
+def save_checkpoint(
+    out_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict, keep_last: int
+) -> Path:
     """Write checkpoints/step_XXXXXXXX/{name}.safetensors for each entry of `tensors` plus state.json, atomically
     and durably (synced to the disk before the rename, the rename synced before older checkpoints go: a crash of
     the machine leaves the previous checkpoint or this whole one); then delete all but the newest `keep_last`."""
@@ -88,7 +89,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return int(path.name[len(PREFIX) :])
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -102,8 +103,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     return tensors, meta
 
 
-def export_diffusers_lora(model: torch.nn.Module, peft_config, family: str, out: Path,
-                          lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+def export_diffusers_lora(
+    model: torch.nn.Module, peft_config, family: str, out: Path, lora_state: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write OUT/pytorch_lora_weights.safetensors in the diffusers layout (`transformer.` prefix) with the adapter
     metadata, so the loader keeps alpha != r (without it an r=32/alpha=64 LoRA loads at half strength)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline

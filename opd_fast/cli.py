@@ -30,8 +30,10 @@ def _train(args) -> int:
         return 0
     if records:
         first, last = records[0]["loss"], records[-1]["loss"]
-        print(f"trained rounds {records[0]['step']}..{records[-1]['step']}: loss {first:.4g} -> {last:.4g}; "
-              f"student LoRA: {Path(args.out) / 'lora_diffusers'}")
+        print(
+            f"trained rounds {records[0]['step']}..{records[-1]['step']}: loss {first:.4g} -> {last:.4g}; "
+            f"student LoRA: {Path(args.out) / 'lora_diffusers'}"
+        )
     else:
         print(f"nothing to train: {args.out} is already at round {trainer.round} of {cfg.train.rounds}")
     return 0
@@ -57,20 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-fast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher passes --local_rank=N before the verb; torchrun exports LOCAL_RANK only.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher (the same as the LOCAL_RANK it exports)")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher (the same as the LOCAL_RANK it exports)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="multi-task on-policy distillation of a student from task teachers")
     train.add_argument("config", nargs="?", help=f"YAML run config (default: {DEFAULT_CONFIG}, the tiny CPU run)")
     train.add_argument("--out", required=True, help="output folder: checkpoints, metrics.jsonl, lora_diffusers/")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.rounds=4 (repeatable)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.rounds=4 (repeatable)",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    train.add_argument("--profile-steps", type=_profile_window, default=None, metavar="A:B",
-                       help="cudaProfilerStart/Stop around rounds A..B-1 (0-based), for nsys profile "
-                       "--capture-range=cudaProfilerApi; a no-op without CUDA")
+    train.add_argument(
+        "--profile-steps",
+        type=_profile_window,
+        default=None,
+        metavar="A:B",
+        help="cudaProfilerStart/Stop around rounds A..B-1 (0-based), for nsys profile "
+        "--capture-range=cudaProfilerApi; a no-op without CUDA",
+    )
     train.set_defaults(func=_train)
 
     tiny = sub.add_parser("tiny-world", help="write the tiny default's prompt sets and seeded teachers")
@@ -90,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns at import that its image processors want torchvision, which no opd-fast path uses
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from opd_fast import distributed
     from opd_fast.config import ConfigError
     from opd_fast.prompts import PromptError
@@ -99,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     from opd_fast.trainer import OutputDirError, TrainingError
 
     try:
-        os.environ.update(distributed.slurm_launch_env())  # ranks srun started itself: torchrun's variables, from srun's
+        os.environ.update(
+            distributed.slurm_launch_env()
+        )  # ranks srun started itself: torchrun's variables, from srun's
     except ConfigError as e:
         print(f"opd-fast: error: {e}", file=sys.stderr)
         return 2
@@ -110,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     many_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         code = args.func(args)
-    except (ConfigError, PromptError, TeacherError, OutputDirError, TrainingError, UnsafeFileError,
-            FileNotFoundError) as e:
+    except (
+        ConfigError,
+        PromptError,
+        TeacherError,
+        OutputDirError,
+        TrainingError,
+        UnsafeFileError,
+        FileNotFoundError,
+    ) as e:
         rank = f"rank {os.environ.get('RANK', '0')}: " if many_ranks else ""
         print(f"opd-fast: error: {rank}{e}", file=sys.stderr, flush=True)
         if many_ranks:  # the other ranks may be waiting on this one: leave without the group's teardown

@@ -17,9 +17,15 @@ from typing import Literal
 import yaml
 
 OFFICIAL_LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-]  # fmt: skip
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
 
 
 class ConfigError(ValueError):
@@ -163,7 +169,9 @@ class EngineConfig:
 
     kind: Literal["single", "ddp", "deepspeed"] = "single"
     zero_stage: int | None = None  # deepspeed only: 0..3, null = by student kind (above)
-    offload: Literal["none", "optimizer", "all"] = "none"  # deepspeed: optimizer state (stage >= 1), + weights (3) to CPU
+    offload: Literal["none", "optimizer", "all"] = (
+        "none"  # deepspeed: optimizer state (stage >= 1), + weights (3) to CPU
+    )
     bf16: bool = False  # deepspeed: bf16 weights, activations and gradients; fp32 master weights in the optimizer
     timeout_s: int = 600  # collective ops: a rank that died or hangs makes the others exit after at most this long
     persistence_threshold: int = 100_000  # ZeRO-3: parameters this small stay gathered (DeepSpeed's default)
@@ -217,37 +225,55 @@ class RunConfig:
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas: needs two values, got {self.optimizer.betas}")
         positive = {
-            "train.rounds": self.train.rounds, "train.micro_batch_size": self.train.micro_batch_size,
-            "train.micro_batches_per_task": self.train.micro_batches_per_task, "sampling.num_steps": self.sampling.num_steps,
-            "checkpoint.every": self.checkpoint.every, "checkpoint.keep_last": self.checkpoint.keep_last,
-            "student.lora.rank": self.student.lora.rank, "ema.update_every": self.ema.update_every,
-            "sampling.resolution": self.sampling.resolution, "optimizer.lr": self.optimizer.lr,
-            "optimizer.eps": self.optimizer.eps, "student.lora.alpha": self.student.lora.alpha,
+            "train.rounds": self.train.rounds,
+            "train.micro_batch_size": self.train.micro_batch_size,
+            "train.micro_batches_per_task": self.train.micro_batches_per_task,
+            "sampling.num_steps": self.sampling.num_steps,
+            "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+            "student.lora.rank": self.student.lora.rank,
+            "ema.update_every": self.ema.update_every,
+            "sampling.resolution": self.sampling.resolution,
+            "optimizer.lr": self.optimizer.lr,
+            "optimizer.eps": self.optimizer.eps,
+            "student.lora.alpha": self.student.lora.alpha,
             "prompts.max_tokens": self.prompts.max_tokens,
             "prompts.encode_batch_size": self.prompts.encode_batch_size,
             **{f"tasks.{i}.loss_weight": t.loss_weight for i, t in enumerate(self.tasks)},
-        }  # fmt: skip
-        optional = {"optimizer.max_grad_norm": self.optimizer.max_grad_norm,  # <= 0 would ascend (or zero) in torch
-                    "prompts.max_sequence_length": self.prompts.max_sequence_length,
-                    "sampling.shift": self.sampling.shift}  # fmt: skip
+        }
+        optional = {
+            "optimizer.max_grad_norm": self.optimizer.max_grad_norm,  # <= 0 would ascend (or zero) in torch
+            "prompts.max_sequence_length": self.prompts.max_sequence_length,
+            "sampling.shift": self.sampling.shift,
+        }
         positive.update({key: value for key, value in optional.items() if value is not None})
         for key, value in positive.items():
             if not math.isfinite(value):
                 raise ConfigError(f"{key}: must be a finite number, got {value}")
             if value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
-        for key, value in {"optimizer.betas.0": self.optimizer.betas[0], "optimizer.betas.1": self.optimizer.betas[1]}.items():
+        for key, value in {
+            "optimizer.betas.0": self.optimizer.betas[0],
+            "optimizer.betas.1": self.optimizer.betas[1],
+        }.items():
             if not 0 <= value < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {value}")
         if not 0 <= self.ema.decay <= 1:  # 1: the ramp (1 + s) / (10 + s) alone
             raise ConfigError(f"ema.decay: must be in [0, 1], got {self.ema.decay}")
-        for key, value in {"sampling.noise_level": self.sampling.noise_level,
-                           "optimizer.weight_decay": self.optimizer.weight_decay}.items():  # fmt: skip
+        for key, value in {
+            "sampling.noise_level": self.sampling.noise_level,
+            "optimizer.weight_decay": self.optimizer.weight_decay,
+        }.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
         fractions = {"sampling.timestep_fraction": self.sampling.timestep_fraction}
-        fractions.update({f"tasks.{i}.timestep_fraction": t.timestep_fraction for i, t in enumerate(self.tasks)
-                          if t.timestep_fraction is not None})
+        fractions.update(
+            {
+                f"tasks.{i}.timestep_fraction": t.timestep_fraction
+                for i, t in enumerate(self.tasks)
+                if t.timestep_fraction is not None
+            }
+        )
         for key, fraction in fractions.items():
             if not 0 < fraction <= 1:
                 raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
@@ -261,18 +287,22 @@ class RunConfig:
         if self.model.path is None and self.model.preset is None:
             raise ConfigError("model: set model.path (a local diffusers folder) or model.preset")
         if self.prompts.encoder == "pipeline" and self.model.path is None:
-            raise ConfigError("prompts.encoder: 'pipeline' needs model.path, the local pipeline folder whose text "
-                              "encoders encode the prompts")
+            raise ConfigError(
+                "prompts.encoder: 'pipeline' needs model.path, the local pipeline folder whose text "
+                "encoders encode the prompts"
+            )
         return self
 
     def _validate_engine(self) -> None:
         engine = self.engine
         master_fp32 = engine.kind == "deepspeed" and engine.bf16 and self.model.dtype == "bfloat16"
         if not self.student.lora.enabled and self.model.dtype != "float32" and not master_fp32:
-            raise ConfigError(f"student.lora.enabled: false (a full-parameter student) with model.dtype: "
-                              f"{self.model.dtype} would update {self.model.dtype} weights, where small steps round "
-                              "away; set engine.kind: deepspeed with engine.bf16: true and model.dtype: bfloat16 (fp32 "
-                              "master weights), or model.dtype: float32")
+            raise ConfigError(
+                f"student.lora.enabled: false (a full-parameter student) with model.dtype: "
+                f"{self.model.dtype} would update {self.model.dtype} weights, where small steps round "
+                "away; set engine.kind: deepspeed with engine.bf16: true and model.dtype: bfloat16 (fp32 "
+                "master weights), or model.dtype: float32"
+            )
         if engine.timeout_s <= 0:
             raise ConfigError(f"engine.timeout_s: must be > 0, got {engine.timeout_s}")
         if engine.persistence_threshold < 0:
@@ -282,17 +312,22 @@ class RunConfig:
             for key in ("zero_stage", "offload", "bf16", "persistence_threshold"):
                 value, default = getattr(engine, key), getattr(defaults, key)
                 if value != default:
-                    raise ConfigError(f"engine.{key}: only the deepspeed engine has it (engine.kind is "
-                                      f"{engine.kind!r}); remove it or set engine.kind: deepspeed")
+                    raise ConfigError(
+                        f"engine.{key}: only the deepspeed engine has it (engine.kind is "
+                        f"{engine.kind!r}); remove it or set engine.kind: deepspeed"
+                    )
             return
         if engine.zero_stage is not None and engine.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"engine.zero_stage: must be 0, 1, 2, 3 or null (by student kind), got "
-                              f"{engine.zero_stage}")
+            raise ConfigError(
+                f"engine.zero_stage: must be 0, 1, 2, 3 or null (by student kind), got {engine.zero_stage}"
+            )
         stage = engine.resolved_zero_stage(self.student.lora.enabled)
         if engine.bf16 and stage == 0:
-            raise ConfigError("engine.bf16: needs ZeRO stage >= 1 (at stage 0 DeepSpeed sums a round's gradients in "
-                              "bf16); set engine.zero_stage, or for a LoRA student keep engine.bf16 false and set "
-                              "model.dtype: bfloat16 (bf16 base, fp32 LoRA weights, gradients and Adam)")
+            raise ConfigError(
+                "engine.bf16: needs ZeRO stage >= 1 (at stage 0 DeepSpeed sums a round's gradients in "
+                "bf16); set engine.zero_stage, or for a LoRA student keep engine.bf16 false and set "
+                "model.dtype: bfloat16 (bf16 base, fp32 LoRA weights, gradients and Adam)"
+            )
         if engine.offload == "optimizer" and stage == 0:
             raise ConfigError("engine.offload: 'optimizer' needs ZeRO stage >= 1 (engine.zero_stage)")
         if engine.offload == "all" and stage != 3:

@@ -39,8 +39,10 @@ def _check_ocr(prompt_set: PromptSet, where) -> None:
     for i, prompt in enumerate(prompt_set.prompts):
         target = ocr_target(prompt)
         if target is None:
-            raise PromptError(f"{where(i)}: an OCR prompt needs the text to render in double quotes, e.g. "
-                              f'a sign that says "OPEN"; got {prompt!r}')
+            raise PromptError(
+                f"{where(i)}: an OCR prompt needs the text to render in double quotes, e.g. "
+                f'a sign that says "OPEN"; got {prompt!r}'
+            )
         prompt_set.metadata[i]["text"] = target
 
 
@@ -57,11 +59,19 @@ def _geneval_requirement(req, index: int, key: str, previous: int) -> str | None
         return f"{key}[{index}].color must be a string, got {req['color']!r}"
     if "position" in req:
         pos = req["position"]
-        ok = (isinstance(pos, list) and len(pos) == 2 and pos[0] in GENEVAL_RELATIONS and isinstance(pos[1], int)
-              and not isinstance(pos[1], bool) and 0 <= pos[1] < previous)  # fmt: skip
+        ok = (
+            isinstance(pos, list)
+            and len(pos) == 2
+            and pos[0] in GENEVAL_RELATIONS
+            and isinstance(pos[1], int)
+            and not isinstance(pos[1], bool)
+            and 0 <= pos[1] < previous
+        )
         if not ok:
-            return (f"{key}[{index}].position must be [relation, index of an earlier include] with relation one of "
-                    f"{list(GENEVAL_RELATIONS)}, got {pos!r}")
+            return (
+                f"{key}[{index}].position must be [relation, index of an earlier include] with relation one of "
+                f"{list(GENEVAL_RELATIONS)}, got {pos!r}"
+            )
     return None
 
 
@@ -89,13 +99,16 @@ def read_drawbench_csv(path: Path, who: str = "") -> PromptSet:
         columns = reader.fieldnames or []
         prompt_col = next((c for c in DRAWBENCH_PROMPT_COLUMNS if c in columns), None)
         if prompt_col is None:
-            raise PromptError(f"{who}{path}:1: no prompt column (expected one of {list(DRAWBENCH_PROMPT_COLUMNS)}, "
-                              f"found {columns})")
+            raise PromptError(
+                f"{who}{path}:1: no prompt column (expected one of {list(DRAWBENCH_PROMPT_COLUMNS)}, found {columns})"
+            )
         category_col = next((c for c in DRAWBENCH_CATEGORY_COLUMNS if c in columns), None)
         for row in reader:
             if None in row:  # more fields than the header names: an unquoted comma
-                raise PromptError(f"{who}{path}:{reader.line_num}: {len(columns) + len(row[None])} fields but the "
-                                  f"header has {len(columns)} (quote prompts that contain commas)")
+                raise PromptError(
+                    f"{who}{path}:{reader.line_num}: {len(columns) + len(row[None])} fields but the "
+                    f"header has {len(columns)} (quote prompts that contain commas)"
+                )
             prompt = (row.get(prompt_col) or "").strip()
             if not prompt:
                 if not any((v or "").strip() for v in row.values()):

@@ -80,16 +80,23 @@ def slurm_launch_env(environ: dict[str, str] | os._Environ = os.environ) -> dict
         return {}
     missing = [v for v in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST") if not environ.get(v)]
     if missing:
-        raise ConfigError(f"launcher environment: srun started SLURM_STEP_NUM_TASKS={tasks} tasks but "
-                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set")
+        raise ConfigError(
+            f"launcher environment: srun started SLURM_STEP_NUM_TASKS={tasks} tasks but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set"
+        )
     try:
         port = environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
     except ValueError:
-        raise ConfigError(f"launcher environment: SLURM_JOB_ID={environ['SLURM_JOB_ID']!r} is not an integer; "
-                          "set MASTER_PORT") from None
-    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": environ["SLURM_LOCALID"],
-            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(environ["SLURM_STEP_NODELIST"]),
-            "MASTER_PORT": port}  # fmt: skip
+        raise ConfigError(
+            f"launcher environment: SLURM_JOB_ID={environ['SLURM_JOB_ID']!r} is not an integer; set MASTER_PORT"
+        ) from None
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": tasks,
+        "LOCAL_RANK": environ["SLURM_LOCALID"],
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(environ["SLURM_STEP_NODELIST"]),
+        "MASTER_PORT": port,
+    }
 
 
 def first_host(nodelist: str) -> str:
@@ -111,8 +118,10 @@ def cuda_device_index(local_rank: int, count: int) -> int:
         return local_rank
     if count == 1:
         return 0
-    raise ConfigError(f"launcher environment: LOCAL_RANK={local_rank} but this process sees {count} GPUs "
-                      "(CUDA_VISIBLE_DEVICES); start at most one rank per visible GPU")
+    raise ConfigError(
+        f"launcher environment: LOCAL_RANK={local_rank} but this process sees {count} GPUs "
+        "(CUDA_VISIBLE_DEVICES); start at most one rank per visible GPU"
+    )
 
 
 def pick_device(requested: str | None, local_rank: int, cuda_count: int) -> torch.device:
@@ -133,9 +142,11 @@ def shared_store_restart_hazard(environ: dict[str, str] | os._Environ = os.envir
     except ValueError:
         return None
     if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        return (f"torchrun --max-restarts {restarts} with its shared rendezvous store: a restarted group can hang "
-                "on the failed attempt's keys (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                "before torchrun so that every attempt gets a store of its own")
+        return (
+            f"torchrun --max-restarts {restarts} with its shared rendezvous store: a restarted group can hang "
+            "on the failed attempt's keys (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "before torchrun so that every attempt gets a store of its own"
+        )
     return None
 
 
@@ -148,8 +159,10 @@ def launcher_env() -> tuple[int, int, int]:
     except ValueError as e:
         raise ConfigError(f"launcher environment: RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from None
     if world > 1 and local < 0:
-        raise ConfigError("launcher environment: WORLD_SIZE > 1 but LOCAL_RANK is not set; start the ranks with "
-                          "torchrun or the deepspeed launcher (they set it)")
+        raise ConfigError(
+            "launcher environment: WORLD_SIZE > 1 but LOCAL_RANK is not set; start the ranks with "
+            "torchrun or the deepspeed launcher (they set it)"
+        )
     if not 0 <= rank < world:
         raise ConfigError(f"launcher environment: RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world, local
@@ -164,8 +177,10 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
     os.environ.update(slurm_launch_env())
     rank, world, local = launcher_env()
     if cfg.kind == "single" and world > 1:
-        raise ConfigError(f"engine.kind: 'single' but the launcher started WORLD_SIZE={world} ranks; set "
-                          "engine.kind: deepspeed or ddp (or start one process)")
+        raise ConfigError(
+            f"engine.kind: 'single' but the launcher started WORLD_SIZE={world} ranks; set "
+            "engine.kind: deepspeed or ddp (or start one process)"
+        )
     dev = pick_device(device, local, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -178,21 +193,33 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     device_id = dev if dev.type == "cuda" else None  # NCCL binds the rank to its GPU at once (barriers use it)
     if world == 1 and "MASTER_ADDR" not in os.environ:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
-                                device_id=device_id)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, device_id=device_id
+        )
     else:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise ConfigError(f"launcher environment: WORLD_SIZE={world} but {var} is not set; start the ranks "
-                                  "with torchrun or the deepspeed launcher")
+                raise ConfigError(
+                    f"launcher environment: WORLD_SIZE={world} but {var} is not set; start the ranks "
+                    "with torchrun or the deepspeed launcher"
+                )
         try:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, device_id=device_id)
         except Exception as e:  # the store did not form within the timeout: a rank never came up
-            raise DistributedError(f"rank {rank}: could not form the {world}-rank {backend} group at "
-                                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-                                   f"{cfg.timeout_s}s ({_first_line(e)})") from e
-    log.info("rank %d of %d (local rank %d) on %s, %s, collective timeout %ds", rank, world, local, dev, backend,
-             cfg.timeout_s)
+            raise DistributedError(
+                f"rank {rank}: could not form the {world}-rank {backend} group at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+                f"{cfg.timeout_s}s ({_first_line(e)})"
+            ) from e
+    log.info(
+        "rank %d of %d (local rank %d) on %s, %s, collective timeout %ds",
+        rank,
+        world,
+        local,
+        dev,
+        backend,
+        cfg.timeout_s,
+    )
     hazard = shared_store_restart_hazard()
     if hazard and rank == 0:
         log.warning(hazard)
@@ -241,8 +268,9 @@ def is_peer_failure(e: BaseException) -> bool:
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "nccl", "connection reset",
-                                                                   "connection closed", "timed out"))
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "connection reset", "connection closed", "timed out")
+    )
 
 
 def fail(e: BaseException) -> None:
@@ -255,8 +283,10 @@ def fail(e: BaseException) -> None:
     if isinstance(e, DistributedError):
         msg, code = f"opd-fast: error: {e}", EXIT_PEER_LOST
     elif is_peer_failure(e):
-        msg = (f"opd-fast: error: rank {rank} of {world}: lost contact with another rank (it died, or hung longer "
-               f"than engine.timeout_s); see the other ranks' logs. Collective error: {_first_line(e)}")
+        msg = (
+            f"opd-fast: error: rank {rank} of {world}: lost contact with another rank (it died, or hung longer "
+            f"than engine.timeout_s); see the other ranks' logs. Collective error: {_first_line(e)}"
+        )
         code = EXIT_PEER_LOST
     else:
         traceback.print_exception(e)

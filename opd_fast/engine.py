@@ -42,8 +42,9 @@ def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.AdamW:
     torch's default, so CPU runs are bit for bit what they were."""
     params = list(params)
     fused = bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps,
-                             fused=fused or None)  # fmt: skip
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, fused=fused or None
+    )
 
 
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # how this machine runs the update, not the run's state
@@ -115,8 +116,10 @@ class _RoundCounter:
     def backward(self) -> None:
         self.done += 1
         if self.done > self.per_round:
-            raise RuntimeError(f"backward call {self.done} in one round; the engine was built for {self.per_round} "
-                               "(trained steps x tasks x micro-batches)")
+            raise RuntimeError(
+                f"backward call {self.done} in one round; the engine was built for {self.per_round} "
+                "(trained steps x tasks x micro-batches)"
+            )
 
     @property
     def next_is_last(self) -> bool:
@@ -124,8 +127,10 @@ class _RoundCounter:
 
     def step(self) -> None:
         if self.done != self.per_round:
-            raise RuntimeError(f"step() after {self.done} backward calls; the engine was built for {self.per_round} "
-                               "per round, so the gradient sync point was missed")
+            raise RuntimeError(
+                f"step() after {self.done} backward calls; the engine was built for {self.per_round} "
+                "per round, so the gradient sync point was missed"
+            )
         self.done = 0
 
 
@@ -268,8 +273,12 @@ class DDPEngine(SingleEngine):
         self.counter = _RoundCounter(backwards_per_round(cfg))
         # DDP broadcasts rank 0's weights at construction. find_unused_parameters: a parameter may get no gradient
         # (e.g. a full-parameter student's unused output layers); DDP looks only in a syncing forward, once a round.
-        self.ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                                           broadcast_buffers=False, find_unused_parameters=True)
+        self.ddp = DistributedDataParallel(
+            model,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
         self.forward_model = _RoutedForward(model, self.ddp)
         self._arm_sync()
 
@@ -321,14 +330,24 @@ class DeepSpeedEngine:
         ds_config = deepspeed_config(cfg, self.stage, cpu_adam)
         # Offloading runs DeepSpeed's own CPU Adam (declared in the config); otherwise our torch AdamW.
         client = None if cpu_adam else make_optimizer(self._trainable, cfg.optimizer)
-        self.ds, *_ = deepspeed.initialize(model=model, optimizer=client, config=ds_config, dist_init_required=False,
-                                           model_parameters=self._trainable if client is None else None)
+        self.ds, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=client,
+            config=ds_config,
+            dist_init_required=False,
+            model_parameters=self._trainable if client is None else None,
+        )
         self.opt_cfg = cfg.optimizer
         self.forward_model = _RoutedForward(model, self.ds)
         self.params = [p.ds_tensor for p in self._trainable] if self.stage == 3 else self._trainable
         self._arm_boundary()
-        log.info("deepspeed engine: ZeRO-%d%s, offload %s, %d backward calls per optimizer step", self.stage,
-                 " bf16" if cfg.engine.bf16 else "", cfg.engine.offload, self.counter.per_round)
+        log.info(
+            "deepspeed engine: ZeRO-%d%s, offload %s, %d backward calls per optimizer step",
+            self.stage,
+            " bf16" if cfg.engine.bf16 else "",
+            cfg.engine.offload,
+            self.counter.per_round,
+        )
 
     # -- the round -------------------------------------------------------------------------------------------------
     def _arm_boundary(self) -> None:
@@ -389,7 +408,9 @@ class DeepSpeedEngine:
         """This rank's flat fp32 master weights, the tensors the base optimizer steps. ZeRO-3 hands them to it one
         sub-group at a time (its param_groups are empty between steps), the others keep them in param_groups."""
         flats = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None)
-        return list(flats) if flats is not None else [t for g in self._base_optimizer().param_groups for t in g["params"]]
+        return (
+            list(flats) if flats is not None else [t for g in self._base_optimizer().param_groups for t in g["params"]]
+        )
 
     def _full(self, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
         """Full fp32 value of p's master weight (key None) or optimizer state `key` (collective)."""
@@ -438,8 +459,13 @@ class DeepSpeedEngine:
         base = self._base_optimizer()
         if self._plain:
             return base.state_dict()
-        groups = [{**make_optimizer([torch.zeros(1)], self.opt_cfg).state_dict()["param_groups"][0],
-                   "lr": self.lr, "params": list(range(len(self._trainable)))}]
+        groups = [
+            {
+                **make_optimizer([torch.zeros(1)], self.opt_cfg).state_dict()["param_groups"][0],
+                "lr": self.lr,
+                "params": list(range(len(self._trainable))),
+            }
+        ]
         if not base.state:  # no step taken yet
             return {"state": {}, "param_groups": groups}
         step = float(next(iter(base.state.values()))["step"])
@@ -463,7 +489,9 @@ class DeepSpeedEngine:
         step = float(state["state"][0]["step"])
         for per_tensor in base.state.values():
             old = per_tensor["step"]
-            per_tensor["step"] = torch.tensor(step, dtype=old.dtype, device=old.device) if torch.is_tensor(old) else int(step)
+            per_tensor["step"] = (
+                torch.tensor(step, dtype=old.dtype, device=old.device) if torch.is_tensor(old) else int(step)
+            )
 
     def _materialize_optimizer_state(self) -> None:
         """Adam creates its state lazily at the first step, and DeepSpeed links its per-parameter views of that state
@@ -472,7 +500,11 @@ class DeepSpeedEngine:
         for flat in self.master_partitions():
             if not base.state.get(flat):
                 step = 0 if hasattr(base, "ds_opt_adam") else torch.tensor(0.0)  # DeepSpeed's CPU Adam: an int
-                base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+                base.state[flat] = {
+                    "step": step,
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
         link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # stages 1-2 and bf16
         if link is not None:
             link()
@@ -514,8 +546,11 @@ def _cpu_adam_builds() -> bool:
         CPUAdamBuilder().load()
         return True
     except (ImportError, OSError, RuntimeError) as e:  # no compiler or headers: offload still works, torch's AdamW
-        log.warning("DeepSpeed's CPU Adam does not build here (%s); offloaded optimizer steps run torch's AdamW on "
-                    "the CPU instead (same update, slower)", str(e).strip().splitlines()[0] if str(e).strip() else e)
+        log.warning(
+            "DeepSpeed's CPU Adam does not build here (%s); offloaded optimizer steps run torch's AdamW on "
+            "the CPU instead (same update, slower)",
+            str(e).strip().splitlines()[0] if str(e).strip() else e,
+        )
         return False
 
 
@@ -543,8 +578,10 @@ def deepspeed_config(cfg: RunConfig, stage: int, cpu_adam: bool) -> dict:
         "wall_clock_breakdown": False,
     }
     if cpu_adam:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
-                                                           "weight_decay": opt.weight_decay}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay},
+        }
     elif engine.offload != "none":
         config["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed refuses a client optimizer with offload otherwise
     return config

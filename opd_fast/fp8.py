@@ -61,10 +61,14 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 SCALINGS = ("rowwise", "tensorwise")
 DEFAULT_SKIP = (
-    "pos_embed.*", "x_embedder", "time_text_embed.*", "context_embedder",  # embedders (SD3, FLUX)
+    # embedders (SD3, FLUX)
+    "pos_embed.*",
+    "x_embedder",
+    "time_text_embed.*",
+    "context_embedder",
     "*norm*",  # adaLN modulation: norm1.linear, norm1_context.linear, norm.linear (FLUX single), norm_out.linear
     "proj_out",  # the final projection (top level only: FLUX's single_transformer_blocks.*.proj_out stay FP8)
-)  # fmt: skip
+)
 # Fast accumulation (fp8 tensor-core accumulators promoted less often) on CUDA: torchao's choice for inference
 # forwards. bench/fp8_accuracy.py measures its error on the GPU.
 FAST_ACCUM = True
@@ -111,8 +115,10 @@ def _cpu_runs_rowwise() -> bool:
 def scaling_supported(scaling: str, device) -> tuple[bool, str]:
     """(True, "") when Fp8Linear can run `scaling` on `device`, else (False, why)."""
     if scaling == "rowwise" and torch.device(device).type == "cpu" and not _cpu_runs_rowwise():
-        return False, (f"torch {torch.__version__} runs _scaled_mm with rowwise scales on CUDA only (on CPU from "
-                       f"torch 2.13); use fp8_scaling tensorwise on this machine")
+        return False, (
+            f"torch {torch.__version__} runs _scaled_mm with rowwise scales on CUDA only (on CPU from "
+            f"torch 2.13); use fp8_scaling tensorwise on this machine"
+        )
     return True, ""
 
 
@@ -155,10 +161,14 @@ class Fp8Linear(torch.nn.Module):
         mm_dtype = torch.bfloat16 if cuda and self.scaling == "rowwise" and out_dtype == torch.float32 else out_dtype
         fused_bias = self.bias is not None and mm_dtype in (torch.bfloat16, torch.float16)
         y = torch._scaled_mm(
-            x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-            bias=self.bias.to(mm_dtype) if fused_bias else None, out_dtype=mm_dtype,
+            x_fp8,
+            self.weight_fp8.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=self.bias.to(mm_dtype) if fused_bias else None,
+            out_dtype=mm_dtype,
             use_fast_accum=FAST_ACCUM and cuda,
-        )  # fmt: skip
+        )
         if self.bias is not None and not fused_bias:
             y = y + self.bias.to(y.dtype)
         if self.n_pad:
@@ -213,9 +223,13 @@ class TeLinear(torch.nn.Module):
         self.out_features, self.in_features = linear.weight.shape
         self.k_pad, self.n_pad = _pad_to(self.in_features), _pad_to(self.out_features)
         with _te_quantized_init(recipe):
-            self.inner = te.Linear(self.in_features + self.k_pad, self.out_features + self.n_pad,
-                                   bias=linear.bias is not None, params_dtype=linear.weight.dtype,
-                                   device=linear.weight.device)  # fmt: skip
+            self.inner = te.Linear(
+                self.in_features + self.k_pad,
+                self.out_features + self.n_pad,
+                bias=linear.bias is not None,
+                params_dtype=linear.weight.dtype,
+                device=linear.weight.device,
+            )
         with torch.no_grad():
             self.inner.weight.copy_(F.pad(linear.weight.detach(), (0, self.k_pad, 0, self.n_pad)))
             if linear.bias is not None:
@@ -262,8 +276,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "torch" and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise Fp8Unavailable(f"torch._scaled_mm FP8 needs compute capability >= 8.9 (Ada/Hopper), this GPU is "
-                                 f"sm_{major}{minor}; use teacher_runtime.precision bf16")
+            raise Fp8Unavailable(
+                f"torch._scaled_mm FP8 needs compute capability >= 8.9 (Ada/Hopper), this GPU is "
+                f"sm_{major}{minor}; use teacher_runtime.precision bf16"
+            )
     return backend
 
 
@@ -273,8 +289,9 @@ def is_skipped(name: str, skip) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
 
 
-def quantize_model(model: torch.nn.Module, backend: str = "auto", scaling: str = "rowwise", skip=DEFAULT_SKIP,
-                   min_features: int = 0) -> dict:
+def quantize_model(
+    model: torch.nn.Module, backend: str = "auto", scaling: str = "rowwise", skip=DEFAULT_SKIP, min_features: int = 0
+) -> dict:
     """Replace the model's nn.Linear layers by FP8 ones in place (frozen, inference only).
 
     Kept in high precision: layers matching `skip` (fnmatch patterns on the module name; DEFAULT_SKIP is why),
@@ -301,6 +318,12 @@ def quantize_model(model: torch.nn.Module, backend: str = "auto", scaling: str =
         setattr(modules[parent_name] if parent_name else model, attr, new)
     if recipe is not None:
         model._opd_te_recipe = recipe
-    log.info("fp8 (%s, %s): %d linears in FP8, %d kept in %s", backend, scaling, len(targets), len(kept),
-             next(model.parameters()).dtype)
+    log.info(
+        "fp8 (%s, %s): %d linears in FP8, %d kept in %s",
+        backend,
+        scaling,
+        len(targets),
+        len(kept),
+        next(model.parameters()).dtype,
+    )
     return {"backend": backend, "scaling": scaling, "fp8": targets, "kept": kept}

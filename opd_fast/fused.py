@@ -205,8 +205,19 @@ class OpdStep(torch.autograd.Function):
         x_next = _empty((B, N), x_dtype, device)
         partial = _empty((B, -(-N // chunk)), torch.float32, device)
         loss = _empty((B,), torch.float32, device)
-        forward(x_rows, v_student_rows, v_teacher_rows, noise_rows, coef, student_guidance, teacher_guidance,
-                x_next, partial, loss, chunk)  # fmt: skip
+        forward(
+            x_rows,
+            v_student_rows,
+            v_teacher_rows,
+            noise_rows,
+            coef,
+            student_guidance,
+            teacher_guidance,
+            x_next,
+            partial,
+            loss,
+            chunk,
+        )
 
         ctx.save_for_backward(v_student_rows, v_teacher_rows, coef)  # the backward re-reads the velocities
         ctx.backend, ctx.chunk = backend, chunk

@@ -24,23 +24,72 @@ VAE_SCALE = 8  # pixels per latent cell for both families' VAEs
 
 PRESETS = {
     # CPU-sized: builds in milliseconds, ~80k parameters.
-    "tiny-sd3": ("sd3", dict(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-        pos_embed_max_size=16)),
-    "tiny-flux": ("flux", dict(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))),
+    "tiny-sd3": (
+        "sd3",
+        dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            pos_embed_max_size=16,
+        ),
+    ),
+    "tiny-flux": (
+        "flux",
+        dict(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),
+    ),
     # The released architectures (transformer/config.json of each pipeline), for random-weight benchmarks.
-    "sd3.5-medium": ("sd3", dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")),
-    "flux.1-dev": ("flux", dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56))),
-}  # fmt: skip
+    "sd3.5-medium": (
+        "sd3",
+        dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        ),
+    ),
+    "flux.1-dev": (
+        "flux",
+        dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+    ),
+}
 
 
 def preset_arch(preset: str, layers: int | None = None) -> tuple[str, dict]:
@@ -65,8 +114,9 @@ def transformer_folder(path: str | Path) -> Path:
         return path / "transformer"
     if (path / "config.json").is_file():
         return path
-    raise FileNotFoundError(f"no diffusers transformer at {path} (expected {path}/transformer/config.json or "
-                            f"{path}/config.json)")
+    raise FileNotFoundError(
+        f"no diffusers transformer at {path} (expected {path}/transformer/config.json or {path}/config.json)"
+    )
 
 
 def load_transformer(cfg: ModelConfig) -> torch.nn.Module:

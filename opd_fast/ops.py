@@ -58,18 +58,29 @@ class LossSpec:
     backend: str = "reference"  # resolved: never "auto"
 
     def __post_init__(self):
-        for name, value, allowed in (("kl_normalization", self.kl_normalization, reference.KL_NORMALIZATIONS),
-                                     ("reduction", self.reduction, reference.REDUCTIONS),
-                                     ("estimator", self.estimator, reference.ESTIMATORS),
-                                     ("backend", self.backend, BACKENDS[1:])):  # fmt: skip
+        for name, value, allowed in (
+            ("kl_normalization", self.kl_normalization, reference.KL_NORMALIZATIONS),
+            ("reduction", self.reduction, reference.REDUCTIONS),
+            ("estimator", self.estimator, reference.ESTIMATORS),
+            ("backend", self.backend, BACKENDS[1:]),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
     @classmethod
-    def resolve(cls, noise_level: float, device, *, kl_normalization="exact", reduction="sum",
-                estimator="closed_form", backend="auto") -> LossSpec:
-        return cls(float(noise_level), kl_normalization, reduction, estimator,
-                   resolve_backend(backend, device, estimator))  # fmt: skip
+    def resolve(
+        cls,
+        noise_level: float,
+        device,
+        *,
+        kl_normalization="exact",
+        reduction="sum",
+        estimator="closed_form",
+        backend="auto",
+    ) -> LossSpec:
+        return cls(
+            float(noise_level), kl_normalization, reduction, estimator, resolve_backend(backend, device, estimator)
+        )
 
     def coefficient_table(self, sigmas: torch.Tensor, numel: int, batch: int, device) -> torch.Tensor:
         """(steps, 4, batch) float32 on `device`: step j's per-sample scalars (x_coef, v_coef, sbar, w) on the grid
@@ -79,24 +90,57 @@ class LossSpec:
         from opd_fast import fused
 
         host = sigmas.detach().to("cpu", torch.float32)
-        table = fused.step_coefficients(host[:-1], host[1:], self.noise_level, numel, self.kl_normalization,
-                                        self.reduction, cache=False)  # (4, steps)
+        table = fused.step_coefficients(
+            host[:-1], host[1:], self.noise_level, numel, self.kl_normalization, self.reduction, cache=False
+        )  # (4, steps)
         return table.t()[:, :, None].expand(-1, -1, batch).contiguous().to(device)
 
-    def step(self, x, v_student, v_teacher, noise, sigma, sigma_next, *, student_guidance=None,
-             teacher_guidance=None, coef: torch.Tensor | None = None):
+    def step(
+        self,
+        x,
+        v_student,
+        v_teacher,
+        noise,
+        sigma,
+        sigma_next,
+        *,
+        student_guidance=None,
+        teacher_guidance=None,
+        coef: torch.Tensor | None = None,
+    ):
         """opd_step with this spec's modes. coef: this step's rows of coefficient_table, (4, B), for the fused
         backends (the reference computes from sigma, the values the table was made from)."""
         _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance)
         guidance = dict(student_guidance=student_guidance, teacher_guidance=teacher_guidance)
         modes = dict(kl_normalization=self.kl_normalization, reduction=self.reduction)
         if self.backend == "reference":
-            return reference.opd_step_reference(x, v_student, v_teacher, noise, sigma, sigma_next, self.noise_level,
-                                                estimator=self.estimator, **modes, **guidance)  # fmt: skip
+            return reference.opd_step_reference(
+                x,
+                v_student,
+                v_teacher,
+                noise,
+                sigma,
+                sigma_next,
+                self.noise_level,
+                estimator=self.estimator,
+                **modes,
+                **guidance,
+            )
         from opd_fast import fused
 
-        return fused.opd_step_fused(self.backend, x, v_student, v_teacher, noise, sigma, sigma_next, self.noise_level,
-                                    coef=coef, **modes, **guidance)  # fmt: skip
+        return fused.opd_step_fused(
+            self.backend,
+            x,
+            v_student,
+            v_teacher,
+            noise,
+            sigma,
+            sigma_next,
+            self.noise_level,
+            coef=coef,
+            **modes,
+            **guidance,
+        )
 
 
 def opd_step(
@@ -122,14 +166,28 @@ def opd_step(
     sigma, sigma_next: (B,) so each sample may sit at its own step. Returns x_next (detached, x.dtype) and loss
     (B,) float32 whose gradient reaches v_student only. See opd_fast.reference for the math.
     """
-    spec = LossSpec.resolve(noise_level, x.device, kl_normalization=kl_normalization, reduction=reduction,
-                            estimator=estimator, backend=backend)  # fmt: skip
+    spec = LossSpec.resolve(
+        noise_level,
+        x.device,
+        kl_normalization=kl_normalization,
+        reduction=reduction,
+        estimator=estimator,
+        backend=backend,
+    )
     key = (spec.backend, str(x.device))
     if key not in _announced:
         _announced.add(key)
         log.info("opd_step backend: %s on %s", spec.backend, x.device)
-    return spec.step(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance=student_guidance,
-                     teacher_guidance=teacher_guidance)
+    return spec.step(
+        x,
+        v_student,
+        v_teacher,
+        noise,
+        sigma,
+        sigma_next,
+        student_guidance=student_guidance,
+        teacher_guidance=teacher_guidance,
+    )
 
 
 def _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance):

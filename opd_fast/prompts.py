@@ -142,8 +142,9 @@ def _cache_key(encoder_name: str, prompts: list[str], negative: str, extra: dict
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def encode_cached(prompt_set: PromptSet, encode_fn, encoder_name: str, negative: str, cache_file: Path,
-                  extra: dict | None = None) -> EncodedPrompts:
+def encode_cached(
+    prompt_set: PromptSet, encode_fn, encoder_name: str, negative: str, cache_file: Path, extra: dict | None = None
+) -> EncodedPrompts:
     """Encode the prompts (and the negative prompt) once; later runs read `cache_file` if its key matches."""
     key = _cache_key(encoder_name, prompt_set.prompts, negative, extra or {})
     cache_file = Path(cache_file)

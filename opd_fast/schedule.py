@@ -64,8 +64,13 @@ def make_scheduler(family: str, shift: float | None = None, path: str | Path | N
     return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
-def sigma_grid(family: str, num_steps: int, shift: float | None = None, image_seq_len: int | None = None,
-               path: str | Path | None = None) -> torch.Tensor:
+def sigma_grid(
+    family: str,
+    num_steps: int,
+    shift: float | None = None,
+    image_seq_len: int | None = None,
+    path: str | Path | None = None,
+) -> torch.Tensor:
     """(num_steps + 1,) float32 sigmas from 1 down to 0, as the family's pipeline would sample them.
 
     image_seq_len: the transformer's image tokens (after patchifying), needed when the schedule shifts dynamically.
@@ -76,8 +81,9 @@ def sigma_grid(family: str, num_steps: int, shift: float | None = None, image_se
         if image_seq_len is None:
             raise ValueError(f"sigma_grid: the {family} scheduler shifts dynamically and needs image_seq_len")
         c = {key: scheduler.config.get(key, default) for key, default in PIPELINE_MU_DEFAULTS[family].items()}
-        kwargs["mu"] = calculate_shift(image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"],
-                                       c["base_shift"], c["max_shift"])
+        kwargs["mu"] = calculate_shift(
+            image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]
+        )
     if family == "flux" and not scheduler.config.get("use_flow_sigmas"):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:

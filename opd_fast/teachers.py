@@ -35,9 +35,20 @@ from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
 
 log = logging.getLogger(__name__)
-ARCH_KEYS = ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
-             "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "caption_projection_dim",
-             "patch_size", "dual_attention_layers", "qk_norm")  # fmt: skip
+ARCH_KEYS = (
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "caption_projection_dim",
+    "patch_size",
+    "dual_attention_layers",
+    "qk_norm",
+)
 DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -77,8 +88,10 @@ def detect_format(path: Path) -> str:
             return "diffusers"
         if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
             return "full"
-        raise TeacherError(f"{path}: not a peft adapter folder (adapter_config.json), a diffusers LoRA "
-                           f"({' / '.join(DIFFUSERS_LORA_FILES)}) or a model folder (config.json)")
+        raise TeacherError(
+            f"{path}: not a peft adapter folder (adapter_config.json), a diffusers LoRA "
+            f"({' / '.join(DIFFUSERS_LORA_FILES)}) or a model folder (config.json)"
+        )
     if path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
         return "diffusers"  # a bare LoRA file: its key prefixes are checked when it is read
     raise TeacherError(f"{path}: not a LoRA weight file or a folder")
@@ -98,10 +111,11 @@ def _pair_up(state: dict[str, torch.Tensor], prefix: str, where: str) -> dict[st
     for key, tensor in state.items():
         if not key.startswith(prefix):
             raise TeacherError(f"{where}: key {key!r} does not start with {prefix!r}: not a LoRA of this layout")
-        split = _split_lora_key(key[len(prefix):])
+        split = _split_lora_key(key[len(prefix) :])
         if split is None:
-            raise TeacherError(f"{where}: key {key!r} is not a lora_A/lora_B weight (DoRA, bias or other extras are "
-                               "not supported)")
+            raise TeacherError(
+                f"{where}: key {key!r} is not a lora_A/lora_B weight (DoRA, bias or other extras are not supported)"
+            )
         module, which = split
         halves.setdefault(module, {})[which] = tensor
     incomplete = [m for m, h in halves.items() if len(h) != 2]
@@ -170,12 +184,16 @@ def _target_linear(module, name: str, A: torch.Tensor, B: torch.Tensor, where: s
     """`module` (the base's layer named `name`, or None) if it is a Linear that LoRA factors A, B fit; else the error
     that names the layer and the shapes."""
     if not isinstance(module, torch.nn.Linear):
-        raise TeacherError(f"{where}: LoRA targets {name!r}, which the student's base has no Linear layer for "
-                           "(a LoRA for another base model or other target modules?)")
+        raise TeacherError(
+            f"{where}: LoRA targets {name!r}, which the student's base has no Linear layer for "
+            "(a LoRA for another base model or other target modules?)"
+        )
     W = module.weight
     if A.shape[1] != W.shape[1] or B.shape[0] != W.shape[0] or A.shape[0] != B.shape[1]:
-        raise TeacherError(f"{where}: LoRA for {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
-                           f"but the base weight is {tuple(W.shape)} (a LoRA for another base model?)")
+        raise TeacherError(
+            f"{where}: LoRA for {name!r} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+            f"but the base weight is {tuple(W.shape)} (a LoRA for another base model?)"
+        )
     return module
 
 
@@ -263,8 +281,13 @@ def add_lora_adapter(model: torch.nn.Module, adapter: str, lora: LoraWeights, wh
         _target_linear(module, name, A, B, where)
     ranks = {name: A.shape[0] for name, (A, _) in lora.pairs.items()}
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    config = PeftLoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(lora.pairs), init_lora_weights=False,
-                            rank_pattern={n: r for n, r in ranks.items() if r != rank})  # fmt: skip
+    config = PeftLoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(lora.pairs),
+        init_lora_weights=False,
+        rank_pattern={n: r for n, r in ranks.items() if r != rank},
+    )
     with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         model.add_adapter(config, adapter_name=adapter)
@@ -303,8 +326,9 @@ def apply_precision(model: torch.nn.Module, runtime: TeacherRuntimeConfig) -> to
     return model
 
 
-def load_teachers(tasks: list[TaskConfig], base: torch.nn.Module, model_cfg: ModelConfig,
-                  runtime: TeacherRuntimeConfig) -> dict[str, Teacher]:
+def load_teachers(
+    tasks: list[TaskConfig], base: torch.nn.Module, model_cfg: ModelConfig, runtime: TeacherRuntimeConfig
+) -> dict[str, Teacher]:
     """Every task's teacher on top of `base` (the student's base transformer, before it gets its LoRA), in the
     runtime's mode and precision."""
     if runtime.mode == "merged":
@@ -358,8 +382,10 @@ class GraphedVelocity:
         return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
     def __init__(self, teacher: Teacher, family: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
-        self.inputs = [t.detach().clone() for t in (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds,
-                                                   cond.negative_pooled)]  # fmt: skip
+        self.inputs = [
+            t.detach().clone()
+            for t in (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled)
+        ]
         static_x, static_sigma, *static_cond = self.inputs
 
         def forward():
@@ -377,8 +403,9 @@ class GraphedVelocity:
         log.info("teacher %r: CUDA graph captured for input %s", teacher.name, tuple(x.shape))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
-        for static, t in zip(self.inputs, (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds,
-                                           cond.negative_pooled)):  # fmt: skip
+        for static, t in zip(
+            self.inputs, (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled)
+        ):
             static.copy_(t)
         self.graph.replay()
         return self.output.clone(), self.guidance
@@ -405,8 +432,9 @@ class TeacherRunner:
     once, and result() returns it: the same schedule, run in order.
     """
 
-    def __init__(self, family: str, device: torch.device | str, stream: str = "side", phase=None,
-                 cuda_graphs: bool = False):
+    def __init__(
+        self, family: str, device: torch.device | str, stream: str = "side", phase=None, cuda_graphs: bool = False
+    ):
         self.family = family
         self.device = torch.device(device)
         self.side = stream == "side" and self.device.type == "cuda"

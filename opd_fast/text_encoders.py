@@ -45,12 +45,16 @@ def check_pipeline_folder(path: str | Path, family: str) -> Path:
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
-        raise ConfigError(f"model.path: {path} is not a diffusers pipeline folder (no model_index.json); the "
-                          "pipeline text encoders and sampling need the whole pipeline, not only its transformer")
+        raise ConfigError(
+            f"model.path: {path} is not a diffusers pipeline folder (no model_index.json); the "
+            "pipeline text encoders and sampling need the whole pipeline, not only its transformer"
+        )
     cls_name = json.loads(index.read_text()).get("_class_name", "")
     if cls_name != PIPELINE_CLASSES[family]:
-        raise ConfigError(f"model.path: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
-                          f"{family!r} (expects {PIPELINE_CLASSES[family]})")
+        raise ConfigError(
+            f"model.path: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
+            f"{family!r} (expects {PIPELINE_CLASSES[family]})"
+        )
     return path
 
 
@@ -77,8 +81,16 @@ class PipelineTextEncoder:
 
     pipe = None  # the text-only pipeline, once loaded
 
-    def __init__(self, path: str | Path, family: str, dtype: torch.dtype = torch.float32, device=None,
-                 max_sequence_length: int | None = None, batch_size: int = 32, progress: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        family: str,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        max_sequence_length: int | None = None,
+        batch_size: int = 32,
+        progress: bool = True,
+    ):
         if family not in PIPELINE_CLASSES:
             raise ConfigError(f"model.family: no pipeline text encoders for {family!r}")
         if batch_size < 1:
@@ -97,16 +109,20 @@ class PipelineTextEncoder:
     def name(self) -> str:
         """The cache name: a different pipeline, sequence length or dtype is a different encoder."""
         dtype = str(self.dtype).removeprefix("torch.")
-        return (f"pipeline-{self.family}:{self.path}:msl{self.max_sequence_length}:{dtype}:"
-                f"{_fingerprint(self.path, self.family)}")
+        return (
+            f"pipeline-{self.family}:{self.path}:msl{self.max_sequence_length}:{dtype}:"
+            f"{_fingerprint(self.path, self.family)}"
+        )
 
     def load(self):
         if self.pipe is None:
             log.info("loading the %s text encoders from %s", self.family, self.path)
             # transformer / vae None: diffusers skips them entirely (no weights read).
-            self.pipe = pipeline_class(self.family).from_pretrained(
-                self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True
-            ).to(self.device)  # fmt: skip
+            self.pipe = (
+                pipeline_class(self.family)
+                .from_pretrained(self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True)
+                .to(self.device)
+            )
         return self.pipe
 
     @torch.no_grad()
@@ -114,9 +130,13 @@ class PipelineTextEncoder:
         pipe = self.load()
         if self.family == "sd3":
             embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+                prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
                 max_sequence_length=self.max_sequence_length,
-            )  # fmt: skip
+            )
         else:
             embeds, pooled, _ = pipe.encode_prompt(
                 prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
@@ -129,8 +149,9 @@ class PipelineTextEncoder:
         starts = range(0, len(prompts), self.batch_size)
         show = self.progress and len(starts) > 1  # no bar for the single negative prompt
         embeds, pooled = [], []
-        for start in tqdm(starts, desc=f"encoding prompts ({self.family} text encoders)", unit="batch",
-                          disable=not show):
+        for start in tqdm(
+            starts, desc=f"encoding prompts ({self.family} text encoders)", unit="batch", disable=not show
+        ):
             e, p = self._encode_batch(list(prompts[start : start + self.batch_size]))
             embeds.append(e)
             pooled.append(p)
@@ -162,7 +183,11 @@ def pipeline_encoder(model_cfg: ModelConfig, prompts_cfg: PromptsConfig | None =
         raise ConfigError("prompts.encoder: 'pipeline' needs model.path, a local diffusers pipeline folder")
     prompts_cfg = prompts_cfg or PromptsConfig()
     encoder = PipelineTextEncoder(
-        model_cfg.path, model_cfg.family, DTYPES[model_cfg.dtype], device,
-        max_sequence_length=prompts_cfg.max_sequence_length, batch_size=prompts_cfg.encode_batch_size,
-    )  # fmt: skip
+        model_cfg.path,
+        model_cfg.family,
+        DTYPES[model_cfg.dtype],
+        device,
+        max_sequence_length=prompts_cfg.max_sequence_length,
+        batch_size=prompts_cfg.encode_batch_size,
+    )
     return encoder, encoder.name

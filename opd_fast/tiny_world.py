@@ -34,12 +34,18 @@ def prompts_for(task: str) -> list[dict]:
         rows = []
         for i, (color, obj) in enumerate((c, o) for c in COLORS for o in OBJECTS):
             count = 1 + i % 3
-            rows.append({"prompt": f"a photo of {count} {color} {obj}", "tag": "counting_color",
-                         "include": [{"class": obj, "count": count, "color": color}]})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": f"a photo of {count} {color} {obj}",
+                    "tag": "counting_color",
+                    "include": [{"class": obj, "count": count, "color": color}],
+                }
+            )
         return rows
     if task == "ocr":
-        return [{"prompt": f'a sign that says "{w}"'} for w in WORDS] + [{"prompt": f'a shirt reading "{w}"'}
-                                                                          for w in WORDS]  # fmt: skip
+        return [{"prompt": f'a sign that says "{w}"'} for w in WORDS] + [
+            {"prompt": f'a shirt reading "{w}"'} for w in WORDS
+        ]
     return [{"prompt": f"{s}, {m}"} for s in STYLES for m in ("high detail", "soft light", "oil painting")]
 
 
@@ -47,8 +53,12 @@ def _teacher_model(seed: int):
     from peft import LoraConfig, get_peft_model
 
     base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
-    config = LoraConfig(r=TEACHER_RANK, lora_alpha=TEACHER_ALPHA, target_modules=list(OFFICIAL_LORA_TARGETS),
-                        init_lora_weights="gaussian")
+    config = LoraConfig(
+        r=TEACHER_RANK,
+        lora_alpha=TEACHER_ALPHA,
+        target_modules=list(OFFICIAL_LORA_TARGETS),
+        init_lora_weights="gaussian",
+    )
     model = get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -84,7 +94,7 @@ def write_tiny_world(out: str | Path) -> Path:
                     k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()
                 },
                 transformer_lora_adapter_metadata=config.to_dict(),
-            )  # fmt: skip
+            )
         else:
             model.merge_and_unload().save_pretrained(target)
     return out

@@ -31,7 +31,7 @@ from opd_fast.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     unflatten_optimizer_state,
-)  # fmt: skip
+)
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
 from opd_fast.engine import EMA, lr_at, make_engine, values_swapped_in
@@ -53,11 +53,24 @@ from opd_fast.schedule import sigma_grid
 from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
 
 log = logging.getLogger(__name__)
-RESUMABLE_CHANGES = {"train.rounds", "checkpoint.every", "checkpoint.keep_last", "logging.progress",
-                     "logging.tensorboard", "loss.backend", "engine.kind", "engine.zero_stage", "engine.offload",
-                     "engine.bf16", "engine.timeout_s", "engine.persistence_threshold",
-                     "teacher_runtime.stream", "teacher_runtime.mode", "teacher_runtime.cuda_graphs",
-                     "prompts.placement"}  # fmt: skip  (speed only: same teacher outputs)
+RESUMABLE_CHANGES = {
+    "train.rounds",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "logging.progress",
+    "logging.tensorboard",
+    "loss.backend",
+    "engine.kind",
+    "engine.zero_stage",
+    "engine.offload",
+    "engine.bf16",
+    "engine.timeout_s",
+    "engine.persistence_threshold",
+    "teacher_runtime.stream",
+    "teacher_runtime.mode",
+    "teacher_runtime.cuda_graphs",
+    "prompts.placement",
+}  # (speed only: same teacher outputs)
 
 
 class TrainingError(RuntimeError):
@@ -106,9 +119,12 @@ class _JointBatch:
             return self.lanes[0].cond
         if k not in self._conds:  # the negative prompt is one for all tasks (cfg.prompts.negative_prompt)
             conds = [lane.cond for lane in self.lanes[:k]]
-            self._conds[k] = Conditioning(torch.cat([c.prompt_embeds for c in conds]),
-                                          torch.cat([c.pooled for c in conds]), conds[0].negative_embeds,
-                                          conds[0].negative_pooled)  # fmt: skip
+            self._conds[k] = Conditioning(
+                torch.cat([c.prompt_embeds for c in conds]),
+                torch.cat([c.pooled for c in conds]),
+                conds[0].negative_embeds,
+                conds[0].negative_pooled,
+            )
         return self._conds[k]
 
     def rows(self, v: torch.Tensor, guided: float | None, i: int, k: int) -> torch.Tensor:
@@ -166,7 +182,9 @@ def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Pat
 PROMPTS_DEVICE_SHARE = 0.1  # prompts.placement auto: the cache goes to the GPU when it takes at most this share
 
 
-def place_prompts(prompts: dict[str, EncodedPrompts], cfg: RunConfig, device: torch.device) -> dict[str, EncodedPrompts]:
+def place_prompts(
+    prompts: dict[str, EncodedPrompts], cfg: RunConfig, device: torch.device
+) -> dict[str, EncodedPrompts]:
     """The embedding caches where cfg.prompts.placement puts them: on the device, in the widest dtype any model
     reads them in (fp32 when the model or a teacher runs in fp32, else the model's 16-bit dtype: the transformers
     cast their text inputs to it, so nothing is lost), or left on the host (each micro-batch's rows are then copied
@@ -178,8 +196,9 @@ def place_prompts(prompts: dict[str, EncodedPrompts], cfg: RunConfig, device: to
     placement = cfg.prompts.placement
     if placement == "auto":
         need = sum(p.nbytes() for p in prompts.values()) * torch.finfo(dtype).bits // 32  # cached as float32
-        placement = "device" if need <= PROMPTS_DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory \
-            else "host"
+        placement = (
+            "device" if need <= PROMPTS_DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory else "host"
+        )
         log.info("prompt embeddings: %.2f GB in %s on the %s (prompts.placement auto)", need / 1e9, dtype, placement)
     if placement == "device":
         return {task: p.to(device, dtype) for task, p in prompts.items()}
@@ -187,8 +206,9 @@ def place_prompts(prompts: dict[str, EncodedPrompts], cfg: RunConfig, device: to
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None,
-                 engine=None):
+    def __init__(
+        self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None, engine=None
+    ):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
@@ -200,10 +220,14 @@ class Trainer:
         # before the models load (minutes at full size) and before anything is written
         attention.check(cfg.model.attention)
         try:
-            self.loss_spec = ops.LossSpec.resolve(cfg.sampling.noise_level, self.device,
-                                                  kl_normalization=cfg.loss.kl_normalization,
-                                                  reduction=cfg.loss.reduction, estimator=cfg.loss.estimator,
-                                                  backend=cfg.loss.backend)  # fmt: skip
+            self.loss_spec = ops.LossSpec.resolve(
+                cfg.sampling.noise_level,
+                self.device,
+                kl_normalization=cfg.loss.kl_normalization,
+                reduction=cfg.loss.reduction,
+                estimator=cfg.loss.estimator,
+                backend=cfg.loss.backend,
+            )
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"loss.backend: {e}") from None
         self.backend = self.loss_spec.backend
@@ -214,8 +238,13 @@ class Trainer:
         self.teachers: dict[str, Teacher] = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
         self.phase_timer: PhaseTimer | None = None  # benchmarks attach one to time the phases
         self.capture: CaptureWindow | None = None  # opd-fast train --profile-steps a:b
-        self.teacher_runner = TeacherRunner(cfg.model.family, self.device, cfg.teacher_runtime.stream, self._phase,
-                                            cuda_graphs=cfg.teacher_runtime.cuda_graphs)
+        self.teacher_runner = TeacherRunner(
+            cfg.model.family,
+            self.device,
+            cfg.teacher_runtime.stream,
+            self._phase,
+            cuda_graphs=cfg.teacher_runtime.cuda_graphs,
+        )
         self._sigma_tables: dict[int, torch.Tensor] = {}  # batch -> (num_steps + 1, batch) sigmas on the device
         self._coef_tables: dict[tuple[int, int], torch.Tensor] = {}  # (batch, latent numel) -> coefficient table
         self.student = base
@@ -237,8 +266,13 @@ class Trainer:
         with distributed.rank_zero_first(self.dist):  # rank 0 fills the cache, the others read it
             self.prompts = place_prompts(encode_task_prompts(cfg, self.student, cache_dir), cfg, self.device)
 
-        self.sigmas = sigma_grid(cfg.model.family, cfg.sampling.num_steps, cfg.sampling.shift, path=cfg.model.path,
-                                 image_seq_len=image_tokens(self.student, cfg.model.family, cfg.sampling.resolution))
+        self.sigmas = sigma_grid(
+            cfg.model.family,
+            cfg.sampling.num_steps,
+            cfg.sampling.shift,
+            path=cfg.model.path,
+            image_seq_len=image_tokens(self.student, cfg.model.family, cfg.sampling.resolution),
+        )
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.round = 0
         self.nonfinite_rounds = 0
@@ -252,22 +286,31 @@ class Trainer:
         mine = flat_config(self.cfg.to_dict())
         if run_file.is_file():
             if not resume:
-                raise OutputDirError(f"{self.out_dir} already holds a run ({run_file}); pass --resume to continue it "
-                                     "or choose another --out")
+                raise OutputDirError(
+                    f"{self.out_dir} already holds a run ({run_file}); pass --resume to continue it "
+                    "or choose another --out"
+                )
             theirs = flat_config(json.loads(run_file.read_text())["config"])
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             # the cosine schedule anneals over train.rounds: another length would change every rate still to come
             cosine = mine.get("optimizer.schedule") == "cosine"
             fatal = [k for k in changed if k not in RESUMABLE_CHANGES or (k == "train.rounds" and cosine)]
             if fatal:
-                raise OutputDirError(f"{self.out_dir} holds a run with another config; differing keys: "
-                                     + ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in fatal)
-                                     + ("; with optimizer.schedule cosine, train.rounds cannot change"
-                                        if "train.rounds" in fatal else ""))
+                raise OutputDirError(
+                    f"{self.out_dir} holds a run with another config; differing keys: "
+                    + ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in fatal)
+                    + (
+                        "; with optimizer.schedule cosine, train.rounds cannot change"
+                        if "train.rounds" in fatal
+                        else ""
+                    )
+                )
         elif self.out_dir.is_dir() and any(p.name != "embeddings" for p in self.out_dir.iterdir()):
             # (OUT/embeddings alone is the prompt cache of a start of ours that failed before writing run.json)
-            raise OutputDirError(f"{self.out_dir} is not empty and holds no run.json: refusing to write a run into "
-                                 "it; choose an empty or new --out")
+            raise OutputDirError(
+                f"{self.out_dir} is not empty and holds no run.json: refusing to write a run into "
+                "it; choose an empty or new --out"
+            )
 
     def _write_run_file(self) -> None:
         """Mark the folder as this run's, once everything loaded: a run that failed to start leaves no claim."""
@@ -323,8 +366,11 @@ class Trainer:
 
     def _student_velocity(self, x, sigma, cond, with_grad: bool):
         prefix = "" if with_grad else "rollout/"
-        with (self._phase(prefix + "student_forward"), torch.set_grad_enabled(with_grad),
-              student_forward_context(self.student, self.student_autocast)):
+        with (
+            self._phase(prefix + "student_forward"),
+            torch.set_grad_enabled(with_grad),
+            student_forward_context(self.student, self.student_autocast),
+        ):
             return velocity(self.engine.forward_model, self.cfg.model.family, x, sigma, cond, self.cfg.student.guidance)
 
     def _step(self, lane: Lane, j: int, x, v_student, student_cfg, teacher: TeacherHandle | None):
@@ -339,8 +385,17 @@ class Trainer:
         sigmas = self._sigma_rows(lane.batch)
         coefs = self._coefficients(lane.batch, x[0].numel())
         with self._phase("loss" if with_grad else "rollout/loss"), torch.set_grad_enabled(with_grad):
-            return self.loss_spec.step(x, v_student, v_teacher, lane.noise[j + 1], sigmas[j], sigmas[j + 1],
-                                       coef=coefs[j], student_guidance=student_cfg, teacher_guidance=teacher_cfg)
+            return self.loss_spec.step(
+                x,
+                v_student,
+                v_teacher,
+                lane.noise[j + 1],
+                sigmas[j],
+                sigmas[j + 1],
+                coef=coefs[j],
+                student_guidance=student_cfg,
+                teacher_guidance=teacher_cfg,
+            )
 
     def _train_lanes(self, lanes: list[Lane]) -> list[torch.Tensor]:
         """Roll out every lane (one task's micro-batch) from its noise[0] and backpropagate the loss of each of its
@@ -372,19 +427,21 @@ class Trainer:
                         x[i], _ = self._step(lanes[i], j, x[i], joint.rows(v, guided, i, k), guided, None)
                         states[i].append(x[i])
             x = [lane_states[0] for lane_states in states]
-        pending = [runner.submit(lane.teacher, x[i], self._sigma_rows(lane.batch)[0], lane.cond)
-                   for i, lane in enumerate(lanes)]  # fmt: skip
+        pending = [
+            runner.submit(lane.teacher, x[i], self._sigma_rows(lane.batch)[0], lane.cond)
+            for i, lane in enumerate(lanes)
+        ]
         for j in range(lanes[0].steps):
             k = sum(lane.steps > j for lane in lanes)
             sigma = self._sigma_rows(joint.offsets[k])[j]
             v, guided = self._student_velocity(joint.states(x, k), sigma, joint.cond(k), with_grad=True)
-            stepped = [self._step(lanes[i], j, x[i], joint.rows(v, guided, i, k), guided, pending[i])
-                       for i in range(k)]  # fmt: skip
+            stepped = [self._step(lanes[i], j, x[i], joint.rows(v, guided, i, k), guided, pending[i]) for i in range(k)]
             for i in range(k):
                 if j + 1 < lanes[i].steps:
                     x[i] = stepped[i][0] if states is None else states[i][j + 1]  # (two-pass: the same state)
-                    pending[i] = runner.submit(lanes[i].teacher, x[i], self._sigma_rows(lanes[i].batch)[j + 1],
-                                               lanes[i].cond)  # overlaps backward(j)
+                    pending[i] = runner.submit(
+                        lanes[i].teacher, x[i], self._sigma_rows(lanes[i].batch)[j + 1], lanes[i].cond
+                    )  # overlaps backward(j)
             loss = stepped[0][1].sum() * lanes[0].scale
             for i in range(1, k):
                 loss = loss + stepped[i][1].sum() * lanes[i].scale
@@ -469,15 +526,25 @@ class Trainer:
                 result = self.train_round()
                 if self.capture is not None:
                     self.capture.after_round(self.round - 1)
-                record = {"step": self.round, "loss": result.loss,
-                          **{f"loss/{k}": v for k, v in result.task_losses.items()},
-                          "grad_norm": result.grad_norm, "lr": self.engine.lr, "skipped": result.grad_norm is None,
-                          "nonfinite_rounds": self.nonfinite_rounds + (result.grad_norm is None),
-                          "seconds": time.perf_counter() - t0, "backend": self.backend}  # fmt: skip
+                record = {
+                    "step": self.round,
+                    "loss": result.loss,
+                    **{f"loss/{k}": v for k, v in result.task_losses.items()},
+                    "grad_norm": result.grad_norm,
+                    "lr": self.engine.lr,
+                    "skipped": result.grad_norm is None,
+                    "nonfinite_rounds": self.nonfinite_rounds + (result.grad_norm is None),
+                    "seconds": time.perf_counter() - t0,
+                    "backend": self.backend,
+                }
                 if result.grad_norm is None:
                     self.nonfinite_rounds += 1
-                    log.warning("round %d: non-finite loss or gradient (loss %s), optimizer step skipped (%d so far)",
-                                self.round, result.loss, self.nonfinite_rounds)
+                    log.warning(
+                        "round %d: non-finite loss or gradient (loss %s), optimizer step skipped (%d so far)",
+                        self.round,
+                        result.loss,
+                        self.nonfinite_rounds,
+                    )
                 if self.engine.rank == 0:
                     metrics.write(record)
                 records.append(record)
@@ -533,8 +600,9 @@ class Trainer:
         tensors, meta = load_checkpoint(path)
         params = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
         if set(params) != set(tensors["student"]):
-            raise ConfigError(f"{path}: its student parameters do not match this config's student (other LoRA "
-                              "targets or rank?)")
+            raise ConfigError(
+                f"{path}: its student parameters do not match this config's student (other LoRA targets or rank?)"
+            )
         self.engine.load_trainable_state(tensors["student"])
         self.engine.load_state_dict(unflatten_optimizer_state(tensors["optimizer"], meta["optimizer"]))
         if self.ema is not None and "ema" in tensors:
@@ -551,8 +619,10 @@ class Trainer:
         # (a world of one checks too: on one GPU, that is the NCCL group's own test of this collective)
         high, neg_low = distributed.all_reduce(torch.tensor([round_idx, -round_idx]), self.dist, "max").tolist()
         if high != -neg_low:
-            raise OutputDirError(f"ranks resumed different rounds ({-neg_low}..{high}): is "
-                                 f"{self.out_dir} on a filesystem that every node shares?")
+            raise OutputDirError(
+                f"ranks resumed different rounds ({-neg_low}..{high}): is "
+                f"{self.out_dir} on a filesystem that every node shares?"
+            )
 
     def export(self) -> Path | None:
         """OUT/lora_diffusers (and OUT/lora_diffusers_ema with EMA) in the diffusers layout; full-parameter
@@ -573,13 +643,20 @@ class Trainer:
         ema = self.ema.state_dict() if self.ema is not None else None
         if not main:
             return None
-        path = export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
-                                     self.out_dir / "lora_diffusers",
-                                     lora_state=get_peft_model_state_dict(self.student, state_dict=weights))
+        path = export_diffusers_lora(
+            self.student,
+            self.peft_config,
+            self.cfg.model.family,
+            self.out_dir / "lora_diffusers",
+            lora_state=get_peft_model_state_dict(self.student, state_dict=weights),
+        )
         if ema is not None:  # EMA keeps the trainable tensors in the engine's order, which is trainable_state's
             ema_weights = dict(zip(weights, ema.values()))
-            export_diffusers_lora(self.student, self.peft_config, self.cfg.model.family,
-                                  self.out_dir / "lora_diffusers_ema",
-                                  lora_state=get_peft_model_state_dict(self.student, state_dict=ema_weights))
+            export_diffusers_lora(
+                self.student,
+                self.peft_config,
+                self.cfg.model.family,
+                self.out_dir / "lora_diffusers_ema",
+                lora_state=get_peft_model_state_dict(self.student, state_dict=ema_weights),
+            )
         return path
-

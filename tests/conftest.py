@@ -93,8 +93,12 @@ def capture_round_gradient(trainer) -> dict[str, torch.Tensor]:
 def tiny_sd3_inputs() -> dict[str, torch.Tensor]:
     """Fixed transformer inputs for the tiny-sd3 preset (batch 2, 8x8 latents, 5 text tokens)."""
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 32,
-                generator=g), pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([900., 300.]))
+    return dict(
+        hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+        pooled_projections=torch.randn(2, 32, generator=g),
+        timestep=torch.tensor([900.0, 300.0]),
+    )
 
 
 def sd3_pipeline_output(base_folder: Path, lora_folder: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -105,9 +109,14 @@ def sd3_pipeline_output(base_folder: Path, lora_folder: Path, inputs: dict[str, 
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel.from_pretrained(base_folder),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
         tokenizer_3=None,
-    )  # fmt: skip
+    )
     pipe.load_lora_weights(lora_folder)
     with torch.no_grad():
         return pipe.transformer(**inputs).sample

@@ -26,9 +26,16 @@ def start(args: list[str], world: int, log_dir: Path, env: dict[str, str] | None
     port = str(free_port())
     procs = []
     for rank in range(world):
-        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                    "OMP_NUM_THREADS": "1"}  # as torchrun does: ranks on a shared 2-core box must not oversubscribe
+        rank_env = {
+            **os.environ,
+            **(env or {}),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }  # as torchrun does: ranks on a shared 2-core box must not oversubscribe
         with open(log_dir / f"rank{rank}.out", "w") as out, open(log_dir / f"rank{rank}.err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=rank_env, stdout=out, stderr=err))
     return procs

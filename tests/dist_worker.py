@@ -30,9 +30,12 @@ def partition(trainer: Trainer) -> dict:
     out = {}
     for name, p in trainer.student.named_parameters():
         if p.requires_grad:
-            out[name] = {"numel": int(getattr(p, "ds_numel", p.numel())), "held": p.data.numel(),
-                         "shard": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None,
-                         "persist": getattr(p, "ds_persist", None)}
+            out[name] = {
+                "numel": int(getattr(p, "ds_numel", p.numel())),
+                "held": p.data.numel(),
+                "shard": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None,
+                "persist": getattr(p, "ds_persist", None),
+            }
     if hasattr(engine, "master_partitions"):
         flat = sum(t.numel() for t in engine.master_partitions())
     else:
@@ -46,11 +49,15 @@ def probe(trainer: Trainer, rounds: int) -> dict:
         "rank": engine.rank,
         "world_size": engine.world_size,
         "start_round": trainer.round,
-        "indices": {f"{r}/{t}": trainer.batch_indices(r, t).tolist() for r in range(rounds)
-                    for t in range(len(trainer.cfg.tasks))},
+        "indices": {
+            f"{r}/{t}": trainer.batch_indices(r, t).tolist()
+            for r in range(rounds)
+            for t in range(len(trainer.cfg.tasks))
+        },
         "partition": partition(trainer),
-        "teacher_params_under_zero": sum(hasattr(p, "ds_id") for t in trainer.teachers.values()
-                                         for p in t.model.parameters()),
+        "teacher_params_under_zero": sum(
+            hasattr(p, "ds_id") for t in trainer.teachers.values() for p in t.model.parameters()
+        ),
         "stage": getattr(engine, "stage", None),
     }
 

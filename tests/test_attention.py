@@ -17,8 +17,14 @@ FAMILIES = {"sd3": "tiny-sd3", "flux": "tiny-flux"}
 
 def sdpa_bshd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
     """flash_attn_func's signature and (B, S, H, D) layout, computed by torch's SDPA: the reference kernel."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                                         is_causal=causal, scale=softmax_scale)  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        dropout_p=dropout_p,
+        is_causal=causal,
+        scale=softmax_scale,
+    )
     return out.transpose(1, 2)
 
 
@@ -31,10 +37,15 @@ def forward_and_grad(model, family, device="cpu"):
     """The velocity (CFG for SD3) at a fixed input, and the gradient of a fixed projection of it w.r.t. the input."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(latent_shape(model, family, 2, 64), generator=g).to(device).requires_grad_(True)
-    cond = Conditioning(torch.randn(2, 16, 32, generator=g), torch.randn(2, 32, generator=g),
-                        torch.randn(1, 16, 32, generator=g), torch.randn(1, 32, generator=g))  # fmt: skip
-    cond = Conditioning(*(t.to(device) for t in (cond.prompt_embeds, cond.pooled, cond.negative_embeds,
-                                                  cond.negative_pooled)))  # fmt: skip
+    cond = Conditioning(
+        torch.randn(2, 16, 32, generator=g),
+        torch.randn(2, 32, generator=g),
+        torch.randn(1, 16, 32, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
+    cond = Conditioning(
+        *(t.to(device) for t in (cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled))
+    )
     v, _ = velocity(model, family, x, torch.tensor([0.8, 0.3], device=device), cond, 4.5)
     weights = torch.randn(v.shape, generator=g).to(device)
     (v.float() * weights).sum().backward()
@@ -121,8 +132,10 @@ FLASH = attention.flash_available()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["cudnn", pytest.param("flash", marks=pytest.mark.skipif(
-    not FLASH[0], reason=f"flash-attn: {FLASH[1]}"))])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend",
+    ["cudnn", pytest.param("flash", marks=pytest.mark.skipif(not FLASH[0], reason=f"flash-attn: {FLASH[1]}"))],
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_backend_on_cuda_matches_sdpa(backend, family):
     model = tiny(family, device="cuda")

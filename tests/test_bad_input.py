@@ -49,7 +49,7 @@ def test_prompt_sets_are_checked_by_kind_before_training(tiny_config, tmp_path):
         Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "ocr.txt")}), tmp_path / "a", device="cpu")
     assert not (tmp_path / "a").exists()
     # DrawBench as Google's sheet exports it: read by its "Prompts" column, not as lines of CSV
-    (tmp_path / "drawbench.csv").write_text("Prompts,Category\nA red colored car.,Colors\n\"A sign, \"\"hi\"\"\",Text\n")
+    (tmp_path / "drawbench.csv").write_text('Prompts,Category\nA red colored car.,Colors\n"A sign, ""hi""",Text\n')
     trainer = Trainer(tiny_config(**{"tasks.2.prompts": str(tmp_path / "drawbench.csv")}), tmp_path / "b", device="cpu")
     assert trainer.prompts["aesthetic"].prompts.prompts == ["A red colored car.", 'A sign, "hi"']
 
@@ -57,8 +57,9 @@ def test_prompt_sets_are_checked_by_kind_before_training(tiny_config, tmp_path):
 def test_teacher_path_that_does_not_exist(tiny_config, tmp_path, capsys):
     with pytest.raises(TeacherError, match=r"teacher of task 'aesthetic': path does not exist: .*missing"):
         Trainer(tiny_config(**{"tasks.2.teacher.path": str(tmp_path / "missing")}), tmp_path / "a", device="cpu")
-    code, err = run_cli("train", TINY, "--out", str(tmp_path / "b"), "--set", f"tasks.2.teacher.path={tmp_path}/x",
-                        capsys=capsys)
+    code, err = run_cli(
+        "train", TINY, "--out", str(tmp_path / "b"), "--set", f"tasks.2.teacher.path={tmp_path}/x", capsys=capsys
+    )
     assert code == 2 and "teacher of task 'aesthetic': path does not exist" in err
 
 
@@ -68,8 +69,9 @@ def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
     from opd_fast.config import ModelConfig
     from opd_fast.models import load_transformer
 
-    flux = get_peft_model(load_transformer(ModelConfig(family="flux", preset="tiny-flux")),
-                          LoraConfig(r=2, target_modules=["attn.to_q"]))
+    flux = get_peft_model(
+        load_transformer(ModelConfig(family="flux", preset="tiny-flux")), LoraConfig(r=2, target_modules=["attn.to_q"])
+    )
     flux.save_pretrained(tmp_path / "flux_lora")
     with pytest.raises(TeacherError, match=r"teacher of task 'ocr': LoRA targets 'single_transformer_blocks"):
         Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "flux_lora")}), tmp_path / "a", device="cpu")
@@ -77,8 +79,11 @@ def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
     other = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
     other.register_to_config(num_layers=3)
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(TeacherError, match=r"teacher of task 'ocr': its architecture differs .*num_layers: student 2 "
-                                           r"vs teacher 3"):
+    with pytest.raises(
+        TeacherError,
+        match=r"teacher of task 'ocr': its architecture differs .*num_layers: student 2 "
+        r"vs teacher 3",
+    ):
         Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "other")}), tmp_path / "b", device="cpu")
 
 
@@ -98,19 +103,25 @@ def test_wrong_config_types_and_unknown_keys(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("override, error", [
-    ("optimizer.max_grad_norm=-1", "optimizer.max_grad_norm: must be > 0, got -1.0"),  # torch would ascend
-    ("optimizer.max_grad_norm=0", "optimizer.max_grad_norm: must be > 0"),  # zero grads in torch, no clip in DeepSpeed
-    ("student.lora.alpha=0", "student.lora.alpha: must be > 0"),  # the LoRA would never train
-    ("prompts.max_tokens=0", "prompts.max_tokens: must be > 0"),  # no text conditioning
-    ("sampling.shift=0", "sampling.shift: must be > 0"),  # all-NaN sigmas
-    ("optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
-    ("tasks.1.loss_weight=.inf", r"tasks\.1\.loss_weight: must be a finite number, got inf"),
-    ("sampling.noise_level=.nan", "sampling.noise_level: must be a finite number >= 0, got nan"),
-    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay: must be a finite number >= 0"),
-    ("optimizer.betas=[1.5,0.9]", r"optimizer\.betas\.0: must be in \[0, 1\), got 1.5"),
-    ("ema.decay=-0.5", r"ema\.decay: must be in \[0, 1\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("optimizer.max_grad_norm=-1", "optimizer.max_grad_norm: must be > 0, got -1.0"),  # torch would ascend
+        (
+            "optimizer.max_grad_norm=0",
+            "optimizer.max_grad_norm: must be > 0",
+        ),  # zero grads in torch, no clip in DeepSpeed
+        ("student.lora.alpha=0", "student.lora.alpha: must be > 0"),  # the LoRA would never train
+        ("prompts.max_tokens=0", "prompts.max_tokens: must be > 0"),  # no text conditioning
+        ("sampling.shift=0", "sampling.shift: must be > 0"),  # all-NaN sigmas
+        ("optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
+        ("tasks.1.loss_weight=.inf", r"tasks\.1\.loss_weight: must be a finite number, got inf"),
+        ("sampling.noise_level=.nan", "sampling.noise_level: must be a finite number >= 0, got nan"),
+        ("optimizer.weight_decay=-0.1", "optimizer.weight_decay: must be a finite number >= 0"),
+        ("optimizer.betas=[1.5,0.9]", r"optimizer\.betas\.0: must be in \[0, 1\), got 1.5"),
+        ("ema.decay=-0.5", r"ema\.decay: must be in \[0, 1\]"),
+    ],
+)
 def test_values_that_would_train_wrongly_are_refused_by_name(override, error):
     with pytest.raises(ConfigError, match=error):
         load_config(TINY, [override])
@@ -140,8 +151,7 @@ def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    code, err = run_cli("train", TINY, "--out", str(other), *set_args(tiny_overrides()),
-                        capsys=capsys)
+    code, err = run_cli("train", TINY, "--out", str(other), *set_args(tiny_overrides()), capsys=capsys)
     assert code == 2 and "is not empty and holds no run.json" in err
     assert (other / "notes.txt").read_text() == "mine"
 
@@ -170,17 +180,21 @@ def test_nonfinite_loss_skips_then_stops(tiny_config, tmp_path):
     assert all(n.startswith("step_") for n in names), names  # no temp folder left behind
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA, where loss.backend cuda cannot run")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="needs a machine without CUDA, where loss.backend cuda cannot run"
+)
 def test_a_start_that_fails_names_the_key_and_leaves_the_folder_usable(tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_cli("train", TINY, "--out", str(out), *set_args(tiny_overrides(**{"loss.backend": "cuda"})),
-                        capsys=capsys)  # fmt: skip
+    code, err = run_cli(
+        "train", TINY, "--out", str(out), *set_args(tiny_overrides(**{"loss.backend": "cuda"})), capsys=capsys
+    )
     assert code == 2 and "loss.backend: opd_step backend 'cuda' is not available on cpu" in err
     assert not out.exists()  # refused before anything was written
     # a start that failed after caching the prompts leaves OUT/embeddings and no run.json: the retry may go on
     (out / "embeddings").mkdir(parents=True)
-    code, err = run_cli("train", TINY, "--out", str(out), *set_args(tiny_overrides(**{"train.rounds": 1})),
-                        capsys=capsys)  # fmt: skip
+    code, err = run_cli(
+        "train", TINY, "--out", str(out), *set_args(tiny_overrides(**{"train.rounds": 1})), capsys=capsys
+    )
     assert code == 0, err
     assert (out / "run.json").is_file()
 
@@ -219,8 +233,13 @@ def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, 
 def test_resumed_metrics_log_drops_only_later_steps_and_a_torn_last_line(tmp_path, caplog):
     from opd_fast.metrics import MetricsWriter
 
-    lines = [json.dumps({"step": 1, "loss": 1.0}), "edited by hand", json.dumps({"step": 2, "loss": 2.0}),
-             json.dumps({"step": 3, "loss": 3.0}), '{"step": 4, "lo']  # fmt: skip
+    lines = [
+        json.dumps({"step": 1, "loss": 1.0}),
+        "edited by hand",
+        json.dumps({"step": 2, "loss": 2.0}),
+        json.dumps({"step": 3, "loss": 3.0}),
+        '{"step": 4, "lo',
+    ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     with caplog.at_level(logging.WARNING, logger="opd_fast.metrics"):
         MetricsWriter(tmp_path, tensorboard=False, resume_step=2).close()

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(*args: str, timeout: int = 300) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
@@ -28,9 +29,21 @@ def run_script(*args: str, timeout: int = 300) -> str:
 @needs_cpu_rowwise
 def test_round_ladder_keeps_the_official_loss(tmp_path):
     out = tmp_path / "round.json"
-    stdout = run_script("bench/bench_round.py", "--rounds", "1", "--warmup", "0", "--prompts", "2",
-                        "--variants", "official,one_pass,fused,merged,fp8,side", "--json", str(out),
-                        "--md", str(tmp_path / "round.md"))  # fmt: skip
+    stdout = run_script(
+        "bench/bench_round.py",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--prompts",
+        "2",
+        "--variants",
+        "official,one_pass,fused,merged,fp8,side",
+        "--json",
+        str(out),
+        "--md",
+        str(tmp_path / "round.md"),
+    )
     assert (tmp_path / "round.md").read_text().strip() in stdout  # the --md report is the printed one
     report = json.loads(out.read_text())
     rows = report["results"]
@@ -70,8 +83,20 @@ def test_fp8_accuracy_orders_the_errors(tmp_path):
 def test_engine_bench_zero3_full_student(tmp_path):
     out = tmp_path / "engine.json"
     # The GPU command's variant (bench/bench_engine.py --preset sd3.5-medium --full --world 1 ... zero3) at tiny size
-    run_script("bench/bench_engine.py", "--full", "--world", "1", "--variants", "zero3", "--steps", "1",
-               "--threads", "1", "--json", str(out))  # fmt: skip
+    run_script(
+        "bench/bench_engine.py",
+        "--full",
+        "--world",
+        "1",
+        "--variants",
+        "zero3",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
     (row,) = json.loads(out.read_text())
     assert row["variant"] == "zero3" and row["student"] == "full" and row["world"] == 1
     assert row["step_s"] > 0 and row["backwards"] == 9  # int(0.99 x 4 steps) x 3 tasks
@@ -82,13 +107,26 @@ def test_gpu_scripts_refuse_a_cpu_machine_at_once():
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the GPU scripts would benchmark it")
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", os.devnull], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--out", os.devnull],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
     env = {**os.environ, "PYTHON": sys.executable}
     for args in ([], ["kernels"], ["round1024", "profile"]):  # the first command, and named steps
-        proc = subprocess.run(["bash", "bench/gpu_all.sh", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, env=env, check=False)  # fmt: skip
+        proc = subprocess.run(
+            ["bash", "bench/gpu_all.sh", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr, (args, proc.stdout, proc.stderr)
         assert "===" not in proc.stdout  # no step started
 
@@ -119,8 +157,14 @@ def test_make_bench_collects_the_microbenchmarks():
     lines = (ROOT / "Makefile").read_text().splitlines()
     recipe = lines[lines.index(next(line for line in lines if line.startswith("bench:"))) + 1]
     args = recipe.split("-m pytest", 1)[1].split()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "test_opd_step[" in proc.stdout and "-cpp]" in proc.stdout
 
@@ -152,7 +196,20 @@ def test_gpu_check_timed_functions_run_on_cpu_tensors(backend):
     x, v_s, v_t, noise, sigma, sigma_next, g = gpu_check.make_inputs(case, torch.device("cpu"))
     assert v_s.shape[0] == 2 * x.shape[0] and v_s.dtype == torch.bfloat16 and x.dtype == torch.float32
     for kind in ("op", "kernels"):
-        fns = gpu_check._timed_fns(ops, fused, backend, kind, x, v_s, v_t, noise, sigma, sigma_next, g,
-                                   guidance=case["guidance"], noise_level=case["noise_level"])  # fmt: skip
+        fns = gpu_check._timed_fns(
+            ops,
+            fused,
+            backend,
+            kind,
+            x,
+            v_s,
+            v_t,
+            noise,
+            sigma,
+            sigma_next,
+            g,
+            guidance=case["guidance"],
+            noise_level=case["noise_level"],
+        )
         for fn in fns.values():
             fn()

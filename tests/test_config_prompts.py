@@ -13,8 +13,10 @@ from opd_fast.prompts import BuiltinTextEncoder, encode_cached, read_prompts
 
 
 def test_overrides_reach_nested_keys_and_list_items():
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.rounds=7", "tasks.0.teacher.guidance=2.5",
-                                                       "optimizer.betas=[0.8, 0.9]", "student.guidance=null"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        ["train.rounds=7", "tasks.0.teacher.guidance=2.5", "optimizer.betas=[0.8, 0.9]", "student.guidance=null"],
+    )
     assert cfg.train.rounds == 7 and cfg.tasks[0].teacher.guidance == 2.5
     assert cfg.optimizer.betas == [0.8, 0.9] and cfg.student.guidance is None
     assert cfg.tasks[0].prompts == str(ROOT / "configs" / "tiny" / "prompts" / "geneval.jsonl")  # relative to the file
@@ -26,15 +28,29 @@ def test_overrides_reach_nested_keys_and_list_items():
 
 def test_sd35m_mopd_reproduces_the_official_defaults():
     cfg = load_config(ROOT / "configs" / "sd35m_mopd.yaml")
-    assert (cfg.model.family, cfg.model.dtype, cfg.sampling.resolution, cfg.sampling.num_steps) == ("sd3", "bfloat16",
-                                                                                                      512, 10)
+    assert (cfg.model.family, cfg.model.dtype, cfg.sampling.resolution, cfg.sampling.num_steps) == (
+        "sd3",
+        "bfloat16",
+        512,
+        10,
+    )
     assert cfg.sampling.noise_level == 0.0 and cfg.sampling.timestep_fraction == 0.99
     assert cfg.sampling.shift is None  # the model's scheduler config: SD3.5's shift 3.0 (tests/test_schedule.py)
     assert cfg.student.guidance == 4.5 and [t.teacher.guidance for t in cfg.tasks] == [1.0, 4.5, 4.5]
     lora = cfg.student.lora
     assert (lora.rank, lora.alpha, lora.init) == (32, 64, "gaussian")
-    assert sorted(lora.targets) == sorted(["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                                           "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"])
+    assert sorted(lora.targets) == sorted(
+        [
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+        ]
+    )
     opt = cfg.optimizer
     assert (opt.lr, opt.betas, opt.weight_decay, opt.eps, opt.max_grad_norm) == (3e-4, [0.9, 0.999], 1e-4, 1e-8, 1.0)
     assert (cfg.train.micro_batch_size, cfg.train.micro_batches_per_task, len(cfg.tasks)) == (3, 1, 3)
@@ -94,8 +110,12 @@ def test_embedding_cache_is_written_once_and_invalidated_by_new_prompts(tmp_path
     second = encode_cached(prompts, counting, "builtin", "", tmp_path / "ocr.safetensors")
     assert calls == [16, 1]  # prompts + negative, once
     torch.testing.assert_close(first.embeds, second.embeds, rtol=0, atol=0)
-    assert set(load_file(str(tmp_path / "ocr.safetensors"))) == {"embeds", "pooled", "negative_embeds",
-                                                                  "negative_pooled"}
+    assert set(load_file(str(tmp_path / "ocr.safetensors"))) == {
+        "embeds",
+        "pooled",
+        "negative_embeds",
+        "negative_pooled",
+    }
     prompts.prompts[0] = "another prompt"
     encode_cached(prompts, counting, "builtin", "", tmp_path / "ocr.safetensors")
     assert calls == [16, 1, 16, 1]

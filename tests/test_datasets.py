@@ -12,13 +12,19 @@ from opd_fast.prompts import PromptError
 
 GENEVAL = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-    {"tag": "position", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1,
-                                                                     "position": ["left of", 0]}],
-     "prompt": "a photo of a dog left of a cat"},
-    {"tag": "counting", "include": [{"class": "cup", "count": 3}], "exclude": [{"class": "cup", "count": 4}],
-     "prompt": "a photo of three cups"},
+    {
+        "tag": "position",
+        "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}],
+        "prompt": "a photo of a dog left of a cat",
+    },
+    {
+        "tag": "counting",
+        "include": [{"class": "cup", "count": 3}],
+        "exclude": [{"class": "cup", "count": 4}],
+        "prompt": "a photo of three cups",
+    },
     {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
-]  # fmt: skip
+]
 
 
 def write(path, text: str):
@@ -32,8 +38,11 @@ def test_pickscore_txt(tmp_path):
 
 
 def test_ocr_targets(tmp_path):
-    s = read_dataset(write(tmp_path / "ocr.txt", 'A sign that says "OPEN"\n\na shirt reading "Hello World" in red\n'),
-                     "ocr", task="ocr")
+    s = read_dataset(
+        write(tmp_path / "ocr.txt", 'A sign that says "OPEN"\n\na shirt reading "Hello World" in red\n'),
+        "ocr",
+        task="ocr",
+    )
     assert [m["text"] for m in s.metadata] == ["OPEN", "Hello World"]
     assert ocr_target('no "" quotes') is None and ocr_target("none") is None
 
@@ -52,18 +61,39 @@ def test_geneval_jsonl(tmp_path):
     assert "prompt" not in s.metadata[0]
 
 
-@pytest.mark.parametrize("record, reason", [
-    ({"prompt": "x", "include": [{"class": "cat", "count": 1}]}, "needs a string 'tag'"),
-    ({"prompt": "x", "tag": "t", "include": []}, "non-empty list 'include'"),
-    ({"prompt": "x", "tag": "t", "include": [{"class": "cat", "count": 0}]}, r"include\[0\] needs an integer 'count'"),
-    ({"prompt": "x", "tag": "t", "include": [{"count": 1}]}, r"include\[0\] needs a string 'class'"),
-    ({"prompt": "x", "tag": "t", "include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]},
-     r"include\[0\]\.position must be \[relation, index of an earlier include\]"),
-    ({"prompt": "x", "tag": "t", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1,
-                                                                        "position": ["near", 0]}]}, "relation one of"),
-    ({"prompt": "x", "tag": "t", "include": [{"class": "a", "count": 1}], "exclude": [{"class": "a", "count": "2"}]},
-     r"exclude\[0\] needs an integer 'count'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"prompt": "x", "include": [{"class": "cat", "count": 1}]}, "needs a string 'tag'"),
+        ({"prompt": "x", "tag": "t", "include": []}, "non-empty list 'include'"),
+        (
+            {"prompt": "x", "tag": "t", "include": [{"class": "cat", "count": 0}]},
+            r"include\[0\] needs an integer 'count'",
+        ),
+        ({"prompt": "x", "tag": "t", "include": [{"count": 1}]}, r"include\[0\] needs a string 'class'"),
+        (
+            {"prompt": "x", "tag": "t", "include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]},
+            r"include\[0\]\.position must be \[relation, index of an earlier include\]",
+        ),
+        (
+            {
+                "prompt": "x",
+                "tag": "t",
+                "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["near", 0]}],
+            },
+            "relation one of",
+        ),
+        (
+            {
+                "prompt": "x",
+                "tag": "t",
+                "include": [{"class": "a", "count": 1}],
+                "exclude": [{"class": "a", "count": "2"}],
+            },
+            r"exclude\[0\] needs an integer 'count'",
+        ),
+    ],
+)
 def test_geneval_malformed_record_names_line_and_reason(tmp_path, record, reason):
     lines = [json.dumps(GENEVAL[0]), "", json.dumps(record)]
     path = write(tmp_path / "geneval.jsonl", "\n".join(lines) + "\n")
@@ -78,20 +108,24 @@ def test_geneval_broken_json_names_line(tmp_path):
 
 
 def test_drawbench_csv_and_txt(tmp_path):
-    csv_path = write(tmp_path / "drawbench.csv",
-                     'Prompts,Category\nA red colored car.,Colors\n"A cat, on a mat.",Positional\n,\n')
+    csv_path = write(
+        tmp_path / "drawbench.csv", 'Prompts,Category\nA red colored car.,Colors\n"A cat, on a mat.",Positional\n,\n'
+    )
     s = read_dataset(csv_path)  # auto: .csv is DrawBench
     assert s.prompts == ["A red colored car.", "A cat, on a mat."]
     assert s.metadata == [{"category": "Colors"}, {"category": "Positional"}]
     assert read_dataset(write(tmp_path / "drawbench.txt", "a\nb\n"), "drawbench").prompts == ["a", "b"]
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("Text,Category\na,b\n", r"drawbench\.csv:1: no prompt column"),
-    ("Prompts,Category\na,b\n,Colors\n", r"drawbench\.csv:3: empty 'Prompts'"),
-    ("Prompts,Category\na cat, on a mat,Colors\n", r"drawbench\.csv:2: 3 fields but the header has 2"),
-    ("Prompts,Category\n", "prompt file is empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Text,Category\na,b\n", r"drawbench\.csv:1: no prompt column"),
+        ("Prompts,Category\na,b\n,Colors\n", r"drawbench\.csv:3: empty 'Prompts'"),
+        ("Prompts,Category\na cat, on a mat,Colors\n", r"drawbench\.csv:2: 3 fields but the header has 2"),
+        ("Prompts,Category\n", "prompt file is empty"),
+    ],
+)
 def test_drawbench_malformed(tmp_path, text, reason):
     with pytest.raises(PromptError, match=reason):
         read_dataset(write(tmp_path / "drawbench.csv", text), "drawbench")

@@ -51,13 +51,22 @@ WORLD = 2
 ROUNDS = 2
 RTOL, ATOL = 1e-4, 1e-5
 COMMON = [
-    "sampling.num_steps=4", "train.micro_batch_size=2", "checkpoint.every=1", "checkpoint.keep_last=3",
-    "logging.progress=false", "logging.tensorboard=false", "ema.update_every=1",
+    "sampling.num_steps=4",
+    "train.micro_batch_size=2",
+    "checkpoint.every=1",
+    "checkpoint.keep_last=3",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "ema.update_every=1",
     "optimizer.schedule=cosine",  # lr 3e-3 then 1.5e-3: every engine must set the rate it steps with
-]  # fmt: skip
+]
 # persistence 0: no parameter stays gathered; gradient checkpointing: ZeRO-3 must gather again in the recompute
-ZERO3 = ["engine.kind=deepspeed", "engine.zero_stage=3", "engine.persistence_threshold=0",
-         "model.gradient_checkpointing=true"]  # fmt: skip
+ZERO3 = [
+    "engine.kind=deepspeed",
+    "engine.zero_stage=3",
+    "engine.persistence_threshold=0",
+    "model.gradient_checkpointing=true",
+]
 FULL = ["student.lora.enabled=false", "train.schedule=two_pass"]  # two-pass: rollout forwards without grad, too
 PERSIST_FULL = 1000
 RESTART_ROUNDS = 4  # the torchrun restart test: rank 1 is killed after round 2
@@ -83,9 +92,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist")
     folder = {name: root / name for name in JOBS}
     folder["zero3_resumed"], folder["zero2_resumed"] = folder["zero3_half"], folder["zero2_half"]
-    jobs = [{"out": str(folder[name]), "overrides": COMMON + JOBS[name], "resume": name.endswith("_resumed"),
-             "discard": DISCARD if name in ("lora_default", "ddp") else [],
-             "until": ROUNDS // 2 if name.endswith("_half") else None} for name in JOBS]  # fmt: skip
+    jobs = [
+        {
+            "out": str(folder[name]),
+            "overrides": COMMON + JOBS[name],
+            "resume": name.endswith("_resumed"),
+            "discard": DISCARD if name in ("lora_default", "ddp") else [],
+            "until": ROUNDS // 2 if name.endswith("_half") else None,
+        }
+        for name in JOBS
+    ]
     (root / "jobs.json").write_text(json.dumps(jobs))
     procs = start(["tests/dist_worker.py", str(root / "jobs.json")], WORLD, root / "logs")
     codes = wait(procs, timeout=900)
@@ -99,8 +115,12 @@ def single(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("single")
     out = {}
-    runs = {"lora": [f"train.rounds={ROUNDS}"], "lora_discard": ["train.rounds=3"], "full": FULL + ["train.rounds=1"],
-            "lora_restart": [f"train.rounds={RESTART_ROUNDS}"]}
+    runs = {
+        "lora": [f"train.rounds={ROUNDS}"],
+        "lora_discard": ["train.rounds=3"],
+        "full": FULL + ["train.rounds=1"],
+        "lora_restart": [f"train.rounds={RESTART_ROUNDS}"],
+    }
     for name, extra in runs.items():
         cfg = load_config(CONFIG, COMMON + extra + ["train.micro_batches_per_task=2"])
         trainer = Trainer(cfg, root / name, device="cpu")
@@ -139,8 +159,10 @@ def test_two_ranks_train_like_one_process(runs, single, job):
     for part in ("student", "optimizer", "ema"):  # weights, Adam moments, EMA: the whole state, gathered to rank 0
         assert_same_tensors(checkpoint(runs[job], rounds, part), checkpoint(reference, rounds, part))
     # ... in the same layout, key for key: a checkpoint of either resumes the other
-    meta = [json.loads((f / "checkpoints" / f"step_{rounds:08d}" / "state.json").read_text()) for f in (runs[job],
-            reference)]  # fmt: skip
+    meta = [
+        json.loads((f / "checkpoints" / f"step_{rounds:08d}" / "state.json").read_text())
+        for f in (runs[job], reference)
+    ]
     assert meta[0] == meta[1]
     torch.testing.assert_close(losses(runs[job]), losses(reference), rtol=1e-5, atol=0, equal_nan=True)
     assert probe(runs[job], 0)["rounds_trained"] == rounds - (ROUNDS // 2 if job.endswith("_resumed") else 0)
@@ -252,16 +274,48 @@ def launcher_command(launcher: str, node: int, port: int, hostfile: Path) -> tup
     (python arguments, environment). srun is not installed here: its rank is started with the variables srun gives
     a task (SLURM_PROCID etc.), port chosen by the job id."""
     if launcher == "torchrun":
-        return ["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "opd",
-                "-m", "opd_fast.cli"], {}  # fmt: skip
+        return [
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv_id",
+            "opd",
+            "-m",
+            "opd_fast.cli",
+        ], {}
     if launcher == "deepspeed":
-        return ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "opd_fast.cli"], {}  # fmt: skip
+        return [
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--module",
+            "opd_fast.cli",
+        ], {}
     assert port >= 20000  # SLURM_JOB_ID below gives it
-    return ["-m", "opd_fast.cli"], {"SLURM_JOB_ID": str(port - 20000), "SLURM_STEP_NUM_TASKS": str(WORLD),
-                                    "SLURM_PROCID": str(node), "SLURM_LOCALID": "0",
-                                    "SLURM_STEP_NODELIST": "localhost,otherhost"}  # fmt: skip
+    return ["-m", "opd_fast.cli"], {
+        "SLURM_JOB_ID": str(port - 20000),
+        "SLURM_STEP_NUM_TASKS": str(WORLD),
+        "SLURM_PROCID": str(node),
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_NODELIST": "localhost,otherhost",
+    }
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "srun"])
@@ -276,8 +330,15 @@ def test_multi_node_launch_trains_like_one_process(single, tmp_path, launcher):
     for node in range(WORLD):
         command, extra = launcher_command(launcher, node, port, hostfile)
         with open(tmp_path / f"rank{node}.err", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, stdout=log,
-                                          stderr=subprocess.STDOUT, env=launch_env(**extra)))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *command, *args],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=launch_env(**extra),
+                )
+            )
     assert wait(procs, timeout=600) == [0] * WORLD, logs(tmp_path)
     for node in range(WORLD):
         log = (tmp_path / f"rank{node}.err").read_text()
@@ -294,9 +355,24 @@ def test_torchrun_restarts_a_failed_group_from_the_last_checkpoint(single, tmp_p
     both again, and the run continues from its latest checkpoint to the weights of an uninterrupted run. With
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as opd-fast's warning asks (otherwise this hung in 1 of 3 restarts)."""
     out, log_file = tmp_path / "run", tmp_path / "torchrun.log"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "--max-restarts", "1", "-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out), "--resume",
-               *set_args(COMMON + ZERO3 + [f"train.rounds={RESTART_ROUNDS}"])]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        "--max-restarts",
+        "1",
+        "-m",
+        "opd_fast.cli",
+        "train",
+        str(CONFIG),
+        "--out",
+        str(out),
+        "--resume",
+        *set_args(COMMON + ZERO3 + [f"train.rounds={RESTART_ROUNDS}"]),
+    ]
     env = launch_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     with open(log_file, "w") as log:
         agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -316,8 +392,9 @@ def test_torchrun_restarts_a_failed_group_from_the_last_checkpoint(single, tmp_p
     assert code == 0, text[-4000:]
     assert re.search(r"resumed from .*step_0000000[12] at round [12]", text), text[-4000:]
     for part in ("student", "optimizer", "ema"):
-        assert_same_tensors(checkpoint(out, RESTART_ROUNDS, part),
-                            checkpoint(single["lora_restart"], RESTART_ROUNDS, part))
+        assert_same_tensors(
+            checkpoint(out, RESTART_ROUNDS, part), checkpoint(single["lora_restart"], RESTART_ROUNDS, part)
+        )
     torch.testing.assert_close(losses(out), losses(single["lora_restart"]), rtol=1e-5, atol=0)
 
 
@@ -342,16 +419,30 @@ def worker_env(pid: int) -> dict[str, str]:
 def test_torchrun_restarts_with_a_shared_store_are_warned_about():
     hazard = shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"})
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in hazard and "--max-restarts 3" in hazard
-    assert shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}) is None
-    assert shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert (
+        shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}) is None
+    )
+    assert (
+        shared_store_restart_hazard({"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    )
     assert shared_store_restart_hazard({}) is None
 
 
 def test_srun_variables_become_the_launcher_environment():
-    srun = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-            "SLURM_STEP_NODELIST": "gpu-[007-008]"}  # fmt: skip
-    assert slurm_launch_env(srun) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-007",
-                                      "MASTER_PORT": "24242"}  # fmt: skip
+    srun = {
+        "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "gpu-[007-008]",
+    }
+    assert slurm_launch_env(srun) == {
+        "RANK": "9",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu-007",
+        "MASTER_PORT": "24242",
+    }
     mine = slurm_launch_env({**srun, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"})
     assert (mine["MASTER_ADDR"], mine["MASTER_PORT"]) == ("10.0.0.5", "29500")
     assert slurm_launch_env({**srun, "RANK": "3"}) == {}  # torchrun inside srun: torchrun's variables stand
@@ -361,16 +452,26 @@ def test_srun_variables_become_the_launcher_environment():
         slurm_launch_env({k: v for k, v in srun.items() if k != "SLURM_LOCALID"})
     with pytest.raises(ConfigError, match="SLURM_JOB_ID='x' is not an integer; set MASTER_PORT"):
         slurm_launch_env({**srun, "SLURM_JOB_ID": "x"})
-    hostlists = {"gpu-[007-010,12],login1": "gpu-007", "rack[2-3]-n[01-04]": "rack2-n01", "a[1,3]": "a1",
-                 "node1,node2": "node1", "localhost": "localhost"}  # fmt: skip
+    hostlists = {
+        "gpu-[007-010,12],login1": "gpu-007",
+        "rack[2-3]-n[01-04]": "rack2-n01",
+        "a[1,3]": "a1",
+        "node1,node2": "node1",
+        "localhost": "localhost",
+    }
     assert {h: first_host(h) for h in hostlists} == hostlists
 
 
 def test_setup_adopts_srun_variables_without_the_cli():
     """A script that builds the Trainer itself under srun: setup() reads srun's variables as the CLI does, so rank
     1 of 2 is not taken for a lone process (here the single engine refuses the 2-rank world, naming it)."""
-    srun = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7",
-            "SLURM_STEP_NODELIST": "localhost"}  # fmt: skip
+    srun = {
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "localhost",
+    }
     with mock.patch.dict(os.environ, srun):
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
@@ -396,8 +497,10 @@ def test_ranks_that_find_different_checkpoints_stop_naming_the_cause(runs, tmp_p
     none. Both stop before loading anything and say why (the check used to be skipped by a rank finding none)."""
     shutil.copytree(runs["zero3"], tmp_path / "rank0")
     argv = ["train", str(CONFIG), "--resume", *set_args(COMMON + JOBS["zero3"] + ["engine.timeout_s=60"])]
-    code = (f"import os, sys; from opd_fast.cli import main; "
-            f"sys.exit(main({argv!r} + ['--out', {str(tmp_path)!r} + '/rank' + os.environ['RANK']]))")
+    code = (
+        f"import os, sys; from opd_fast.cli import main; "
+        f"sys.exit(main({argv!r} + ['--out', {str(tmp_path)!r} + '/rank' + os.environ['RANK']]))"
+    )
     procs = start(["-c", code], WORLD, tmp_path / "logs")
     assert wait(procs, timeout=240) == [2] * WORLD, logs(tmp_path / "logs")
     assert logs(tmp_path / "logs").count("ranks resumed different rounds (0..2)") == WORLD
@@ -412,8 +515,15 @@ LOST_RANK_WAIT_S = TIMEOUT_S + 100  # far below torch's default collective timeo
 def test_a_lost_rank_makes_the_other_exit_with_a_clear_error(tmp_path, how):
     """Rank 1 dies (or stops answering) mid-run: rank 0 exits non-zero with our message, within the timeout."""
     out = tmp_path / "run"
-    args = ["-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out),
-            *set_args(COMMON + ZERO3 + ["train.rounds=1000", "checkpoint.every=1000", f"engine.timeout_s={TIMEOUT_S}"])]
+    args = [
+        "-m",
+        "opd_fast.cli",
+        "train",
+        str(CONFIG),
+        "--out",
+        str(out),
+        *set_args(COMMON + ZERO3 + ["train.rounds=1000", "checkpoint.every=1000", f"engine.timeout_s={TIMEOUT_S}"]),
+    ]
     procs = start(args, WORLD, tmp_path / "logs")
     try:
         deadline = time.monotonic() + 600
@@ -444,14 +554,26 @@ def test_finish_exits_cleanly_after_the_last_collective(tmp_path):
     `python tests/exit_race.py --report N` counts the plain exits' aborts."""
     for i in range(5):
         log_dir = tmp_path / f"finish{i}"
-        assert wait(start([str(ROOT / "tests" / "exit_race.py"), "finish"], WORLD, log_dir), timeout=60) == [0] * WORLD, (
-            logs(log_dir)
-        )
+        assert (
+            wait(start([str(ROOT / "tests" / "exit_race.py"), "finish"], WORLD, log_dir), timeout=60) == [0] * WORLD
+        ), logs(log_dir)
 
 
 # -- collectives on the rank's device ----------------------------------------------------------------------------
-COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "all_to_all", "gather", "scatter", "reduce", "all_gather_object", "broadcast_object_list"}
+COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all",
+    "gather",
+    "scatter",
+    "reduce",
+    "all_gather_object",
+    "broadcast_object_list",
+}
 
 
 def test_every_collective_of_ours_goes_through_the_device_helpers():
@@ -504,11 +626,26 @@ def test_ddp_resume_on_one_gpu_runs_its_collectives_on_nccl(tmp_path):
     """engine ddp on one GPU forms a one-rank NCCL group; --resume's agreement check, the loss average and the
     checkpoint gathers then run on it (a CPU tensor there fails at once)."""
     out = tmp_path / "run"
-    common = ["-m", "opd_fast.cli", "train", str(CONFIG), "--out", str(out), "--device", "cuda",
-              *set_args(COMMON + ["engine.kind=ddp"])]  # fmt: skip
+    common = [
+        "-m",
+        "opd_fast.cli",
+        "train",
+        str(CONFIG),
+        "--out",
+        str(out),
+        "--device",
+        "cuda",
+        *set_args(COMMON + ["engine.kind=ddp"]),
+    ]
     for rounds, extra in ((2, []), (3, ["--resume"])):
-        proc = subprocess.run([sys.executable, *common, *set_args([f"train.rounds={rounds}"]), *extra], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, *common, *set_args([f"train.rounds={rounds}"]), *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and len(losses(out)) == 3
 
@@ -521,8 +658,11 @@ def test_engine_config_is_validated_and_the_stage_follows_the_student():
     bad = {
         "engine.zero_stage: must be 0, 1, 2, 3": ["engine.kind=deepspeed", "engine.zero_stage=4"],
         "engine.zero_stage: only the deepspeed engine": ["engine.kind=ddp", "engine.zero_stage=3"],
-        "engine.offload: 'all' (weights too) needs ZeRO stage 3": ["engine.kind=deepspeed", "engine.offload=all",
-                                                                   "engine.zero_stage=2"],
+        "engine.offload: 'all' (weights too) needs ZeRO stage 3": [
+            "engine.kind=deepspeed",
+            "engine.offload=all",
+            "engine.zero_stage=2",
+        ],
         "engine.timeout_s: must be > 0": ["engine.timeout_s=0"],
         "engine.bf16: needs ZeRO stage >= 1": ["engine.kind=deepspeed", "engine.bf16=true"],  # LoRA: stage 0
     }

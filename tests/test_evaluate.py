@@ -35,13 +35,20 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     pipeline = write_tiny_pipeline(root / "sd3", "sd3")
     (root / "pick.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = config_from_dict({
-        "model": {"family": "sd3", "path": str(pipeline)},
-        "tasks": [{"name": "pick", "prompts": str(root / "pick.txt"),
-                   "teacher": {"path": str(root / "run" / "lora_diffusers"), "guidance": 2.0}}],
-        "prompts": {"encoder": "pipeline", "max_sequence_length": 8},
-        "sampling": {"resolution": 64},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "model": {"family": "sd3", "path": str(pipeline)},
+            "tasks": [
+                {
+                    "name": "pick",
+                    "prompts": str(root / "pick.txt"),
+                    "teacher": {"path": str(root / "run" / "lora_diffusers"), "guidance": 2.0},
+                }
+            ],
+            "prompts": {"encoder": "pipeline", "max_sequence_length": 8},
+            "sampling": {"resolution": 64},
+        }
+    )
     student = load_transformer(cfg.model)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v", "attn.add_k_proj"])
     student.add_adapter(config)
@@ -65,8 +72,9 @@ def pixels(folder, i: int) -> np.ndarray:
 def test_sampling_is_seeded_per_prompt(world, tmp_path):
     cfg = world["cfg"]
     a = sample(cfg, PromptSet(PROMPTS), tmp_path / "a", SampleSettings(model="base", num_steps=2, batch_size=2))
-    b = sample(cfg, PromptSet(PROMPTS[1:]), tmp_path / "b", SampleSettings(model="base", num_steps=2, batch_size=1,
-                                                                           seed=1))  # fmt: skip
+    b = sample(
+        cfg, PromptSet(PROMPTS[1:]), tmp_path / "b", SampleSettings(model="base", num_steps=2, batch_size=1, seed=1)
+    )
     # Image 1 of `a` (seed 0 + 1) is image 0 of `b` (seed 1 + 0): same prompt, same seed, other batch.
     assert np.abs(pixels(a, 1) - pixels(b, 0)).max() <= 1
     assert np.abs(pixels(a, 1) - pixels(a, 2)).max() > 10  # other prompt and seed: another image
@@ -94,8 +102,14 @@ def test_student_lora_loads_at_full_strength(world, tmp_path):
 def test_flux_sampling(world, tmp_path):
     """FLUX: guidance goes into the guidance embedding (no negative branch); metadata flows into samples.jsonl."""
     folder = write_tiny_pipeline(tmp_path / "flux", "flux")
-    cfg = config_from_dict({"model": {"family": "flux", "path": str(folder)}, "tasks": world["cfg"].to_dict()["tasks"],
-                            "prompts": {"max_sequence_length": 8}, "sampling": {"resolution": 64}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "model": {"family": "flux", "path": str(folder)},
+            "tasks": world["cfg"].to_dict()["tasks"],
+            "prompts": {"max_sequence_length": 8},
+            "sampling": {"resolution": 64},
+        }
+    )
     prompts = PromptSet(PROMPTS[:2], [{"tag": "a"}, {"tag": "b"}])
     a = sample(cfg, prompts, tmp_path / "a", SampleSettings(model="base", num_steps=2, batch_size=2, guidance=3.5))
     b = sample(cfg, prompts, tmp_path / "b", SampleSettings(model="base", num_steps=2, batch_size=1, guidance=3.5))
@@ -111,8 +125,9 @@ def test_sampling_errors(world, tmp_path):
     with pytest.raises(ConfigError, match="no task 'ocr'"):
         sample(cfg, PromptSet(PROMPTS), tmp_path / "x", SampleSettings(model="teacher:ocr"))
     with pytest.raises(ConfigError, match="needs model.path"):
-        sample(config_from_dict({"tasks": cfg.to_dict()["tasks"]}), PromptSet(PROMPTS), tmp_path / "x",
-               SampleSettings())
+        sample(
+            config_from_dict({"tasks": cfg.to_dict()["tasks"]}), PromptSet(PROMPTS), tmp_path / "x", SampleSettings()
+        )
 
 
 # -- rewards ---------------------------------------------------------------------------------------------------------
@@ -193,10 +208,14 @@ def test_optional_package_rewards(name, module):
 
 
 def test_hpsv2_with_open_clip(tmp_path):
-    open_clip = pytest.importorskip("open_clip", reason=(
-        "open_clip not installed: `pip install open_clip_torch` resolves, but the torchvision it needs (0.28.0 for "
-        "torch 2.13) is a CUDA build that fails to import on torch 2.13.0+cpu (operator torchvision::nms does not "
-        "exist)"))
+    open_clip = pytest.importorskip(
+        "open_clip",
+        reason=(
+            "open_clip not installed: `pip install open_clip_torch` resolves, but the torchvision it needs (0.28.0 for "
+            "torch 2.13) is a CUDA build that fails to import on torch 2.13.0+cpu (operator torchvision::nms does not "
+            "exist)"
+        ),
+    )
     model = open_clip.create_model("ViT-B-32", pretrained=None)  # the smallest config open_clip ships
     torch.save({"state_dict": model.state_dict()}, tmp_path / "hps.pt")
     reward = build_reward("hpsv2", checkpoint=str(tmp_path / "hps.pt"), model_name="ViT-B-32", device="cpu")
@@ -221,8 +240,11 @@ def test_ocr_with_an_injected_recognizer():
 
 
 def test_paddleocr_adapter():
-    pytest.importorskip("paddleocr", reason="paddleocr not installed (pip install paddleocr paddlepaddle; its "
-                                            "det/rec models must be downloaded beforehand)")
+    pytest.importorskip(
+        "paddleocr",
+        reason="paddleocr not installed (pip install paddleocr paddlepaddle; its "
+        "det/rec models must be downloaded beforehand)",
+    )
     with pytest.raises(RewardError, match="det_model_dir"):
         build_reward("ocr")
 
@@ -241,10 +263,10 @@ def no_colors(image, objects, name):
 def test_geneval_rules():
     image = Image.new("RGB", (100, 100))
     single = {"tag": "single_object", "include": [{"class": "cat", "count": 1}]}
-    assert G.evaluate(image, G.select_objects({"cat": [det(0, 0, 10, 10, 0.5)]}, "single_object"), single,
-                      no_colors)[0]  # fmt: skip
-    assert not G.evaluate(image, G.select_objects({"cat": [det(0, 0, 10, 10, 0.2)]}, "single_object"), single,
-                          no_colors)[0]  # fmt: skip
+    assert G.evaluate(image, G.select_objects({"cat": [det(0, 0, 10, 10, 0.5)]}, "single_object"), single, no_colors)[0]
+    assert not G.evaluate(
+        image, G.select_objects({"cat": [det(0, 0, 10, 10, 0.2)]}, "single_object"), single, no_colors
+    )[0]
 
     counting = {"tag": "counting", "include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}]}
     cups = {"cup": [det(0, 0, 10, 10, 0.95), det(20, 0, 30, 10, 0.92), det(40, 0, 50, 10, 0.5)]}
@@ -252,8 +274,10 @@ def test_geneval_rules():
     ok, reason = G.evaluate(image, G.select_objects(cups, "two_object"), counting, no_colors)  # 0.3: three
     assert not ok and "expected cup<3, found 3" in reason
 
-    position = {"tag": "position", "include": [{"class": "cat", "count": 1},
-                                               {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    position = {
+        "tag": "position",
+        "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}],
+    }
     left = {"cat": [det(60, 40, 80, 60)], "dog": [det(0, 40, 20, 60)]}
     right = {"cat": [det(0, 40, 20, 60)], "dog": [det(60, 40, 80, 60)]}
     assert G.evaluate(image, left, position, no_colors)[0]
@@ -276,9 +300,11 @@ def test_geneval_reward_with_injected_detector(world):
     detections = [{"bench": [det(5, 5, 40, 40)]}, {}, {"car": [det(10, 10, 30, 30, mask=mask)]}]
     calls = iter(detections)
     reward = build_reward("geneval", clip_model=str(world["clip"]), detector=lambda image: next(calls), device="cpu")
-    metadata = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
-                {"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
-                {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}]  # fmt: skip
+    metadata = [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
+        {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+    ]
     scores = reward.score(random_images(3), ["a bench", "a bench", "a red car"], metadata)
     assert scores[:2] == [1.0, 0.0] and scores[2] in (0.0, 1.0)
     assert reward.colors(random_images(1)[0], detections[2]["car"], "car")[0] in G.COLORS
@@ -288,8 +314,11 @@ def test_geneval_reward_with_injected_detector(world):
 
 
 def test_geneval_mmdet_adapter(world):
-    pytest.importorskip("mmdet", reason="mmdet not installed (GenEval's detector stack: mmcv-full 1.x + mmdet 2.x "
-                                        "built for the local torch/CUDA; not pip-installable on this CPU torch)")
+    pytest.importorskip(
+        "mmdet",
+        reason="mmdet not installed (GenEval's detector stack: mmcv-full 1.x + mmdet 2.x "
+        "built for the local torch/CUDA; not pip-installable on this CPU torch)",
+    )
     with pytest.raises(RewardError, match="detector_config"):
         build_reward("geneval", clip_model=str(world["clip"]))
 
@@ -309,26 +338,86 @@ def run_cli(argv: list[str]) -> int:
 def test_sample_and_eval_commands(world, tmp_path, capsys, caplog):
     run, clip = world["run"], world["clip"]
     for model in ("student", "base"):
-        assert run_cli(["sample", "--run", str(run), "--model", model, "--task", "pick", "--out",
-                        str(tmp_path / model), "--limit", "2", "--num-steps", "2", "--batch-size", "2"]) == 0
+        assert (
+            run_cli(
+                [
+                    "sample",
+                    "--run",
+                    str(run),
+                    "--model",
+                    model,
+                    "--task",
+                    "pick",
+                    "--out",
+                    str(tmp_path / model),
+                    "--limit",
+                    "2",
+                    "--num-steps",
+                    "2",
+                    "--batch-size",
+                    "2",
+                ]
+            )
+            == 0
+        )
     assert sorted(p.name for p in (tmp_path / "student" / "images").iterdir()) == ["00000.png", "00001.png"]
     # model.attention reaches the pipeline's transformer; on a CPU cuDNN's priority list falls through to the kernel
     # torch picks anyway, so the images are the same bytes
     caplog.set_level(logging.INFO, logger="opd_fast.attention")
-    assert run_cli(["sample", "--run", str(run), "--model", "base", "--task", "pick", "--out", str(tmp_path / "cudnn"),
-                    "--limit", "2", "--num-steps", "2", "--batch-size", "2", "--set", "model.attention=cudnn"]) == 0
+    assert (
+        run_cli(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--model",
+                "base",
+                "--task",
+                "pick",
+                "--out",
+                str(tmp_path / "cudnn"),
+                "--limit",
+                "2",
+                "--num-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--set",
+                "model.attention=cudnn",
+            ]
+        )
+        == 0
+    )
     assert any(r.name == "opd_fast.attention" and "cudnn" in r.getMessage() for r in caplog.records)
     for name in ("00000.png", "00001.png"):
         assert (tmp_path / "cudnn" / "images" / name).read_bytes() == (tmp_path / "base" / "images" / name).read_bytes()
 
     torch.save({"layers.0.weight": torch.randn(1, 16), "layers.0.bias": torch.zeros(1)}, tmp_path / "head.pth")
-    (tmp_path / "rewards.yaml").write_text(json.dumps({"rewards": {
-        "pick": [{"name": "pickscore", "model": str(clip)}],
-        "*": [{"name": "aesthetic", "model": str(clip), "head": str(tmp_path / "head.pth")}],
-    }}))  # fmt: skip
+    (tmp_path / "rewards.yaml").write_text(
+        json.dumps(
+            {
+                "rewards": {
+                    "pick": [{"name": "pickscore", "model": str(clip)}],
+                    "*": [{"name": "aesthetic", "model": str(clip), "head": str(tmp_path / "head.pth")}],
+                }
+            }
+        )
+    )
     out = tmp_path / "results"
-    assert run_cli(["eval", f"ours={tmp_path / 'student'}", str(tmp_path / "base"), "--rewards",
-                    str(tmp_path / "rewards.yaml"), "--out", str(out)]) == 0
+    assert (
+        run_cli(
+            [
+                "eval",
+                f"ours={tmp_path / 'student'}",
+                str(tmp_path / "base"),
+                "--rewards",
+                str(tmp_path / "rewards.yaml"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["columns"] == ["pick/aesthetic", "pick/pickscore"]
     assert set(report["results"]) == {"ours", "base"} and report["results"]["ours"]["pick/pickscore"]["n"] == 2
@@ -355,7 +444,25 @@ def test_wired_into_main_cli(world, tmp_path):
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     if "sample" not in commands:
         pytest.skip("opd_fast.cli does not register opd_fast.evaluate.cli.add_subcommands yet")
-    assert cli.main(["sample", "--run", str(world["run"]), "--model", "base", "--task", "pick", "--out",
-                     str(tmp_path / "s"), "--limit", "1", "--num-steps", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--run",
+                str(world["run"]),
+                "--model",
+                "base",
+                "--task",
+                "pick",
+                "--out",
+                str(tmp_path / "s"),
+                "--limit",
+                "1",
+                "--num-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s" / "images" / "00000.png").is_file()
     assert cli.main(["eval", "--list"]) == 0

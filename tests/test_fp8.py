@@ -72,7 +72,9 @@ def tiny_model():
 
 def test_quantize_model_keeps_the_measured_layers_high():
     model = tiny_model()
-    report = fp8.quantize_model(model, backend="torch", scaling="tensorwise")  # which layers: the same for both scalings
+    report = fp8.quantize_model(
+        model, backend="torch", scaling="tensorwise"
+    )  # which layers: the same for both scalings
     kept = set(report["kept"])
     assert "proj_out" in kept and "context_embedder" in kept
     assert any(".norm1.linear" in n for n in kept) and any(n.startswith("time_text_embed.") for n in kept)
@@ -115,8 +117,12 @@ def test_rowwise_on_a_torch_without_it_on_cpu_names_the_fix(monkeypatch, tiny_co
 def teacher_velocity(model, guidance=4.5):
     """CFG-combined velocity at 4 samples x 3 sigmas (the opd_step input), float32: one batch of 12."""
     g = torch.Generator().manual_seed(1)
-    cond = Conditioning(torch.randn(12, 16, 32, generator=g), torch.randn(12, 32, generator=g),
-                        torch.randn(1, 16, 32, generator=g), torch.randn(1, 32, generator=g))  # fmt: skip
+    cond = Conditioning(
+        torch.randn(12, 16, 32, generator=g),
+        torch.randn(12, 32, generator=g),
+        torch.randn(1, 16, 32, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
     sigma = torch.tensor([0.9, 0.6, 0.3]).repeat_interleave(4)
     with torch.no_grad():
         v, cfg = velocity(model, "sd3", torch.randn(12, 4, 8, 8, generator=g), sigma, cond, guidance)
@@ -186,8 +192,10 @@ def test_te_linear_matches_torch_fp8(scaling):
     assert float((out - ref).norm() / ref.norm()) < 0.051
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs a CUDA device with compute capability >= 8.9 for torch._scaled_mm FP8")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a CUDA device with compute capability >= 8.9 for torch._scaled_mm FP8",
+)
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_fp8_linear_on_cuda_equals_its_dequantized_twin(scaling):
     # SD3.5-M's widths and its 333-token text stream; the twin multiplies the same e4m3 values in float32

@@ -48,7 +48,7 @@ def python_commands(step: gpu_run.Step) -> list[list[str]]:
     out = []
     for argv in step.commands():
         if sys.executable in argv:
-            out.append(argv[argv.index(sys.executable):])
+            out.append(argv[argv.index(sys.executable) :])
     return out
 
 
@@ -63,8 +63,16 @@ def test_first_command_fits_eight_minutes_in_the_asked_order(steps):
         assert step.budget_s > 0 and len(step.why) > 40, step.name  # a budget, and the reasoning next to it
         assert step.commands() or step.action is not None, step.name
     ladder = steps["round512"].argv
-    assert ladder[ladder.index("--variants") + 1].split(",") == \
-        ["official", "one_pass", "fused", "merged", "fp8", "side", "cudnn", "task_batch"]  # fmt: skip
+    assert ladder[ladder.index("--variants") + 1].split(",") == [
+        "official",
+        "one_pass",
+        "fused",
+        "merged",
+        "fp8",
+        "side",
+        "cudnn",
+        "task_batch",
+    ]
     for flag, value in [("--warmup", "1"), ("--rounds", "2"), ("--resolution", "512"), ("--preset", "sd3.5-medium")]:
         assert ladder[ladder.index(flag) + 1] == value
     assert "--per-layer" not in steps["fp8_sd35m"].argv
@@ -82,16 +90,30 @@ def test_named_steps_run_after_the_preflight(steps):
 
 def test_dry_run_prints_every_step_with_its_budget_and_the_total(steps):
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "bench/gpu_all.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_all.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     first = [steps[name] for name in FIRST]
     for i, step in enumerate(first, 1):
         assert f"{i}. {step.name}: budget {step.budget_s} s" in proc.stdout
     assert f"total: {sum(s.budget_s for s in first)} s (limit 480 s)" in proc.stdout
     assert "bench/bench_round.py --preset sd3.5-medium" in proc.stdout and "later commands" in proc.stdout
-    proc = subprocess.run(["bash", "bench/gpu_all.sh", "--dry-run", "engine"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_all.sh", "--dry-run", "engine"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0 and "2. engine: budget" in proc.stdout
     assert f"total: {steps['preflight'].budget_s + steps['engine'].budget_s} s" in proc.stdout
 
@@ -113,7 +135,7 @@ def collected(proc: subprocess.Popen) -> set[str]:
 
 def test_pytest_selections_collect_the_tests_they_are_for(steps):
     def pytest_args(argv):
-        return argv[argv.index("pytest") + 1:]
+        return argv[argv.index("pytest") + 1 :]
 
     groups = [collect(pytest_args(argv)) for argv in steps["kernels"].parallel]
     cuda = collect(pytest_args(steps["tests"].argv))
@@ -182,8 +204,9 @@ def test_bandwidth_step_runs_on_cpu_tensors(tmp_path):
     from opd_fast import ops
 
     backends = ["triton"] + [b for b in ops.available_backends("cpu") if b == "cpp"]
-    rows, meta = gpu_check.benchmark(tmp_path, gpu_check.QUICK_CASES, device="cpu", backends=backends,
-                                     copy_bytes=1 << 20)  # fmt: skip
+    rows, meta = gpu_check.benchmark(
+        tmp_path, gpu_check.QUICK_CASES, device="cpu", backends=backends, copy_bytes=1 << 20
+    )
     per_case = 3 * (1 + 2 * len(backends))  # modes x (reference op + each backend's op and kernels)
     assert len(rows) == per_case * len(gpu_check.QUICK_CASES)
     cfg = next(r for r in rows if r["case"].endswith("CFG-stacked") and r["mode"] == "backward")
@@ -194,8 +217,9 @@ def test_bandwidth_step_runs_on_cpu_tensors(tmp_path):
     assert report["targets"]["line"].startswith("targets: ") and report["targets"]["pass"] in (True, False)
     gpu_check.write_report(tmp_path, rows, meta)
     # what the runner makes of it: the table in the summary, the targets line as the verdict's detail
-    step = gpu_run.Step("bandwidth", 35, "", argv=[sys.executable, "bench/gpu_check.py", "--quick", "--out",
-                                                   str(tmp_path)])  # fmt: skip
+    step = gpu_run.Step(
+        "bandwidth", 35, "", argv=[sys.executable, "bench/gpu_check.py", "--quick", "--out", str(tmp_path)]
+    )
     run = gpu_run.Run([step], tmp_path / "logs", None)
     run.log_of(step).write_text("$ python bench/gpu_check.py --quick\n")
     judged = gpu_run.judge_bandwidth(run, step, gpu_run.Outcome("PASS", rc=0))
@@ -208,10 +232,22 @@ def test_judges_read_what_the_scripts_write(tmp_path):
     # fp8_accuracy writes it, ncu's text: the verdicts and the figures the summary carries.
     import bench_round
 
-    row = dict(round_s=10.0, images_per_s=0.9, phases_s={p: 1.0 for p in bench_round.PHASES}, peak_gb=40.0,
-               teacher_mb=9000.0, loss0=1.0, grad_cos=1.0, precision="model", backend="triton")  # fmt: skip
-    results = {"official-like": row, "+ FP8 teachers": dict(row, round_s=4.0, loss0=1.02, precision="fp8"),
-               "+ side stream": {"skipped": "skipped: no CUDA stream"}}  # fmt: skip
+    row = dict(
+        round_s=10.0,
+        images_per_s=0.9,
+        phases_s={p: 1.0 for p in bench_round.PHASES},
+        peak_gb=40.0,
+        teacher_mb=9000.0,
+        loss0=1.0,
+        grad_cos=1.0,
+        precision="model",
+        backend="triton",
+    )
+    results = {
+        "official-like": row,
+        "+ FP8 teachers": dict(row, round_s=4.0, loss0=1.02, precision="fp8"),
+        "+ side stream": {"skipped": "skipped: no CUDA stream"},
+    }
     md = tmp_path / "round512.md"
     md.write_text(bench_round.table(results, 1e15, 1e15) + "\n\n" + bench_round.verdict(results) + "\n")
     run = gpu_run.Run([], tmp_path / "logs", None)
@@ -223,21 +259,37 @@ def test_judges_read_what_the_scripts_write(tmp_path):
     assert gpu_run.judge_ladder(run, step, gpu_run.Outcome("PASS", rc=0)).verdict == "FAIL"  # 1.25x < 2x
 
     fp8 = tmp_path / "fp8.json"
-    fp8.write_text(json.dumps({"preset": "sd3.5-medium", "resolution": 512, "device": "cuda", "teachers": {
-        "bf16": {"vs_fp32": 0.02, "vs_bf16": 0.0}, "fp8 torch rowwise": {"vs_fp32": 0.03, "vs_bf16": 0.025},
-        "fp8 torch tensorwise": {"error": "RuntimeError: no"}}}))  # fmt: skip
+    fp8.write_text(
+        json.dumps(
+            {
+                "preset": "sd3.5-medium",
+                "resolution": 512,
+                "device": "cuda",
+                "teachers": {
+                    "bf16": {"vs_fp32": 0.02, "vs_bf16": 0.0},
+                    "fp8 torch rowwise": {"vs_fp32": 0.03, "vs_bf16": 0.025},
+                    "fp8 torch tensorwise": {"error": "RuntimeError: no"},
+                },
+            }
+        )
+    )
     step = gpu_run.Step("fp8_sd35m", 45, "", argv=["python", "--json", str(fp8)])
     judged = gpu_run.judge_fp8(run, step, gpu_run.Outcome("PASS", rc=0))
-    assert judged.verdict == "FAIL" and "fp8 torch tensorwise" in judged.detail and "| fp8 torch rowwise | 0.0300 |" \
-        in judged.raw  # fmt: skip
+    assert (
+        judged.verdict == "FAIL"
+        and "fp8 torch tensorwise" in judged.detail
+        and "| fp8 torch rowwise | 0.0300 |" in judged.raw
+    )
 
     step = gpu_run.Step("ncu", 60, "", argv=["ncu", "-o", str(tmp_path / "logs" / "ncu" / "fused"), "python"])
-    run.log_of(step).write_text("==PROF== Profiling \"opd_step_fwd_kernel\" - 0: 0%....50%....100% - 40 passes\n"
-                                "  opd_step_fwd_kernel (96, 3, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
-                                "    Section: GPU Speed Of Light Throughput\n"
-                                "    DRAM Throughput                     %        78.07\n"
-                                "    Section: Memory Workload Analysis\n"
-                                "    Memory Throughput             Tbyte/s         3.36\n")  # fmt: skip
+    run.log_of(step).write_text(
+        '==PROF== Profiling "opd_step_fwd_kernel" - 0: 0%....50%....100% - 40 passes\n'
+        "  opd_step_fwd_kernel (96, 3, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
+        "    Section: GPU Speed Of Light Throughput\n"
+        "    DRAM Throughput                     %        78.07\n"
+        "    Section: Memory Workload Analysis\n"
+        "    Memory Throughput             Tbyte/s         3.36\n"
+    )
     judged = gpu_run.judge_ncu(run, step, gpu_run.Outcome("PASS", rc=0))
     assert judged.verdict == "PASS" and "DRAM Throughput % 78.07" in judged.detail and "Tbyte/s 3.36" in judged.detail
 
@@ -248,23 +300,37 @@ def test_judges_read_what_the_scripts_write(tmp_path):
 def test_summary_is_rewritten_after_every_step_and_a_failure_stops_nothing(tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "out"
     py, pidfile = sys.executable, tmp_path / "grandchild.pid"
-    hang = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
-            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")  # fmt: skip
+    hang = (
+        f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
     plan = [  # the hanging step first: it would get the time a quicker step before it left (deadlines accumulate)
         gpu_run.Step("hangs", 6, "a step that hangs, with a child of its own", argv=[py, "-c", hang]),
         gpu_run.Step("fails", 20, "a step that fails", argv=[py, "-c", "import sys; print('boom'); sys.exit(3)"]),
-        gpu_run.Step("later", 20, "reads the summary as it stands when it starts",
-                     argv=[py, "-c", f"print(open({str(out / 'summary.md')!r}).read())"]),
-        gpu_run.Step("parts", 20, "two pytest-like parts at once",
-                     parallel=[[py, "-c", "print('1 passed in 0.1s')"], [py, "-c", "print('2 passed, 1 skipped in 1s')"]],
-                     judge=gpu_run.judge_pytest),
-    ]  # fmt: skip
+        gpu_run.Step(
+            "later",
+            20,
+            "reads the summary as it stands when it starts",
+            argv=[py, "-c", f"print(open({str(out / 'summary.md')!r}).read())"],
+        ),
+        gpu_run.Step(
+            "parts",
+            20,
+            "two pytest-like parts at once",
+            parallel=[[py, "-c", "print('1 passed in 0.1s')"], [py, "-c", "print('2 passed, 1 skipped in 1s')"]],
+            judge=gpu_run.judge_pytest,
+        ),
+    ]
     t0 = time.monotonic()
     run = gpu_run.Run(plan, logs, out)
     results = run.execute()
     assert time.monotonic() - t0 < sum(s.budget_s for s in plan)
-    assert [(s.name, o.verdict) for s, o in results] == [("hangs", "TIMEOUT"), ("fails", "FAIL"), ("later", "PASS"),
-                                                         ("parts", "PASS")]  # fmt: skip
+    assert [(s.name, o.verdict) for s, o in results] == [
+        ("hangs", "TIMEOUT"),
+        ("fails", "FAIL"),
+        ("later", "PASS"),
+        ("parts", "PASS"),
+    ]
     assert results[0][1].seconds <= 6  # stopped within its budget, the SIGTERM grace included
     assert "exit 3: boom" in results[1][1].detail and "3 passed, 1 skipped" in results[3][1].detail
     seen_by_later = (logs / "later.log").read_text()
@@ -306,8 +372,11 @@ def test_preflight_names_what_imports(tmp_path, steps):
 def test_torch_profiler_sees_the_phase_ranges(monkeypatch):
     from opd_fast import profiling
 
-    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
-          profiling.nvtx_range("task:demo"), profiling.phase("teacher")):
+    with (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+        profiling.nvtx_range("task:demo"),
+        profiling.phase("teacher"),
+    ):
         torch.ones(4).sum()
     assert {"task:demo", "teacher"} <= {e.key for e in prof.key_averages()}
 
@@ -326,11 +395,16 @@ def test_trace_step_runs_end_to_end_on_the_cpu(tmp_path, steps):
     # the phase table, the gzipped trace sent to $OUT.
     step = steps["trace"]
     argv = list(step.argv)
-    for flag, value in [("--preset", "tiny-sd3"), ("--device", "cpu"), ("--resolution", "64"),
-                        ("--out", str(tmp_path / "logs" / "trace"))]:  # fmt: skip
+    for flag, value in [
+        ("--preset", "tiny-sd3"),
+        ("--device", "cpu"),
+        ("--resolution", "64"),
+        ("--out", str(tmp_path / "logs" / "trace")),
+    ]:
         argv[argv.index(flag) + 1] = value
-    cpu_step = gpu_run.Step("trace", 300, step.why, argv=argv + ["--warmup", "0", "--prompts", "2"],
-                            judge=gpu_run.judge_trace)  # fmt: skip
+    cpu_step = gpu_run.Step(
+        "trace", 300, step.why, argv=argv + ["--warmup", "0", "--prompts", "2"], judge=gpu_run.judge_trace
+    )
     run = gpu_run.Run([cpu_step], tmp_path / "logs", tmp_path / "out")
     ((_, outcome),) = run.execute()
     assert outcome.verdict == "PASS", (outcome.detail, (tmp_path / "logs" / "trace.log").read_text()[-3000:])

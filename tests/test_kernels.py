@@ -326,7 +326,11 @@ def test_fused_op_with_the_table_row_gives_the_op_without_it():
 
 
 def test_loss_spec_refuses_unknown_modes_by_name():
-    for kwargs, name in (({"kl_normalization": "kl"}, "kl_normalization"), ({"reduction": "max"}, "reduction"),
-                         ({"estimator": "dpo"}, "estimator"), ({"backend": "auto"}, "backend")):  # fmt: skip
+    for kwargs, name in (
+        ({"kl_normalization": "kl"}, "kl_normalization"),
+        ({"reduction": "max"}, "reduction"),
+        ({"estimator": "dpo"}, "estimator"),
+        ({"backend": "auto"}, "backend"),
+    ):
         with pytest.raises(ValueError, match=f"^{name} must be one of"):
             ops.LossSpec(0.7, **kwargs)

@@ -38,8 +38,12 @@ def bf16_student() -> torch.nn.Module:
 def inputs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    cond = Conditioning(torch.randn(2, 16, 32, generator=g), torch.randn(2, 32, generator=g),
-                        torch.randn(1, 16, 32, generator=g), torch.randn(1, 32, generator=g))  # fmt: skip
+    cond = Conditioning(
+        torch.randn(2, 16, 32, generator=g),
+        torch.randn(2, 32, generator=g),
+        torch.randn(1, 16, 32, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
     return x, torch.tensor([0.8, 0.45]), cond
 
 
@@ -110,8 +114,9 @@ def test_autocast_saves_no_fp32_copy_of_the_lora_inputs():
     bf16 copies of the LoRA factors autocast makes (2 r (in + out)). The measured drop lies in that band."""
     student = bf16_student()
     layers = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: layers.append((m, args[0])))
-             for layer in lora_layers(student)]  # fmt: skip
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out: layers.append((m, args[0]))) for layer in lora_layers(student)
+    ]
     with student_forward_context(student, torch.bfloat16):  # the inputs as the autocast forward sees them
         velocity(student, "sd3", *inputs(), 4.5)
     for hook in hooks:
@@ -126,8 +131,11 @@ def test_autocast_saves_no_fp32_copy_of_the_lora_inputs():
 
     _, _, saved_old = run(student, autocast=False)  # the old path: peft casts the bf16 input to the fp32 weights
     _, _, saved_new = run(student, autocast=True)
-    assert old - new_high <= saved_old - saved_new <= old - new_low, (saved_old - saved_new, old - new_high,
-                                                                       old - new_low)  # fmt: skip
+    assert old - new_high <= saved_old - saved_new <= old - new_low, (
+        saved_old - saved_new,
+        old - new_high,
+        old - new_low,
+    )
 
 
 def test_trainer_trains_a_bf16_base_with_fp32_lora_and_adam(tiny_config, tmp_path):

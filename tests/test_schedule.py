@@ -17,8 +17,16 @@ STEPS = 4
 def pipeline_sigmas(family: str, folder, resolution: int) -> tuple[torch.Tensor, int]:
     """(the sigmas the pipeline at `folder` sampled at, its image tokens) after a real call at `resolution` px."""
     pipe = pipeline_class(family).from_pretrained(folder, local_files_only=True)
-    out = pipe(prompt="a cat", num_inference_steps=STEPS, height=resolution, width=resolution, guidance_scale=1.0,
-               max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        prompt="a cat",
+        num_inference_steps=STEPS,
+        height=resolution,
+        width=resolution,
+        guidance_scale=1.0,
+        max_sequence_length=8,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     latents = out.images
     patch = 1 if family == "flux" else pipe.transformer.config.patch_size  # FLUX latents come back packed
     tokens = latents.shape[1] if family == "flux" else (latents.shape[2] // patch) * (latents.shape[3] // patch)
@@ -82,14 +90,16 @@ def test_trainer_samples_at_the_model_folders_grid(tiny_pipelines, tmp_path):
     schnell = with_scheduler_config(tiny_pipelines["flux"], tmp_path / "schnell", use_dynamic_shifting=False, shift=1.0)
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a cat\na dog\n")
-    cfg = config_from_dict({
-        "model": {"family": "flux", "path": str(schnell)},
-        "student": {"guidance": None, "lora": {"rank": 2, "alpha": 4}},
-        "tasks": [{"name": "t", "prompts": str(prompt_file), "teacher": {"path": str(schnell), "format": "full"}}],
-        "prompts": {"encoder": "pipeline", "max_sequence_length": 8},
-        "sampling": {"num_steps": STEPS, "resolution": 64},
-        "logging": {"tensorboard": False, "progress": False},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "model": {"family": "flux", "path": str(schnell)},
+            "student": {"guidance": None, "lora": {"rank": 2, "alpha": 4}},
+            "tasks": [{"name": "t", "prompts": str(prompt_file), "teacher": {"path": str(schnell), "format": "full"}}],
+            "prompts": {"encoder": "pipeline", "max_sequence_length": 8},
+            "sampling": {"num_steps": STEPS, "resolution": 64},
+            "logging": {"tensorboard": False, "progress": False},
+        }
+    )
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")
     expected, _ = pipeline_sigmas("flux", schnell, 64)
     assert torch.equal(trainer.sigmas, expected)

@@ -17,8 +17,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def conditioning(batch=2):
     g = torch.Generator().manual_seed(0)
-    return Conditioning(torch.randn(batch, 16, 32, generator=g), torch.randn(batch, 32, generator=g),
-                        torch.randn(1, 16, 32, generator=g), torch.randn(1, 32, generator=g))  # fmt: skip
+    return Conditioning(
+        torch.randn(batch, 16, 32, generator=g),
+        torch.randn(batch, 32, generator=g),
+        torch.randn(1, 16, 32, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
 
 
 def test_adapter_mode_matches_merged_mode_in_less_memory(tiny_config):
@@ -136,8 +140,9 @@ def test_side_stream_gives_the_serial_result_on_cuda(tiny_trainer, precision):
     # for cuBLAS picking other algorithms under concurrency).
     grads = []
     for stream in ("side", "serial"):
-        trainer = tiny_trainer(device="cuda", **{"teacher_runtime.stream": stream,
-                                                 "teacher_runtime.precision": precision})  # fmt: skip
+        trainer = tiny_trainer(
+            device="cuda", **{"teacher_runtime.stream": stream, "teacher_runtime.precision": precision}
+        )
         assert trainer.teacher_runner.side == (stream == "side")
         trainer.engine.step = lambda: 0.0  # keep the accumulated gradient
         trainer.train_round()
@@ -198,8 +203,9 @@ def test_cuda_graph_teachers_give_the_eager_gradient(tiny_trainer, stream):
     # (a replay would overwrite it): both schedules would differ from eager without the clone.
     grads = []
     for graphs in (True, False):
-        trainer = tiny_trainer(device="cuda", **{"teacher_runtime.cuda_graphs": graphs,
-                                                 "teacher_runtime.stream": stream})  # fmt: skip
+        trainer = tiny_trainer(
+            device="cuda", **{"teacher_runtime.cuda_graphs": graphs, "teacher_runtime.stream": stream}
+        )
         trainer.engine.step = lambda: 0.0  # keep the accumulated gradient
         trainer.train_round()
         trainer.engine.zero_grad()

@@ -62,17 +62,25 @@ def write_diffusers_lora(base, folder, seed=2, metadata=True, targets=OFFICIAL_L
     model.add_adapter(config)
     randomize_lora(model, seed)
     StableDiffusion3Pipeline.save_lora_weights(
-        folder, transformer_lora_layers=get_peft_model_state_dict(model),
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(model),
         transformer_lora_adapter_metadata=config.to_dict() if metadata else None,
-    )  # fmt: skip
+    )
 
 
 def diffusers_fused(base, lora_path):
     """The reference for diffusers files: the pipeline's loader and fuse, on a pipeline holding only the model."""
     pipe = StableDiffusion3Pipeline(
-        transformer=copy.deepcopy(base), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
+        transformer=copy.deepcopy(base),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.load_lora_weights(lora_path)
     pipe.fuse_lora()
     return pipe.transformer
@@ -82,11 +90,14 @@ PEFT_CASES = {
     "alpha=r": dict(r=4, lora_alpha=4),
     "r32-alpha64": dict(r=32, lora_alpha=64),  # the official student/teacher setting: scale 2
     # peft matches pattern keys as regexes against module-name suffixes; the first match (in file order) wins
-    "patterns": dict(r=4, lora_alpha=8,
-                     rank_pattern={r"transformer_blocks\.0\.attn\.(to_q|to_k)": 2, "add_k_proj": 6},
-                     alpha_pattern={r"transformer_blocks\.1\.attn\.to_[qv]": 3, "add_k_proj": 5, "to_out.0": 1}),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        rank_pattern={r"transformer_blocks\.0\.attn\.(to_q|to_k)": 2, "add_k_proj": 6},
+        alpha_pattern={r"transformer_blocks\.1\.attn\.to_[qv]": 3, "add_k_proj": 5, "to_out.0": 1},
+    ),
     "rslora": dict(r=8, lora_alpha=16, use_rslora=True),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(PEFT_CASES))
@@ -108,13 +119,15 @@ def test_peft_folder_matches_peft_merge(base, tmp_path, case):
 @pytest.mark.parametrize("metadata", [True, False], ids=["with-metadata", "without-metadata"])
 def test_diffusers_file_matches_load_lora_weights_and_fuse(base, tmp_path, caplog, metadata):
     folder = tmp_path / "teacher"
-    write_diffusers_lora(base, folder, metadata=metadata, r=8, lora_alpha=16,
-                         rank_pattern={"transformer_blocks.1.attn.to_k": 4})
+    write_diffusers_lora(
+        base, folder, metadata=metadata, r=8, lora_alpha=16, rank_pattern={"transformer_blocks.1.attn.to_k": 4}
+    )
     expected = output(diffusers_fused(base, folder))
     with caplog.at_level(logging.WARNING, logger="opd_fast.teachers"):
         from_folder = load_teacher("ocr", TeacherConfig(path=str(folder), guidance=4.5), base, MODEL_CFG)
-        from_file = load_teacher("ocr", TeacherConfig(path=str(folder / "pytorch_lora_weights.safetensors")),
-                                 base, MODEL_CFG)
+        from_file = load_teacher(
+            "ocr", TeacherConfig(path=str(folder / "pytorch_lora_weights.safetensors")), base, MODEL_CFG
+        )
     torch.testing.assert_close(output(from_folder.model), expected)
     torch.testing.assert_close(output(from_file.model), expected)
     assert ("no lora_adapter_metadata" in caplog.text) is not metadata
@@ -169,8 +182,11 @@ def test_lora_with_other_targets_names_the_teacher(base, tmp_path):
     """An SD3.5-style LoRA on the second attention of dual-attention blocks, against a base without them."""
     dual = other_base(dual_attention_layers=(0,))
     write_diffusers_lora(dual, tmp_path / "t", targets=["attn2.to_q", "attn.to_q"], r=4, lora_alpha=4)
-    with pytest.raises(TeacherError, match=r"teacher of task 'aesthetic'.*'transformer_blocks\.0\.attn2\.to_q'.*no "
-                                           r"Linear layer"):
+    with pytest.raises(
+        TeacherError,
+        match=r"teacher of task 'aesthetic'.*'transformer_blocks\.0\.attn2\.to_q'.*no "
+        r"Linear layer",
+    ):
         load_teacher("aesthetic", TeacherConfig(path=str(tmp_path / "t")), base, MODEL_CFG)
 
 

@@ -28,8 +28,9 @@ def reference_encode(family: str, folder, prompts: list[str]):
     pipe = pipeline_class(family).from_pretrained(folder, local_files_only=True)
     with torch.no_grad():
         if family == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                                      max_sequence_length=MSL)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=MSL
+            )
         else:
             embeds, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=MSL)
     return embeds, pooled
@@ -37,8 +38,10 @@ def reference_encode(family: str, folder, prompts: list[str]):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
-    encoder, name = pipeline_encoder(ModelConfig(family=family, path=str(tiny_pipelines[family])),
-                                     PromptsConfig(max_sequence_length=MSL, encode_batch_size=3))
+    encoder, name = pipeline_encoder(
+        ModelConfig(family=family, path=str(tiny_pipelines[family])),
+        PromptsConfig(max_sequence_length=MSL, encode_batch_size=3),
+    )
     cache = tmp_path / "task.safetensors"
     with encoder:
         encoded = encode_cached(PromptSet(PROMPTS), encoder, name, "blurry", cache)
@@ -57,8 +60,10 @@ def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
     torch.testing.assert_close(encoded.embeds, stored["embeds"])
 
     # A cache hit never loads the encoders.
-    again, name_again = pipeline_encoder(ModelConfig(family=family, path=str(tiny_pipelines[family])),
-                                         PromptsConfig(max_sequence_length=MSL, encode_batch_size=3))
+    again, name_again = pipeline_encoder(
+        ModelConfig(family=family, path=str(tiny_pipelines[family])),
+        PromptsConfig(max_sequence_length=MSL, encode_batch_size=3),
+    )
     assert name_again == name
     encode_cached(PromptSet(PROMPTS), again, name_again, "blurry", cache)
     assert again.pipe is None
@@ -116,17 +121,24 @@ def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
 
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
-    cfg = config_from_dict({
-        "model": {"family": "sd3", "path": str(tiny_pipelines["sd3"])},
-        "student": {"lora": {"rank": 2, "alpha": 4}},
-        "tasks": [{"name": "pick", "prompts": str(prompt_file),
-                   "teacher": {"path": str(tiny_pipelines["sd3"]), "format": "full", "guidance": 4.5}}],
-        "prompts": {"encoder": "pipeline", "max_sequence_length": MSL, "encode_batch_size": 2},
-        "sampling": {"num_steps": 2, "resolution": 64},
-        "train": {"rounds": 1, "micro_batch_size": 1},
-        "logging": {"tensorboard": False, "progress": False},
-        "ema": {"enabled": False},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "model": {"family": "sd3", "path": str(tiny_pipelines["sd3"])},
+            "student": {"lora": {"rank": 2, "alpha": 4}},
+            "tasks": [
+                {
+                    "name": "pick",
+                    "prompts": str(prompt_file),
+                    "teacher": {"path": str(tiny_pipelines["sd3"]), "format": "full", "guidance": 4.5},
+                }
+            ],
+            "prompts": {"encoder": "pipeline", "max_sequence_length": MSL, "encode_batch_size": 2},
+            "sampling": {"num_steps": 2, "resolution": 64},
+            "train": {"rounds": 1, "micro_batch_size": 1},
+            "logging": {"tensorboard": False, "progress": False},
+            "ema": {"enabled": False},
+        }
+    )
     out = tmp_path / "run"
     trainer = Trainer(cfg, out, device="cpu")
     records = trainer.fit()

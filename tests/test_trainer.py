@@ -32,24 +32,35 @@ def assert_grads_close(a, b, ratio):
 def test_one_pass_and_two_pass_give_the_same_gradient(tiny_config, tmp_path, noise_level):
     # Same forward at the same states with the same weights: equal up to float32 summation order (rtol 1e-5).
     one = round_gradient(tiny_config(**{"sampling.noise_level": noise_level}), tmp_path / "one")
-    two = round_gradient(tiny_config(**{"sampling.noise_level": noise_level, "train.schedule": "two_pass"}),
-                         tmp_path / "two")
+    two = round_gradient(
+        tiny_config(**{"sampling.noise_level": noise_level, "train.schedule": "two_pass"}), tmp_path / "two"
+    )
     assert_grads_close(one, two, ratio=1e-5)
 
 
 def test_micro_batching_and_gradient_checkpointing_keep_the_gradient(tiny_config, tmp_path):
     # noise is seeded per global sample, so 2 micro-batches of 2 see the same trajectories as 1 micro-batch of 4
     whole = round_gradient(tiny_config(**{"train.micro_batch_size": 4}), tmp_path / "whole")
-    split = round_gradient(tiny_config(**{"train.micro_batch_size": 2, "train.micro_batches_per_task": 2,
-                                          "model.gradient_checkpointing": True}), tmp_path / "split")
+    split = round_gradient(
+        tiny_config(
+            **{"train.micro_batch_size": 2, "train.micro_batches_per_task": 2, "model.gradient_checkpointing": True}
+        ),
+        tmp_path / "split",
+    )
     assert_grads_close(whole, split, ratio=1e-5)
 
 
 @pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
 def test_teacher_runs_only_at_trained_steps(tiny_config, tmp_path, schedule):
     # int(5 * 0.6) = 3 trained steps; the first task sets its own fraction: int(5 * 0.2) = 1
-    cfg = tiny_config(**{"sampling.num_steps": 5, "sampling.timestep_fraction": 0.6, "tasks.0.timestep_fraction": 0.2,
-                         "train.schedule": schedule})
+    cfg = tiny_config(
+        **{
+            "sampling.num_steps": 5,
+            "sampling.timestep_fraction": 0.6,
+            "tasks.0.timestep_fraction": 0.2,
+            "train.schedule": schedule,
+        }
+    )
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")
     calls = {}
     for name, teacher in trainer.teachers.items():
@@ -90,16 +101,23 @@ def test_sd3_velocity_takes_the_pipelines_fp32_timesteps():
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(10)
     inputs = tiny_sd3_inputs()
-    cond = Conditioning(inputs["encoder_hidden_states"], inputs["pooled_projections"],
-                        inputs["encoder_hidden_states"][:1], inputs["pooled_projections"][:1])  # fmt: skip
+    cond = Conditioning(
+        inputs["encoder_hidden_states"],
+        inputs["pooled_projections"],
+        inputs["encoder_hidden_states"][:1],
+        inputs["pooled_projections"][:1],
+    )
     for i in (2, 5):  # sigmas whose timesteps bf16 would round (602.15 -> 604, 857.69 -> 856)
         t = scheduler.timesteps[i].expand(2)
         assert t.to(torch.bfloat16).float().ne(t).all()
         with torch.no_grad():
             ours, _ = velocity(model, "sd3", inputs["hidden_states"], scheduler.sigmas[i].expand(2), cond, None)
-            pipeline = model(hidden_states=inputs["hidden_states"].bfloat16(),
-                             encoder_hidden_states=inputs["encoder_hidden_states"].bfloat16(),
-                             pooled_projections=inputs["pooled_projections"].bfloat16(), timestep=t).sample
+            pipeline = model(
+                hidden_states=inputs["hidden_states"].bfloat16(),
+                encoder_hidden_states=inputs["encoder_hidden_states"].bfloat16(),
+                pooled_projections=inputs["pooled_projections"].bfloat16(),
+                timestep=t,
+            ).sample
         torch.testing.assert_close(ours, pipeline, rtol=0, atol=0)
 
 
@@ -160,8 +178,9 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
 
 
 def test_loss_falls_and_metrics_are_written(tiny_config, tmp_path):
-    cfg = tiny_config(**{"train.rounds": 12, "optimizer.lr": 0.01, "train.micro_batch_size": 4,
-                         "logging.tensorboard": True})
+    cfg = tiny_config(
+        **{"train.rounds": 12, "optimizer.lr": 0.01, "train.micro_batch_size": 4, "logging.tensorboard": True}
+    )
     records = Trainer(cfg, tmp_path / "run", device="cpu").fit()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 13))
@@ -211,18 +230,26 @@ def test_flux_student_trains_from_a_local_folder(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(teacher).items()}
-    FluxPipeline.save_lora_weights(tmp_path / "teacher", transformer_lora_layers=state,
-                                   transformer_lora_adapter_metadata=lora.to_dict())
+    FluxPipeline.save_lora_weights(
+        tmp_path / "teacher", transformer_lora_layers=state, transformer_lora_adapter_metadata=lora.to_dict()
+    )
     (tmp_path / "p.txt").write_text("a red cup\na blue car\n")
-    cfg = config_from_dict({
-        "model": {"family": "flux", "path": str(tmp_path / "flux"), "preset": None},
-        "student": {"guidance": 3.5, "lora": {"rank": 4, "alpha": 8}},
-        "tasks": [{"name": "t", "prompts": str(tmp_path / "p.txt"),
-                   "teacher": {"path": str(tmp_path / "teacher"), "guidance": 3.5}}],
-        "sampling": {"num_steps": 3, "resolution": 64},
-        "train": {"rounds": 2, "micro_batch_size": 2},
-        "logging": {"progress": False, "tensorboard": False},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "model": {"family": "flux", "path": str(tmp_path / "flux"), "preset": None},
+            "student": {"guidance": 3.5, "lora": {"rank": 4, "alpha": 8}},
+            "tasks": [
+                {
+                    "name": "t",
+                    "prompts": str(tmp_path / "p.txt"),
+                    "teacher": {"path": str(tmp_path / "teacher"), "guidance": 3.5},
+                }
+            ],
+            "sampling": {"num_steps": 3, "resolution": 64},
+            "train": {"rounds": 2, "micro_batch_size": 2},
+            "logging": {"progress": False, "tensorboard": False},
+        }
+    )
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")
     records = trainer.fit()
     assert len(records) == 2 and all(r["loss"] > 0 for r in records)
@@ -240,8 +267,15 @@ def test_full_parameter_student(tiny_config, tmp_path):
 
 
 def test_cosine_schedule_sets_each_rounds_lr(tiny_trainer):
-    trainer = tiny_trainer(**{"optimizer.schedule": "cosine", "train.rounds": 3, "sampling.num_steps": 2,
-                              "logging.tensorboard": False, "logging.progress": False})
+    trainer = tiny_trainer(
+        **{
+            "optimizer.schedule": "cosine",
+            "train.rounds": 3,
+            "sampling.num_steps": 2,
+            "logging.tensorboard": False,
+            "logging.progress": False,
+        }
+    )
     records = trainer.fit()
     lr = trainer.cfg.optimizer.lr
     # lr (1 + cos(pi r / 3)) / 2 for r = 0, 1, 2; the logged rate is the one the optimizer stepped with
@@ -253,8 +287,9 @@ def test_loss_weight_scales_its_tasks_gradient(tiny_trainer):
     # tiny_trainer keeps the ocr task (tasks.1); the round gradient is linear in the task's loss weight. A power of
     # two scales every rounding of the backward exactly, so the two gradients agree bit for bit; any other factor
     # leaves fp32 differences that cancellation makes as large as 1e-4 of an entry, and a machine-dependent bound.
-    grads = [capture_round_gradient(tiny_trainer(**{"tasks.1.loss_weight": w, "sampling.num_steps": 2}))
-             for w in (1.0, 4.0)]
+    grads = [
+        capture_round_gradient(tiny_trainer(**{"tasks.1.loss_weight": w, "sampling.num_steps": 2})) for w in (1.0, 4.0)
+    ]
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], 4.0 * g, rtol=0, atol=0, msg=name)
@@ -267,15 +302,22 @@ def test_task_batching_gives_the_task_by_task_gradient(tiny_config, tmp_path, sc
     tasks train 1, 2 and 3 of 4 steps here (int(4 x fraction)), so the batch shrinks as tasks drop out, and two
     micro-batches per task make two such batches per round. Same terms summed in another order: rtol 1e-5, as the
     schedules' test."""
-    overrides = {"sampling.noise_level": noise_level, "train.schedule": schedule, "sampling.timestep_fraction": 0.75,
-                 "tasks.0.timestep_fraction": 0.25, "tasks.1.timestep_fraction": 0.5, "tasks.2.loss_weight": 2.0,
-                 "train.micro_batches_per_task": 2}
+    overrides = {
+        "sampling.noise_level": noise_level,
+        "train.schedule": schedule,
+        "sampling.timestep_fraction": 0.75,
+        "tasks.0.timestep_fraction": 0.25,
+        "tasks.1.timestep_fraction": 0.5,
+        "tasks.2.loss_weight": 2.0,
+        "train.micro_batches_per_task": 2,
+    }
     by_task = Trainer(tiny_config(**overrides), tmp_path / "by_task", device="cpu")
     batched = Trainer(tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched", device="cpu")
     assert list(by_task.num_trained.values()) == [1, 2, 3]
     forwards = []
-    batched.student.register_forward_hook(lambda module, args, kwargs, out: forwards.append(
-        kwargs["hidden_states"].shape[0]), with_kwargs=True)  # fmt: skip
+    batched.student.register_forward_hook(
+        lambda module, args, kwargs, out: forwards.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
     backwards = []
     backward = batched.engine.backward
     batched.engine.backward = lambda loss: backwards.append(1) or backward(loss)
@@ -295,8 +337,9 @@ def test_task_batching_gives_the_task_by_task_gradient(tiny_config, tmp_path, sc
 def test_task_batching_logs_the_task_by_task_losses(tiny_config, tmp_path):
     overrides = {"train.rounds": 2, "tasks.0.timestep_fraction": 0.5}
     by_task = Trainer(tiny_config(**overrides), tmp_path / "by_task", device="cpu").fit()
-    batched = Trainer(tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched",
-                      device="cpu").fit()  # fmt: skip
+    batched = Trainer(
+        tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched", device="cpu"
+    ).fit()
     for a, b in zip(by_task, batched):
         for key in ("loss", "loss/geneval", "loss/ocr", "loss/aesthetic"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key

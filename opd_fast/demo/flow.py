@@ -17,9 +17,19 @@ from opd_fast.schedule import sigma_grid
 
 # A small SD3 transformer over the 16x16 RGB image itself: patch 2 -> 64 image tokens; in/out channels 3 (no VAE).
 # `sampling.resolution: 128` in configs/demo.yaml makes opd_fast.models.latent_shape give (3, 16, 16).
-ARCH = dict(sample_size=16, patch_size=2, in_channels=3, out_channels=3, num_layers=3, attention_head_dim=16,
-            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
-            pos_embed_max_size=16)  # fmt: skip
+ARCH = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=3,
+    out_channels=3,
+    num_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    caption_projection_dim=64,
+    pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
 FAMILY = "sd3"
 
 
@@ -68,8 +78,14 @@ def sigmas(num_steps: int, shift: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, cond: Conditioning, noise: torch.Tensor, grid: torch.Tensor, guidance: float | None = None,
-           meter: ComputeMeter | None = None) -> torch.Tensor:
+def sample(
+    model,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    grid: torch.Tensor,
+    guidance: float | None = None,
+    meter: ComputeMeter | None = None,
+) -> torch.Tensor:
     """ODE rollout from noise (B, 3, 16, 16) over the whole sigma grid -> images in model space."""
     x = noise
     batch = x.shape[0]

@@ -11,8 +11,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]  # fmt: skip
+COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 FONT = ImageFont.load_default()
 
 
@@ -20,15 +28,28 @@ FONT = ImageFont.load_default()
 def results_json(tasks, student, joint, teachers, models) -> dict:
     """The results in their fixed shape: {"tasks", "student", "joint_baseline", "teachers", "models": {name:
     {"rewards", "average", "seconds"}}}."""
-    return {"tasks": list(tasks), "student": student, "joint_baseline": joint, "teachers": dict(teachers),
-            "models": {name: {"rewards": {t: float(m["rewards"][t]) for t in tasks}, "average": float(m["average"]),
-                              "seconds": float(m["seconds"])} for name, m in models.items()}}  # fmt: skip
+    return {
+        "tasks": list(tasks),
+        "student": student,
+        "joint_baseline": joint,
+        "teachers": dict(teachers),
+        "models": {
+            name: {
+                "rewards": {t: float(m["rewards"][t]) for t in tasks},
+                "average": float(m["average"]),
+                "seconds": float(m["seconds"]),
+            }
+            for name, m in models.items()
+        },
+    }
 
 
 def markdown_table(results: dict, descriptions: dict[str, str]) -> str:
     tasks = results["tasks"]
-    lines = ["| model | " + " | ".join(tasks) + " | average | seconds | what it is |",
-             "|---|" + "---:|" * (len(tasks) + 2) + "---|"]  # fmt: skip
+    lines = [
+        "| model | " + " | ".join(tasks) + " | average | seconds | what it is |",
+        "|---|" + "---:|" * (len(tasks) + 2) + "---|",
+    ]
     for name, m in results["models"].items():
         cells = [f"{m['rewards'][t]:.3f}" for t in tasks] + [f"**{m['average']:.3f}**", f"{m['seconds']:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {descriptions.get(name, '')} |")
@@ -41,13 +62,16 @@ def bar_checks(results: dict, fraction: float = 0.9) -> list[tuple[str, bool]]:
     checks = []
     for task, teacher in results["teachers"].items():
         mine, theirs = models[student]["rewards"][task], models[teacher]["rewards"][task]
-        line = (f"student reaches >= {fraction:.0%} of the {task} teacher on {task}: {mine:.3f} vs "
-                f"{fraction:.2f} x {theirs:.3f} = {fraction * theirs:.3f}")
+        line = (
+            f"student reaches >= {fraction:.0%} of the {task} teacher on {task}: {mine:.3f} vs "
+            f"{fraction:.2f} x {theirs:.3f} = {fraction * theirs:.3f}"
+        )
         checks.append((line, mine >= fraction * theirs))
     joint = results["joint_baseline"]
     mine, theirs = models[student]["average"], models[joint]["average"]
-    checks.append((f"student beats the joint multi-task baseline on the average: {mine:.3f} vs {theirs:.3f}",
-                   mine > theirs))
+    checks.append(
+        (f"student beats the joint multi-task baseline on the average: {mine:.3f} vs {theirs:.3f}", mine > theirs)
+    )
     return checks
 
 
@@ -87,8 +111,9 @@ class Axes:
             self.draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
             label = f"1e{value:g}" if logy else f"{value:g}"
             self.draw.text((left - 8 - _text_width(self.draw, label), y - 5), label, fill=(0, 0, 0), font=FONT)
-        self.draw.text(((left + right - _text_width(self.draw, xlabel)) / 2, bottom + 22), xlabel, fill=(0, 0, 0),
-                       font=FONT)  # fmt: skip
+        self.draw.text(
+            ((left + right - _text_width(self.draw, xlabel)) / 2, bottom + 22), xlabel, fill=(0, 0, 0), font=FONT
+        )
         self.draw.text((left, top - 30), title, fill=(0, 0, 0), font=FONT)
         self.draw.text((left, top - 16), ylabel, fill=(80, 80, 80), font=FONT)
 
@@ -115,8 +140,9 @@ class Axes:
         width = max(_text_width(self.draw, label) for label, _ in entries) + 30
         x0 = right - width - 8 if "right" in corner else left + 8
         y0 = bottom - 14 * len(entries) - 8 if "lower" in corner else top + 8
-        self.draw.rectangle([x0 - 4, y0 - 4, x0 + width, y0 + 14 * len(entries)], fill=(255, 255, 255),
-                            outline=(180, 180, 180))  # fmt: skip
+        self.draw.rectangle(
+            [x0 - 4, y0 - 4, x0 + width, y0 + 14 * len(entries)], fill=(255, 255, 255), outline=(180, 180, 180)
+        )
         for i, (label, color) in enumerate(entries):
             y = y0 + 14 * i + 6
             self.draw.line([(x0, y), (x0 + 18, y)], fill=color, width=3)
@@ -124,8 +150,9 @@ class Axes:
 
 
 # -- figures -------------------------------------------------------------------------------------------------------
-def samples_png(path: Path, model_names: list[str], prompts: list[str], images: dict[str, np.ndarray],
-                scale: int = 5) -> None:
+def samples_png(
+    path: Path, model_names: list[str], prompts: list[str], images: dict[str, np.ndarray], scale: int = 5
+) -> None:
     """A grid: one row per model, one column per prompt; images[name] is (len(prompts), 16, 16, 3) in [0, 1]."""
     cell = 16 * scale + 6
     label_width, header = 150, 36
@@ -157,8 +184,15 @@ def curves_png(path: Path, curves: dict[str, dict], title: str) -> None:
     y_values = [y for _, ys in series.values() for y in ys]
     y_lo, y_hi = min(y_values), max(y_values)
     pad = 0.05 * (y_hi - y_lo or 1.0)
-    axes = Axes(image, (70, 50, 700, 390), (0, x_max), (max(0.0, y_lo - pad), min(1.0, y_hi + pad) + 1e-6),
-                "training seconds (evaluation time excluded)", "average reward", title)
+    axes = Axes(
+        image,
+        (70, 50, 700, 390),
+        (0, x_max),
+        (max(0.0, y_lo - pad), min(1.0, y_hi + pad) + 1e-6),
+        "training seconds (evaluation time excluded)",
+        "average reward",
+        title,
+    )
     entries = []
     for k, (name, (xs, ys)) in enumerate(series.items()):
         axes.line(xs, ys, COLORS[k % len(COLORS)])
@@ -174,9 +208,17 @@ def gradient_variance_png(path: Path, closed_form: list[float], ppo: list[float]
     pairs = [(a, b) for a, b in zip(closed_form, ppo) if a > 0 and b > 0]
     values = [v for pair in pairs for v in pair]
     lo, hi = 10 ** math.floor(math.log10(min(values))), 10 ** math.ceil(math.log10(max(values)))
-    axes = Axes(image, (80, 50, 460, 390), (lo, hi), (lo, hi), "closed-form gradient variance",
-                "PPO-style gradient variance", f"per-tensor gradient variance (mean ratio PPO/closed form {ratio:.1f}x)",
-                logx=True, logy=True)  # fmt: skip
+    axes = Axes(
+        image,
+        (80, 50, 460, 390),
+        (lo, hi),
+        (lo, hi),
+        "closed-form gradient variance",
+        "PPO-style gradient variance",
+        f"per-tensor gradient variance (mean ratio PPO/closed form {ratio:.1f}x)",
+        logx=True,
+        logy=True,
+    )
     axes.draw.line([axes.point(lo, lo), axes.point(hi, hi)], fill=(160, 160, 160), width=1)
     for a, b in pairs:
         px, py = axes.point(a, b)
@@ -211,8 +253,11 @@ def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict
     models = {}
     for name in DESCRIPTIONS:
         rewards = results[f"eval/{name}"]["rewards"]
-        models[name] = {"rewards": rewards, "average": float(np.mean([rewards[t] for t in tasks])),
-                        "seconds": results[name]["seconds"]}  # fmt: skip
+        models[name] = {
+            "rewards": rewards,
+            "average": float(np.mean([rewards[t] for t in tasks])),
+            "seconds": results[name]["seconds"],
+        }
     teachers = {t: f"teacher/{t}" for t in tasks}
     summary = results_json(tasks, STUDENT, JOINT, teachers, models)
     write_json(out / "results.json", summary)
@@ -221,21 +266,36 @@ def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict
     samples = {n: np.load(folders[f"eval/{n}"] / "samples.npy") for n in names}
     prompts = [p for t in tasks for p in run.SAMPLE_PROMPTS[t]]
     samples_png(out / "samples.png", names, prompts, samples)
-    curves_png(out / "curves.png", {n: results[n]["curve"] for n in CURVES},
-               "stage 2 on one budget: average reward of the curve subset")
+    curves_png(
+        out / "curves.png",
+        {n: results[n]["curve"] for n in CURVES},
+        "stage 2 on one budget: average reward of the curve subset",
+    )
     variance = results["gradient-variance"]
-    gradient_variance_png(out / "gradient_variance.png", variance["per_tensor"]["closed_form"],
-                          variance["per_tensor"]["ppo"], variance["ratio"])  # fmt: skip
-    details = {"preset": preset, "demo_seconds": seconds, "budgets": {n: results[n]["units"] for n in names},
-               "curves": {n: results[n]["curve"] for n in CURVES}, "gradient_variance": variance,
-               "opd_overrides": results[STUDENT]["overrides"], "cache": {k: str(v) for k, v in folders.items()}}  # fmt: skip
+    gradient_variance_png(
+        out / "gradient_variance.png",
+        variance["per_tensor"]["closed_form"],
+        variance["per_tensor"]["ppo"],
+        variance["ratio"],
+    )
+    details = {
+        "preset": preset,
+        "demo_seconds": seconds,
+        "budgets": {n: results[n]["units"] for n in names},
+        "curves": {n: results[n]["curve"] for n in CURVES},
+        "gradient_variance": variance,
+        "opd_overrides": results[STUDENT]["overrides"],
+        "cache": {k: str(v) for k, v in folders.items()},
+    }
     write_json(out / "details.json", details)
 
     checks = bar_checks(summary)
     teacher_seconds = sum(models[t]["seconds"] for t in teachers.values())
     command = "opd-fast train configs/demo.yaml --out OUT " + " ".join(
-        f"--set '{o}'" for o in results[STUDENT]["overrides"])  # fmt: skip
-    text = f"""# opd-fast demo: DiffusionOPD in miniature ({preset})
+        f"--set '{o}'" for o in results[STUDENT]["overrides"]
+    )
+    text = (
+        f"""# opd-fast demo: DiffusionOPD in miniature ({preset})
 
 Three tasks on 16x16 images from a tiny SD3-architecture transformer (no VAE: the image is the latent), three
 teachers fine-tuned on reward-filtered data, one student distilled from all three on its own rollouts; the baselines of the
@@ -246,20 +306,24 @@ before any OPD run can start). The whole demo took {seconds:.0f} s.
 
 {markdown_table(summary, DESCRIPTIONS)}
 
-""" + "\n".join(f"- [{'x' if ok else ' '}] {line}" for line, ok in checks) + """
+"""
+        + "\n".join(f"- [{'x' if ok else ' '}] {line}" for line, ok in checks)
+        + """
 
 ## Compute budgets (sample-passes: one sample through the transformer forward = 1, backward = 2)
 
-""" + "\n".join(f"- {n}: {results[n]['units']:,}" for n in names) + f"""
+"""
+        + "\n".join(f"- {n}: {results[n]['units']:,}" for n in names)
+        + f"""
 
 ## Gradient variance: closed form against the PPO-style surrogate
 
-At the fresh student every OPD run starts from, SDE rollouts (a = {run.SDE_NOISE_LEVEL}), the same {variance['draws']}
+At the fresh student every OPD run starts from, SDE rollouts (a = {run.SDE_NOISE_LEVEL}), the same {variance["draws"]}
 noise draws for both estimators: mean per-parameter variance of the round gradient over the draws, closed form
-{variance['variance_closed_form']:.3e}, PPO-style {variance['variance_ppo']:.3e}: **{variance['ratio']:.1f}x** higher
-for PPO ({variance['parameters']:,} parameters with a gradient; cosine of the two mean gradients
-{variance['mean_gradient_cosine']:.3f}: both estimate the same expected gradient, as tests/test_reference.py checks
-with many draws, but {variance['draws']} draws of the PPO-style one leave its mean this noisy). Plot:
+{variance["variance_closed_form"]:.3e}, PPO-style {variance["variance_ppo"]:.3e}: **{variance["ratio"]:.1f}x** higher
+for PPO ({variance["parameters"]:,} parameters with a gradient; cosine of the two mean gradients
+{variance["mean_gradient_cosine"]:.3f}: both estimate the same expected gradient, as tests/test_reference.py checks
+with many draws, but {variance["draws"]} draws of the PPO-style one leave its mean this noisy). Plot:
 gradient_variance.png.
 
 ## Files
@@ -274,6 +338,7 @@ The student is `opd-fast train` on configs/demo.yaml pointed at the demo's cache
 
     {command}
 """
+    )
     (out / "results.md").write_text(text)
     print(markdown_table(summary, DESCRIPTIONS))
     for line, ok in checks:

@@ -30,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "demo.yaml"
 # what a stage's result depends on: the package's source but the report and the CLI, and the demo's config
-CODE_VERSION_FILES = sorted(p for p in (REPO / "opd_fast").rglob("*.py") if p.name not in ("report.py", "cli.py")
-                            or p.parent.name != "demo") + [CONFIG]  # fmt: skip
+CODE_VERSION_FILES = sorted(
+    p for p in (REPO / "opd_fast").rglob("*.py") if p.name not in ("report.py", "cli.py") or p.parent.name != "demo"
+) + [CONFIG]
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,20 @@ PRESETS = {
     # the CI's: the full base (a weaker one follows glyph prompts too loosely to show anything), smaller budgets.
     # 50 rounds and 4 samples per prompt: at 34 and 2 the student's composition gain (+0.045 on one CPU) sat inside
     # the evaluation's noise; at 50 and 4 it was +0.10, +0.14, +0.31 over demo seeds 0-2 (bench/RESULTS.md).
-    "quick": Preset("quick", teacher_budget=15_000, opd_overrides=("train.rounds=50",),
-                    eval={"seeds": 4, "curve_points": 3}, gradient_draws=6),
+    "quick": Preset(
+        "quick",
+        teacher_budget=15_000,
+        opd_overrides=("train.rounds=50",),
+        eval={"seeds": 4, "curve_points": 3},
+        gradient_draws=6,
+    ),
 }
 SDE_NOISE_LEVEL = 0.7  # Flow-GRPO's default a, for the SDE variants
-SAMPLE_PROMPTS = {"composition": ["two red blocks on the left", "three blue blocks on the top"],
-                  "glyph": ['a sign saying "t"', 'a poster reading "z"'], "aesthetic": ["a calm sunset", "a quiet ocean"]}
+SAMPLE_PROMPTS = {
+    "composition": ["two red blocks on the left", "three blue blocks on the top"],
+    "glyph": ['a sign saying "t"', 'a poster reading "z"'],
+    "aesthetic": ["a calm sunset", "a quiet ocean"],
+}
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------
@@ -86,28 +95,66 @@ def plan(preset: Preset) -> list[Stage]:
     cfg = demo_config(preset)
     opd_budget = units_per_round(cfg) * cfg.train.rounds
     # what the demo's own stages share with the trainer: text encoding, sampling grid, seed
-    common = {"seed": preset.seed, "max_tokens": cfg.prompts.max_tokens, "num_steps": cfg.sampling.num_steps,
-              "shift": cfg.sampling.shift}  # fmt: skip
+    common = {
+        "seed": preset.seed,
+        "max_tokens": cfg.prompts.max_tokens,
+        "num_steps": cfg.sampling.num_steps,
+        "shift": cfg.sampling.shift,
+    }
     teachers = tuple(f"teacher/{t}" for t in world.TASKS)
     inputs = ("prompts", "base") + teachers
     curve = {"curve": preset.eval}
     stages = [
         Stage("prompts", "prompts", {}),
         Stage("base", "pretrain", {**common, "settings": preset.pretrain}),
-        *[Stage(f"teacher/{t}", "reward_finetune", {**common, "tasks": [t], "settings": preset.teacher,
-                                                    "budget": preset.teacher_budget}, ("base",)) for t in world.TASKS],
-        Stage("joint", "reward_finetune", {**common, **curve, "tasks": list(world.TASKS), "settings": preset.teacher,
-                                           "budget": opd_budget}, ("base",)),
-        Stage("offpolicy", "offpolicy", {**common, **curve, "settings": preset.offpolicy, "budget": opd_budget,
-                                         "samples_per_prompt": preset.offpolicy_samples}, ("base",) + teachers),
-        *[Stage(f"opd-{v}", "opd", {**common, **curve, "variant": v, "overrides": list(preset.opd_overrides)}, inputs)
-          for v in ("ode", "sde", "ppo-sde")],
-        Stage("gradient-variance", "gradient_variance", {**common, "draws": preset.gradient_draws,
-                                                         "overrides": list(preset.opd_overrides)}, inputs),
+        *[
+            Stage(
+                f"teacher/{t}",
+                "reward_finetune",
+                {**common, "tasks": [t], "settings": preset.teacher, "budget": preset.teacher_budget},
+                ("base",),
+            )
+            for t in world.TASKS
+        ],
+        Stage(
+            "joint",
+            "reward_finetune",
+            {**common, **curve, "tasks": list(world.TASKS), "settings": preset.teacher, "budget": opd_budget},
+            ("base",),
+        ),
+        Stage(
+            "offpolicy",
+            "offpolicy",
+            {
+                **common,
+                **curve,
+                "settings": preset.offpolicy,
+                "budget": opd_budget,
+                "samples_per_prompt": preset.offpolicy_samples,
+            },
+            ("base",) + teachers,
+        ),
+        *[
+            Stage(f"opd-{v}", "opd", {**common, **curve, "variant": v, "overrides": list(preset.opd_overrides)}, inputs)
+            for v in ("ode", "sde", "ppo-sde")
+        ],
+        Stage(
+            "gradient-variance",
+            "gradient_variance",
+            {**common, "draws": preset.gradient_draws, "overrides": list(preset.opd_overrides)},
+            inputs,
+        ),
     ]
     models = ["base", *teachers, "joint", "offpolicy", "opd-ode", "opd-sde", "opd-ppo-sde"]
-    stages += [Stage(f"eval/{m}", "evaluate", {**common, "eval": preset.eval, "model": m},
-                     ("base",) if m == "base" else ("base", m)) for m in models]  # fmt: skip
+    stages += [
+        Stage(
+            f"eval/{m}",
+            "evaluate",
+            {**common, "eval": preset.eval, "model": m},
+            ("base",) if m == "base" else ("base", m),
+        )
+        for m in models
+    ]
     return stages
 
 
@@ -126,8 +173,10 @@ def code_version() -> str:
 def stage_keys(stages: list[Stage], version: str) -> dict[str, str]:
     keys: dict[str, str] = {}
     for stage in stages:  # in dependency order
-        blob = json.dumps({"kind": stage.kind, "params": stage.params, "deps": [keys[d] for d in stage.deps],
-                           "code": version}, sort_keys=True)  # fmt: skip
+        blob = json.dumps(
+            {"kind": stage.kind, "params": stage.params, "deps": [keys[d] for d in stage.deps], "code": version},
+            sort_keys=True,
+        )
         keys[stage.name] = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return keys
 
@@ -145,8 +194,11 @@ def trainer_overrides(params: dict, folders: dict[str, Path], results: dict[str,
     overrides = list(params["overrides"]) + [f"model.path={folders['base'] / 'base'}"]
     for i, task in enumerate(world.TASKS):
         teacher = f"teacher/{task}"
-        overrides += [f"tasks.{i}.name={task}", f"tasks.{i}.prompts={folders['prompts'] / f'{task}.txt'}",
-                      f"tasks.{i}.teacher.path={_lora_file(folders[teacher], results[teacher])}"]  # fmt: skip
+        overrides += [
+            f"tasks.{i}.name={task}",
+            f"tasks.{i}.prompts={folders['prompts'] / f'{task}.txt'}",
+            f"tasks.{i}.teacher.path={_lora_file(folders[teacher], results[teacher])}",
+        ]
     variant = params.get("variant", "ode")
     if variant in ("sde", "ppo-sde"):
         overrides.append(f"sampling.noise_level={SDE_NOISE_LEVEL}")
@@ -174,14 +226,32 @@ def _execute(kind: str, params: dict, folder: Path, folders: dict[str, Path], re
         return {**stages.pretrain(settings, params["seed"], params["max_tokens"], folder / "base"), "lora": None}
     if kind == "reward_finetune":
         settings = stages.FinetuneSettings(**params["settings"])
-        out = stages.reward_finetune(folders["base"] / "base", tuple(params["tasks"]), settings, params["budget"],
-                                     params["seed"], grid, text, folder / "lora", curve)
+        out = stages.reward_finetune(
+            folders["base"] / "base",
+            tuple(params["tasks"]),
+            settings,
+            params["budget"],
+            params["seed"],
+            grid,
+            text,
+            folder / "lora",
+            curve,
+        )
         return {**out, "lora": "lora"}
     if kind == "offpolicy":
-        loras = {t: _lora_file(folders[f"teacher/{t}"], results[f"teacher/{t}"]) .parent for t in world.TASKS}
-        out = stages.offpolicy_distill(folders["base"] / "base", loras, stages.FinetuneSettings(**params["settings"]),
-                                       params["budget"], params["samples_per_prompt"], params["seed"], grid, text,
-                                       folder / "lora", curve)  # fmt: skip
+        loras = {t: _lora_file(folders[f"teacher/{t}"], results[f"teacher/{t}"]).parent for t in world.TASKS}
+        out = stages.offpolicy_distill(
+            folders["base"] / "base",
+            loras,
+            stages.FinetuneSettings(**params["settings"]),
+            params["budget"],
+            params["samples_per_prompt"],
+            params["seed"],
+            grid,
+            text,
+            folder / "lora",
+            curve,
+        )
         return {**out, "lora": "lora"}
     if kind == "opd":
         overrides = trainer_overrides(params, folders, results) + [f"prompts.cache_dir={folder / 'embeddings'}"]
@@ -209,8 +279,9 @@ def _execute(kind: str, params: dict, folder: Path, folders: dict[str, Path], re
         if name != "base":
             model = stages.load_lora_model(model, base_dir, _lora_file(folders[name], results[name]).parent, name)
         rewards, images = stages.evaluate(model, text, grid, world.TASKS, settings.seeds)
-        picks = {t: [[r["prompt"] for r in world.task_prompts(t)].index(p) for p in SAMPLE_PROMPTS[t]]
-                 for t in world.TASKS}  # fmt: skip
+        picks = {
+            t: [[r["prompt"] for r in world.task_prompts(t)].index(p) for p in SAMPLE_PROMPTS[t]] for t in world.TASKS
+        }
         grid_images = np.concatenate([world.to_pixels(images[t][picks[t]]) for t in world.TASKS])
         np.save(folder / "samples.npy", grid_images)
         return {"rewards": rewards}
@@ -258,8 +329,13 @@ def run_stages(stages: list[Stage], folders: dict[str, Path], force: bool, worke
                 if len(running) >= workers:
                     break
                 pending.remove(stage)
-                args = (stage.kind, stage.params, str(folders[stage.name]),
-                        {d: str(folders[d]) for d in stage.deps}, {d: results[d] for d in stage.deps})  # fmt: skip
+                args = (
+                    stage.kind,
+                    stage.params,
+                    str(folders[stage.name]),
+                    {d: str(folders[d]) for d in stage.deps},
+                    {d: results[d] for d in stage.deps},
+                )
                 if pool is None:  # one worker: run here, in order
                     future = concurrent.futures.Future()
                     bar.set_postfix_str(stage.name)
@@ -284,8 +360,13 @@ def default_cache() -> Path:
     return Path(root) / "opd-fast" / "demo"
 
 
-def run_demo(out: str | Path, quick: bool = False, force: bool = False, cache: str | Path | None = None,
-             workers: int | None = None) -> dict:
+def run_demo(
+    out: str | Path,
+    quick: bool = False,
+    force: bool = False,
+    cache: str | Path | None = None,
+    workers: int | None = None,
+) -> dict:
     """Run (or read from the cache) every stage, then write OUT/results.{md,json}, samples.png, curves.png,
     gradient_variance.png and details.json. Returns results.json's content."""
     from tqdm.auto import tqdm

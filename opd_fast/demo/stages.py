@@ -126,8 +126,15 @@ def _noise(seed: int, index: int, count: int) -> torch.Tensor:
     return torch.randn(count, 3, world.SIZE, world.SIZE, generator=g)
 
 
-def generate(model, text: flow.TextConditioner, prompts: list[str], seed: int, grid: torch.Tensor,
-             meter: flow.ComputeMeter | None = None, batch: int = 64) -> torch.Tensor:
+def generate(
+    model,
+    text: flow.TextConditioner,
+    prompts: list[str],
+    seed: int,
+    grid: torch.Tensor,
+    meter: flow.ComputeMeter | None = None,
+    batch: int = 64,
+) -> torch.Tensor:
     """ODE samples, one per prompt; prompt i's initial noise depends only on (seed, i)."""
     out = []
     for start in range(0, len(prompts), batch):
@@ -137,8 +144,15 @@ def generate(model, text: flow.TextConditioner, prompts: list[str], seed: int, g
     return torch.cat(out)
 
 
-def evaluate(model, text: flow.TextConditioner, grid: torch.Tensor, tasks: tuple[str, ...], seeds: int,
-             prompts_per_task: int | None = None, seed: int = 12345) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def evaluate(
+    model,
+    text: flow.TextConditioner,
+    grid: torch.Tensor,
+    tasks: tuple[str, ...],
+    seeds: int,
+    prompts_per_task: int | None = None,
+    seed: int = 12345,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Mean reward per task over its prompts x `seeds` samples (fixed noise), and the samples of the first seed."""
     was_training = model.training
     model.eval()
@@ -200,8 +214,9 @@ def pretrain(settings: PretrainSettings, seed: int, max_tokens: int, out_dir: Pa
 
 
 # -- stage 1: reward-filtered self-training ----------------------------------------------------------------------
-def filtered_data(tasks: tuple[str, ...], pool: int, keep: float, caption_noise: float,
-                  seed: int) -> list[tuple[str, torch.Tensor]]:
+def filtered_data(
+    tasks: tuple[str, ...], pool: int, keep: float, caption_noise: float, seed: int
+) -> list[tuple[str, torch.Tensor]]:
     """Per task: `pool` generic renders with noisy captions (the pretraining distribution), each scored by the task's
     reward against its own caption; the best `keep` fraction is the fine-tuning set (caption, image)."""
     data = []
@@ -216,9 +231,20 @@ def filtered_data(tasks: tuple[str, ...], pool: int, keep: float, caption_noise:
     return data
 
 
-def fine_tune(data: list[tuple[str, torch.Tensor]], base_dir: Path, settings: FinetuneSettings, budget: int,
-              seed: int, grid: torch.Tensor, text: flow.TextConditioner, out_dir: Path, meter: flow.ComputeMeter,
-              clock: TrainClock, tasks: tuple[str, ...], eval_settings: EvalSettings | None) -> dict:
+def fine_tune(
+    data: list[tuple[str, torch.Tensor]],
+    base_dir: Path,
+    settings: FinetuneSettings,
+    budget: int,
+    seed: int,
+    grid: torch.Tensor,
+    text: flow.TextConditioner,
+    out_dir: Path,
+    meter: flow.ComputeMeter,
+    clock: TrainClock,
+    tasks: tuple[str, ...],
+    eval_settings: EvalSettings | None,
+) -> dict:
     """Flow matching of a fresh LoRA on `data` [(prompt, image)], batches drawn with replacement, until the meter
     reaches `budget`; evaluated on `tasks` along the way when eval_settings is given. Saves the diffusers-layout
     LoRA to out_dir."""
@@ -231,13 +257,16 @@ def fine_tune(data: list[tuple[str, torch.Tensor]], base_dir: Path, settings: Fi
     while True:
         if every is not None and meter.units >= next_eval:
             with clock.paused():
-                curve.add(clock.seconds(), meter.units,
-                          evaluate(model, text, grid, tasks, 1, eval_settings.curve_prompts)[0])
+                curve.add(
+                    clock.seconds(), meter.units, evaluate(model, text, grid, tasks, 1, eval_settings.curve_prompts)[0]
+                )
             next_eval += every
         if meter.units >= budget:
             break
         idx = torch.randint(len(data), (settings.batch,), generator=g).tolist()
-        loss = flow.flow_matching_loss(model, torch.stack([data[i][1] for i in idx]), text([data[i][0] for i in idx]), g)
+        loss = flow.flow_matching_loss(
+            model, torch.stack([data[i][1] for i in idx]), text([data[i][0] for i in idx]), g
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -245,19 +274,33 @@ def fine_tune(data: list[tuple[str, torch.Tensor]], base_dir: Path, settings: Fi
         meter.train(settings.batch)
         steps += 1
     export_diffusers_lora(model, peft_config, flow.FAMILY, out_dir)
-    return {"seconds": clock.seconds(), "units": meter.units, "steps": steps, "data": len(data),
-            "curve": curve.__dict__}
+    return {
+        "seconds": clock.seconds(),
+        "units": meter.units,
+        "steps": steps,
+        "data": len(data),
+        "curve": curve.__dict__,
+    }
 
 
-def reward_finetune(base_dir: Path, tasks: tuple[str, ...], settings: FinetuneSettings, budget: int, seed: int,
-                    grid: torch.Tensor, text: flow.TextConditioner, out_dir: Path,
-                    eval_settings: EvalSettings | None = None) -> dict:
+def reward_finetune(
+    base_dir: Path,
+    tasks: tuple[str, ...],
+    settings: FinetuneSettings,
+    budget: int,
+    seed: int,
+    grid: torch.Tensor,
+    text: flow.TextConditioner,
+    out_dir: Path,
+    eval_settings: EvalSettings | None = None,
+) -> dict:
     """Stage 1: fine-tuning on reward-filtered data of `tasks` (one task: a teacher; all three: the joint baseline)
     until `budget` sample-passes are spent."""
     clock = TrainClock()
     data = filtered_data(tasks, settings.pool, settings.keep, settings.caption_noise, seed)
-    return fine_tune(data, base_dir, settings, budget, seed, grid, text, out_dir, flow.ComputeMeter(), clock, tasks,
-                     eval_settings)  # fmt: skip
+    return fine_tune(
+        data, base_dir, settings, budget, seed, grid, text, out_dir, flow.ComputeMeter(), clock, tasks, eval_settings
+    )
 
 
 # -- stage 2: on-policy distillation through the trainer -----------------------------------------------------------
@@ -273,8 +316,14 @@ def units_per_round(cfg) -> int:
     return per_sample * cfg.train.micro_batch_size * cfg.train.micro_batches_per_task
 
 
-def opd(cfg, out_dir: Path, text: flow.TextConditioner, grid: torch.Tensor, tasks: tuple[str, ...],
-        eval_settings: EvalSettings) -> dict:
+def opd(
+    cfg,
+    out_dir: Path,
+    text: flow.TextConditioner,
+    grid: torch.Tensor,
+    tasks: tuple[str, ...],
+    eval_settings: EvalSettings,
+) -> dict:
     """Run the trainer (Trainer.fit, as `opd-fast train`) on `cfg`; evaluate the student along the way."""
     from opd_fast.trainer import Trainer
 
@@ -294,8 +343,13 @@ def opd(cfg, out_dir: Path, text: flow.TextConditioner, grid: torch.Tensor, task
 
     curve.add(0.0, 0, student_rewards())
     records = trainer.fit(on_round)
-    return {"seconds": train_seconds[0], "units": cfg.train.rounds * per_round, "rounds": len(records),
-            "final_loss": records[-1]["loss"], "curve": curve.__dict__}
+    return {
+        "seconds": train_seconds[0],
+        "units": cfg.train.rounds * per_round,
+        "rounds": len(records),
+        "final_loss": records[-1]["loss"],
+        "curve": curve.__dict__,
+    }
 
 
 class _GradientRecorder:
@@ -310,8 +364,12 @@ class _GradientRecorder:
         return getattr(self.engine, name)
 
     def step(self) -> float:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double()
-                          for p in self.engine.params])  # fmt: skip
+        flat = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double()
+                for p in self.engine.params
+            ]
+        )
         self.gradients.append(flat)
         self.engine.zero_grad()
         return float(flat.norm())
@@ -334,20 +392,39 @@ def gradient_variance(configs: dict, out_dir: Path, draws: int) -> dict:
         sizes = [p.numel() for p in trainer.engine.params]
     variance = {name: g.var(0) for name, g in gradients.items()}  # per parameter
     moving = variance["closed_form"] + variance["ppo"] > 0  # LoRA A starts where B = 0 gives it no gradient
-    per_tensor = {name: [float(chunk[chunk_moving].mean()) if chunk_moving.any() else 0.0
-                         for chunk, chunk_moving in zip(v.split(sizes), moving.split(sizes))]
-                  for name, v in variance.items()}  # fmt: skip
+    per_tensor = {
+        name: [
+            float(chunk[chunk_moving].mean()) if chunk_moving.any() else 0.0
+            for chunk, chunk_moving in zip(v.split(sizes), moving.split(sizes))
+        ]
+        for name, v in variance.items()
+    }
     mean_cf, mean_ppo = gradients["closed_form"].mean(0), gradients["ppo"].mean(0)
     closed, ppo = float(variance["closed_form"][moving].mean()), float(variance["ppo"][moving].mean())
-    return {"draws": draws, "parameters": int(moving.sum()), "variance_closed_form": closed, "variance_ppo": ppo,
-            "ratio": ppo / closed, "mean_gradient_cosine": float(torch.nn.functional.cosine_similarity(mean_cf, mean_ppo, 0)),
-            "per_tensor": per_tensor}  # fmt: skip
+    return {
+        "draws": draws,
+        "parameters": int(moving.sum()),
+        "variance_closed_form": closed,
+        "variance_ppo": ppo,
+        "ratio": ppo / closed,
+        "mean_gradient_cosine": float(torch.nn.functional.cosine_similarity(mean_cf, mean_ppo, 0)),
+        "per_tensor": per_tensor,
+    }
 
 
 # -- the off-policy baseline ---------------------------------------------------------------------------------------
-def offpolicy_distill(base_dir: Path, teacher_loras: dict[str, Path], settings: FinetuneSettings, budget: int,
-                      samples_per_prompt: int, seed: int, grid: torch.Tensor, text: flow.TextConditioner,
-                      out_dir: Path, eval_settings: EvalSettings) -> dict:
+def offpolicy_distill(
+    base_dir: Path,
+    teacher_loras: dict[str, Path],
+    settings: FinetuneSettings,
+    budget: int,
+    samples_per_prompt: int,
+    seed: int,
+    grid: torch.Tensor,
+    text: flow.TextConditioner,
+    out_dir: Path,
+    eval_settings: EvalSettings,
+) -> dict:
     """Sample each teacher on its task's prompts once (ODE), then flow-matching fine-tune a fresh student LoRA on
     those samples until the budget (sampling included) is spent."""
     clock = TrainClock()
@@ -359,5 +436,6 @@ def offpolicy_distill(base_dir: Path, teacher_loras: dict[str, Path], settings: 
         prompts = [r["prompt"] for r in world.task_prompts(task) for _ in range(samples_per_prompt)]
         data += list(zip(prompts, generate(teacher, text, prompts, seed + 1, grid, meter)))
     del base, teacher
-    return fine_tune(data, base_dir, settings, budget, seed, grid, text, out_dir, meter, clock, world.TASKS,
-                     eval_settings)  # fmt: skip
+    return fine_tune(
+        data, base_dir, settings, budget, seed, grid, text, out_dir, meter, clock, world.TASKS, eval_settings
+    )

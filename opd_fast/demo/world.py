@@ -65,8 +65,12 @@ GLYPH_OFFSET = 2  # the 12x12 glyph sits at rows/cols 2..13
 def task_prompts(task: str) -> list[dict]:
     """Every prompt of a task with the attributes its reward checks: {"prompt": str, **attributes}."""
     if task == "composition":
-        return [{"prompt": f"{n} {c} blocks on the {s}", "count": COUNTS[n], "color": c, "side": s}
-                for n in COUNTS for c in COLORS for s in SIDES]  # fmt: skip
+        return [
+            {"prompt": f"{n} {c} blocks on the {s}", "count": COUNTS[n], "color": c, "side": s}
+            for n in COUNTS
+            for c in COLORS
+            for s in SIDES
+        ]
     if task == "glyph":
         return [{"prompt": f'a {w} "{g}"', "glyph": g} for w in SIGN_WORDS for g in FONT]
     if task == "aesthetic":
@@ -148,8 +152,7 @@ def render_pretraining(task: str, rng: np.random.Generator, caption_noise: float
     elif task == "glyph":
         g = list(FONT)[rng.integers(len(FONT))]
         shade = rng.uniform(0.6, 0.85)
-        img = render_glyph(g, ink=(shade,) * 3,
-                           panel=tuple(rng.uniform(0.05, 0.3, 3)))  # fmt: skip
+        img = render_glyph(g, ink=(shade,) * 3, panel=tuple(rng.uniform(0.05, 0.3, 3)))
         caption = f'a {SIGN_WORDS[rng.integers(2)]} "{maybe(g, list(FONT))}"'
     else:
         s = list(SCENES)[rng.integers(len(SCENES))]

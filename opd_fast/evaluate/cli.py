@@ -43,9 +43,16 @@ def _sample(args) -> int:
     prompt_set = read_dataset(prompt_file, kind, task_name)
     if args.limit is not None:
         prompt_set.prompts, prompt_set.metadata = prompt_set.prompts[: args.limit], prompt_set.metadata[: args.limit]
-    settings = SampleSettings(model=args.model, task=task_name, num_steps=args.num_steps, guidance=args.guidance,
-                              resolution=args.resolution, seed=args.seed, batch_size=args.batch_size,
-                              grid_max=args.grid_max)  # fmt: skip
+    settings = SampleSettings(
+        model=args.model,
+        task=task_name,
+        num_steps=args.num_steps,
+        guidance=args.guidance,
+        resolution=args.resolution,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        grid_max=args.grid_max,
+    )
     out = sample(cfg, prompt_set, args.out, settings, run_dir=args.run, device=args.device)
     print(f"wrote {len(prompt_set)} images of {args.model} ({task_name}) to {out} (grid: {out / 'grid.png'})")
     return 0
@@ -85,21 +92,30 @@ def _reporting_reward_errors(func):
 
 
 def add_subcommands(subparsers) -> None:
-    sample = subparsers.add_parser("sample", help="images for a prompt set from the student, its EMA, the base or a "
-                                                  "teacher, through the diffusers pipeline")
+    sample = subparsers.add_parser(
+        "sample",
+        help="images for a prompt set from the student, its EMA, the base or a teacher, through the diffusers pipeline",
+    )
     sample.add_argument("config", nargs="?", help="YAML run config (default: the --run folder's run.json)")
     sample.add_argument("--run", help="run folder: its run.json and exported student (lora_diffusers[_ema])")
-    sample.add_argument("--model", default="student",
-                        help="student | ema | base | teacher:TASK (default: student)")
+    sample.add_argument("--model", default="student", help="student | ema | base | teacher:TASK (default: student)")
     sample.add_argument("--task", help="sample the prompt set of this config task")
     sample.add_argument("--prompts", help="or a prompt file (.txt, .jsonl, DrawBench .csv)")
-    sample.add_argument("--kind", default=None, help="prompt set kind: txt, jsonl, pickscore, ocr, geneval, drawbench "
-                                                     "(default: the task name if it is one, else by suffix)")
+    sample.add_argument(
+        "--kind",
+        default=None,
+        help="prompt set kind: txt, jsonl, pickscore, ocr, geneval, drawbench "
+        "(default: the task name if it is one, else by suffix)",
+    )
     sample.add_argument("--out", required=True, help="output folder: images/, grid.png, samples.jsonl, sample.json")
     sample.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     sample.add_argument("--num-steps", type=int, default=40, help="denoising steps (default 40, the paper's eval)")
-    sample.add_argument("--guidance", type=float, default=None,
-                        help="CFG scale (default: student.guidance; a teacher's own guidance for teacher:TASK)")
+    sample.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale (default: student.guidance; a teacher's own guidance for teacher:TASK)",
+    )
     sample.add_argument("--resolution", type=int, default=None, help="pixels (default: sampling.resolution)")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--batch-size", type=int, default=4)

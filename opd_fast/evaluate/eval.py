@@ -62,8 +62,9 @@ def load_reward_spec(path: str | Path) -> dict[str, list[dict]]:
     if not isinstance(rewards, dict) or not rewards:
         raise RewardError(f"{path}: expected a mapping 'rewards: {{task: [{{name: ..., options...}}]}}'")
     for task, entries in rewards.items():
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
-                                                    for e in entries):  # fmt: skip
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries
+        ):
             raise RewardError(f"{path}: rewards.{task} must be a list of {{name: ..., options...}}")
     return rewards
 
@@ -98,8 +99,13 @@ def score_folder(folder: SampleFolder, rewards: dict[str, Reward]) -> dict[str, 
     return scores
 
 
-def evaluate_folders(folder_specs: list, reward_spec: dict[str, list[dict]], out_dir: str | Path,
-                     device: str | None = None, batch_size: int = 16) -> dict:
+def evaluate_folders(
+    folder_specs: list,
+    reward_spec: dict[str, list[dict]],
+    out_dir: str | Path,
+    device: str | None = None,
+    batch_size: int = 16,
+) -> dict:
     """Score each folder with its task's rewards; write results.json, results.md, scores/. Returns the results."""
     folders = [load_sample_folder(s) for s in folder_specs]
     built: dict[str, Reward] = {}
@@ -107,8 +113,10 @@ def evaluate_folders(folder_specs: list, reward_spec: dict[str, list[dict]], out
     for folder in folders:  # build every reward (once) before scoring anything
         entries = reward_spec.get(folder.task, []) + reward_spec.get("*", [])
         if not entries:
-            raise RewardError(f"{folder.path}: no reward for task {folder.task!r} in the reward spec (tasks there: "
-                              f"{', '.join(reward_spec)})")
+            raise RewardError(
+                f"{folder.path}: no reward for task {folder.task!r} in the reward spec (tasks there: "
+                f"{', '.join(reward_spec)})"
+            )
         per_task.setdefault(folder.task, {})
         for entry in entries:
             options = {k: v for k, v in entry.items() if k != "name"}
@@ -125,13 +133,23 @@ def evaluate_folders(folder_specs: list, reward_spec: dict[str, list[dict]], out
         metadata = [r.get("metadata") or {} for r in folder.records]
         row = results.setdefault(folder.label, {})
         for name, values in scores.items():
-            row[column(folder.task, name)] = {"score": per_task[folder.task][name].aggregate(values, metadata),
-                                              "n": len(values), "folder": str(folder.path)}  # fmt: skip
+            row[column(folder.task, name)] = {
+                "score": per_task[folder.task][name].aggregate(values, metadata),
+                "n": len(values),
+                "folder": str(folder.path),
+            }
         safe = re.sub(r"[^\w.-]+", "_", folder.label)
         score_file = out_dir / "scores" / safe / f"{folder.task}.jsonl"
         score_file.parent.mkdir(parents=True, exist_ok=True)
-        lines = [{"index": r["index"], "file": r["file"], "prompt": r["prompt"],
-                  **{name: values[i] for name, values in scores.items()}} for i, r in enumerate(folder.records)]
+        lines = [
+            {
+                "index": r["index"],
+                "file": r["file"],
+                "prompt": r["prompt"],
+                **{name: values[i] for name, values in scores.items()},
+            }
+            for i, r in enumerate(folder.records)
+        ]
         score_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     columns = sorted({c for row in results.values() for c in row})
     report = {"columns": columns, "results": results}

@@ -22,8 +22,11 @@ import torch
 from opd_fast.evaluate.rewards import ClipReward, Reward, RewardError, register
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
-COLOR_TEMPLATES = ["a photo of a {color} {object}", "a photo of a {color}-colored {object}",
-                   "a photo of a {color} object"]
+COLOR_TEMPLATES = [
+    "a photo of a {color} {object}",
+    "a photo of a {color}-colored {object}",
+    "a photo of a {color} object",
+]
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, NMS_THRESHOLD, POSITION_THRESHOLD = 0.3, 0.9, 16, 1.0, 0.1
 
 
@@ -89,9 +92,11 @@ def evaluate(image, objects: dict[str, list], metadata: dict, classify_colors) -
                 colors = classify_colors(image, found, name)
                 if colors.count(req["color"]) < count:
                     correct = matched = False
-                    reasons.append(f"expected {req['color']} {name}>={count}, found "
-                                   f"{colors.count(req['color'])} {req['color']}; and "
-                                   + ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors))
+                    reasons.append(
+                        f"expected {req['color']} {name}>={count}, found "
+                        f"{colors.count(req['color'])} {req['color']}; and "
+                        + ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
+                    )
             if "position" in req and matched:
                 relation, target = req["position"]
                 if matched_groups[target] is None:
@@ -103,8 +108,10 @@ def evaluate(image, objects: dict[str, list], metadata: dict, classify_colors) -
                             actual = relative_position(obj, target_obj)
                             if relation not in actual:
                                 correct = matched = False
-                                reasons.append(f"expected {name} {relation} target, found "
-                                               f"{' and '.join(sorted(actual)) or 'no relation'}")
+                                reasons.append(
+                                    f"expected {name} {relation} target, found "
+                                    f"{' and '.join(sorted(actual)) or 'no relation'}"
+                                )
                                 break
                         if not matched:
                             break
@@ -188,9 +195,16 @@ class GenEval(Reward):
     def unavailable(cls) -> str | None:
         return None  # checked in __init__: an injected detector needs no mmdet
 
-    def __init__(self, clip_model: str | None = None, detector_config: str | None = None,
-                 detector_checkpoint: str | None = None, class_names: str | None = None, detector=None,
-                 device: str | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        clip_model: str | None = None,
+        detector_config: str | None = None,
+        detector_checkpoint: str | None = None,
+        class_names: str | None = None,
+        detector=None,
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         super().__init__(device, batch_size)
         self.colors = ColorClassifier(ClipReward(clip_model, device=device, batch_size=batch_size))
         if detector is not None:
@@ -201,11 +215,17 @@ class GenEval(Reward):
             raise RewardError(reason)
         names = None
         if class_names is not None:
-            names = [ln.strip() for ln in self._local("class_names", class_names, "file").read_text().splitlines()
-                     if ln.strip()]  # fmt: skip
-        self.detect = _mmdet_detector(self._local("detector_config", detector_config, "file"),
-                                      self._local("detector_checkpoint", detector_checkpoint, "file"),
-                                      self.device, names)  # fmt: skip
+            names = [
+                ln.strip()
+                for ln in self._local("class_names", class_names, "file").read_text().splitlines()
+                if ln.strip()
+            ]
+        self.detect = _mmdet_detector(
+            self._local("detector_config", detector_config, "file"),
+            self._local("detector_checkpoint", detector_checkpoint, "file"),
+            self.device,
+            names,
+        )
 
     def judge(self, image, metadata: dict) -> tuple[bool, str]:
         objects = select_objects(self.detect(image), metadata.get("tag", ""))
@@ -213,8 +233,10 @@ class GenEval(Reward):
 
     def score(self, images, prompts, metadata):
         if not metadata or any("include" not in m for m in metadata):
-            raise RewardError("reward 'geneval': every prompt needs GenEval metadata (tag, include); sample from "
-                              "the geneval .jsonl prompt set")
+            raise RewardError(
+                "reward 'geneval': every prompt needs GenEval metadata (tag, include); sample from "
+                "the geneval .jsonl prompt set"
+            )
         return [float(self.judge(image, meta)[0]) for image, meta in zip(images, metadata)]
 
     def aggregate(self, scores, metadata):

@@ -103,8 +103,9 @@ def _features(out) -> torch.Tensor:
 class ClipReward(Reward):
     """A transformers CLIPModel + its processor from local folders; unit-norm image and text embeddings."""
 
-    def __init__(self, model: str | None = None, processor: str | None = None, device: str | None = None,
-                 batch_size: int = 16):
+    def __init__(
+        self, model: str | None = None, processor: str | None = None, device: str | None = None, batch_size: int = 16
+    ):
         super().__init__(device, batch_size)
         from transformers import AutoProcessor, CLIPModel
 
@@ -122,10 +123,12 @@ class ClipReward(Reward):
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         max_length = self.model.config.text_config.max_position_embeddings
-        tokens = self.processor(text=prompts, padding=True, truncation=True, max_length=max_length,
-                                return_tensors="pt")  # fmt: skip
-        e = _features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                   attention_mask=tokens["attention_mask"].to(self.device))).float()
+        tokens = self.processor(text=prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        e = _features(
+            self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+            )
+        ).float()
         return e / e.norm(dim=-1, keepdim=True)
 
     def cosines(self, images: list, prompts: list[str]) -> torch.Tensor:
@@ -143,8 +146,14 @@ class PickScore(ClipReward):
     CLIP-ViT-H-14-laion2B-s32B-b79K folder (PickScore_v1 ships no processor). scale 1/26 is Flow-GRPO's
     normalization (the paper's tables); scale 1 gives the raw PickScore (~22)."""
 
-    def __init__(self, model: str | None = None, processor: str | None = None, scale: float = 1 / 26,
-                 device: str | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        model: str | None = None,
+        processor: str | None = None,
+        scale: float = 1 / 26,
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         super().__init__(model, processor, device, batch_size)
         self.scale = scale
 
@@ -167,8 +176,14 @@ class Aesthetic(ClipReward):
     sac+logos+ava1-l14-linearMSE.pth (or .safetensors) file. The head is the predictor's MLP: Linear layers
     `layers.{i}` applied in order with no activation (its dropouts are identities at inference)."""
 
-    def __init__(self, model: str | None = None, head: str | None = None, processor: str | None = None,
-                 device: str | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        model: str | None = None,
+        head: str | None = None,
+        processor: str | None = None,
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         super().__init__(model, processor, device, batch_size)
         from opd_fast.safeio import load_tensors
 
@@ -176,12 +191,16 @@ class Aesthetic(ClipReward):
         indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
         if not indices:
             raise RewardError(f"reward 'aesthetic': {head} holds no layers.N.weight (not the LAION MLP head)")
-        self.layers = [(state[f"layers.{i}.weight"].float().to(self.device),
-                        state[f"layers.{i}.bias"].float().to(self.device)) for i in indices]  # fmt: skip
+        self.layers = [
+            (state[f"layers.{i}.weight"].float().to(self.device), state[f"layers.{i}.bias"].float().to(self.device))
+            for i in indices
+        ]
         embed_dim = self.model.config.projection_dim
         if self.layers[0][0].shape[1] != embed_dim or self.layers[-1][0].shape[0] != 1:
-            raise RewardError(f"reward 'aesthetic': the head maps {self.layers[0][0].shape[1]} -> "
-                              f"{self.layers[-1][0].shape[0]} but the CLIP embeds {embed_dim} (expects -> 1)")
+            raise RewardError(
+                f"reward 'aesthetic': the head maps {self.layers[0][0].shape[1]} -> "
+                f"{self.layers[-1][0].shape[0]} but the CLIP embeds {embed_dim} (expects -> 1)"
+            )
 
     def score(self, images, prompts, metadata):
         out = []
@@ -205,14 +224,20 @@ class HPSv2(Reward):
     requires = ("open_clip",)
     install_hint = "pip install open_clip_torch, with the torchvision that matches your torch build"
 
-    def __init__(self, checkpoint: str | None = None, model_name: str = "ViT-H-14", device: str | None = None,
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model_name: str = "ViT-H-14",
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         super().__init__(device, batch_size)
         import open_clip
 
         path = self._local("checkpoint", checkpoint, "file")
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None,
-                                                                               device=self.device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None, device=self.device
+        )
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state.get("state_dict", state))
         self.model.eval()
@@ -239,13 +264,21 @@ class ImageReward(Reward):
     requires = ("ImageReward",)
     install_hint = "pip install image-reward, with the torchvision that matches your torch build"
 
-    def __init__(self, checkpoint: str | None = None, med_config: str | None = None, device: str | None = None,
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        med_config: str | None = None,
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         super().__init__(device, batch_size)
         import ImageReward as RM
 
-        self.model = RM.load(str(self._local("checkpoint", checkpoint, "file")), device=str(self.device),
-                             med_config=str(self._local("med_config", med_config, "file")))  # fmt: skip
+        self.model = RM.load(
+            str(self._local("checkpoint", checkpoint, "file")),
+            device=str(self.device),
+            med_config=str(self._local("med_config", med_config, "file")),
+        )
 
     @torch.no_grad()
     def score(self, images, prompts, metadata):
@@ -288,8 +321,14 @@ class OCR(Reward):
     def unavailable(cls) -> str | None:
         return None  # checked in __init__: a custom recognizer needs no paddleocr
 
-    def __init__(self, det_model_dir: str | None = None, rec_model_dir: str | None = None, recognizer=None,
-                 device: str | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        det_model_dir: str | None = None,
+        rec_model_dir: str | None = None,
+        recognizer=None,
+        device: str | None = None,
+        batch_size: int = 16,
+    ):
         super().__init__(device, batch_size)
         if recognizer is not None:
             self.recognize = recognizer
@@ -297,8 +336,11 @@ class OCR(Reward):
         reason = super().unavailable()
         if reason:
             raise RewardError(reason)
-        self.recognize = _paddle_recognizer(self._local("det_model_dir", det_model_dir, "dir"),
-                                            self._local("rec_model_dir", rec_model_dir, "dir"), self.device)
+        self.recognize = _paddle_recognizer(
+            self._local("det_model_dir", det_model_dir, "dir"),
+            self._local("rec_model_dir", rec_model_dir, "dir"),
+            self.device,
+        )
 
     def score(self, images, prompts, metadata):
         from opd_fast.datasets import ocr_target
@@ -320,16 +362,27 @@ def _paddle_recognizer(det_dir: Path, rec_dir: Path, device: torch.device):
 
     major = int(getattr(paddleocr, "__version__", "3").split(".")[0])
     if major >= 3:
-        engine = paddleocr.PaddleOCR(text_detection_model_dir=str(det_dir), text_recognition_model_dir=str(rec_dir),
-                                     use_doc_orientation_classify=False, use_doc_unwarping=False,
-                                     use_textline_orientation=False, device="gpu" if device.type == "cuda" else "cpu")
+        engine = paddleocr.PaddleOCR(
+            text_detection_model_dir=str(det_dir),
+            text_recognition_model_dir=str(rec_dir),
+            use_doc_orientation_classify=False,
+            use_doc_unwarping=False,
+            use_textline_orientation=False,
+            device="gpu" if device.type == "cuda" else "cpu",
+        )
 
         def recognize(image) -> str:
             result = engine.predict(np.asarray(image.convert("RGB")))
             return "".join(t for r in result for t, s in zip(r["rec_texts"], r["rec_scores"]) if s > 0)
     else:
-        engine = paddleocr.PaddleOCR(det_model_dir=str(det_dir), rec_model_dir=str(rec_dir), use_angle_cls=False,
-                                     lang="en", use_gpu=device.type == "cuda", show_log=False)
+        engine = paddleocr.PaddleOCR(
+            det_model_dir=str(det_dir),
+            rec_model_dir=str(rec_dir),
+            use_angle_cls=False,
+            lang="en",
+            use_gpu=device.type == "cuda",
+            show_log=False,
+        )
 
         def recognize(image) -> str:
             lines = engine.ocr(np.asarray(image.convert("RGB")), cls=False)[0] or []

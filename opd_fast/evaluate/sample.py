@@ -76,8 +76,10 @@ def load_model_into(pipe, cfg: RunConfig, which: str, run_dir: Path | None) -> t
         name = which.split(":", 1)[1]
         task = next((t for t in cfg.tasks if t.name == name), None)
         if task is None:
-            raise ConfigError(f"sample --model {which}: no task {name!r} in the config (tasks: "
-                              f"{', '.join(t.name for t in cfg.tasks)})")
+            raise ConfigError(
+                f"sample --model {which}: no task {name!r} in the config (tasks: "
+                f"{', '.join(t.name for t in cfg.tasks)})"
+            )
         teacher = load_teacher(name, task.teacher, pipe.transformer, cfg.model)  # the layouts training reads
         pipe.transformer = teacher.model
         return task.teacher.path, teacher.guidance
@@ -98,17 +100,28 @@ def make_grid(images: list, columns: int | None = None):
 
 def _encode(cfg: RunConfig, prompts: list[str], device) -> tuple[torch.Tensor, ...]:
     """(embeds, pooled, negative_embeds, negative_pooled) with the pipeline's text encoders, which are then freed."""
-    encoder = PipelineTextEncoder(cfg.model.path, cfg.model.family, DTYPES[cfg.model.dtype], device,
-                                  max_sequence_length=cfg.prompts.max_sequence_length,
-                                  batch_size=cfg.prompts.encode_batch_size)  # fmt: skip
+    encoder = PipelineTextEncoder(
+        cfg.model.path,
+        cfg.model.family,
+        DTYPES[cfg.model.dtype],
+        device,
+        max_sequence_length=cfg.prompts.max_sequence_length,
+        batch_size=cfg.prompts.encode_batch_size,
+    )
     with encoder:
         embeds, pooled = encoder(prompts)
         negative, negative_pooled = encoder([cfg.prompts.negative_prompt])
     return embeds, pooled, negative, negative_pooled
 
 
-def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings: SampleSettings,
-           run_dir: str | Path | None = None, device: str | None = None) -> Path:
+def sample(
+    cfg: RunConfig,
+    prompt_set: PromptSet,
+    out_dir: str | Path,
+    settings: SampleSettings,
+    run_dir: str | Path | None = None,
+    device: str | None = None,
+) -> Path:
     """Generate one image per prompt of `prompt_set` into `out_dir`; returns out_dir."""
     if cfg.model.path is None:
         raise ConfigError("sample: needs model.path, a local diffusers pipeline folder (its VAE decodes the images)")
@@ -123,9 +136,15 @@ def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings:
 
     embeds, pooled, negative, negative_pooled = _encode(cfg, prompt_set.prompts, device)
     pipe = pipeline_class(cfg.model.family).from_pretrained(
-        folder, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, dtype=dtype,
-        local_files_only=True, **({"text_encoder_3": None, "tokenizer_3": None} if cfg.model.family == "sd3" else {}),
-    )  # fmt: skip
+        folder,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        dtype=dtype,
+        local_files_only=True,
+        **({"text_encoder_3": None, "tokenizer_3": None} if cfg.model.family == "sd3" else {}),
+    )
     weights, own_guidance = load_model_into(pipe, cfg, settings.model, run_dir)
     attention.use_backend(pipe.transformer, cfg.model.attention)
     guidance = settings.guidance if settings.guidance is not None else own_guidance
@@ -142,24 +161,40 @@ def sample(cfg: RunConfig, prompt_set: PromptSet, out_dir: str | Path, settings:
         generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in idx]
         kwargs = dict(prompt_embeds=embeds[idx].to(device, dtype), pooled_prompt_embeds=pooled[idx].to(device, dtype))
         if cfg.model.family == "sd3":  # FLUX.1-dev is guidance-distilled: no negative branch
-            kwargs.update(negative_prompt_embeds=negative.expand(len(idx), -1, -1).to(device, dtype),
-                          negative_pooled_prompt_embeds=negative_pooled.expand(len(idx), -1).to(device, dtype))
+            kwargs.update(
+                negative_prompt_embeds=negative.expand(len(idx), -1, -1).to(device, dtype),
+                negative_pooled_prompt_embeds=negative_pooled.expand(len(idx), -1).to(device, dtype),
+            )
         with torch.no_grad():
-            images = pipe(**kwargs, num_inference_steps=settings.num_steps, guidance_scale=guidance,
-                          height=resolution, width=resolution, generator=generators, output_type="pil").images
+            images = pipe(
+                **kwargs,
+                num_inference_steps=settings.num_steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type="pil",
+            ).images
         for i, image in zip(idx, images):
             file = f"images/{i:05d}.png"
             image.save(out_dir / file)
             meta = prompt_set.metadata[i] if prompt_set.metadata else {}
-            records.append({"index": i, "prompt": prompt_set.prompts[i], "seed": settings.seed + i, "file": file,
-                            "metadata": meta})
+            records.append(
+                {"index": i, "prompt": prompt_set.prompts[i], "seed": settings.seed + i, "file": file, "metadata": meta}
+            )
             if len(grid_images) < settings.grid_max:
                 grid_images.append(image)
     make_grid(grid_images).save(out_dir / "grid.png")
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    settings.extra = {"pipeline": str(folder), "weights": weights, "guidance": guidance, "resolution": resolution,
-                      "family": cfg.model.family, "prompts": prompt_set.source}  # fmt: skip
+    settings.extra = {
+        "pipeline": str(folder),
+        "weights": weights,
+        "guidance": guidance,
+        "resolution": resolution,
+        "family": cfg.model.family,
+        "prompts": prompt_set.source,
+    }
     (out_dir / "sample.json").write_text(json.dumps(asdict(settings), indent=2))
     log.info("wrote %d images of %s to %s", n, settings.model, out_dir)
     return out_dir
