@@ -614,7 +614,7 @@ class Trainer:
     def _check_ranks_agree(self, round_idx: int) -> None:
         """Every rank must resume the same checkpoint (OUT on a filesystem that not all nodes share would break
         this; a rank that finds none takes part with round 0)."""
-        if not torch.distributed.is_initialized():  # the single engine: one process, no group
+        if self.cfg.engine.kind == "single":  # one process, no group
             return
         # (a world of one checks too: on one GPU, that is the NCCL group's own test of this collective)
         high, neg_low = distributed.all_reduce(torch.tensor([round_idx, -round_idx]), self.dist, "max").tolist()
