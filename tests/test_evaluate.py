@@ -8,6 +8,9 @@ import itertools
 import json
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,9 @@ from tiny_pipeline import one_thread, write_tiny_clip, write_tiny_pipeline  # no
 
 from opd_fast.config import ConfigError, config_from_dict
 from opd_fast.evaluate import geneval as G
-from opd_fast.evaluate.rewards import REWARDS, RewardError, build_reward, edit_distance, ocr_reward
+from opd_fast.evaluate.base import RewardError
+from opd_fast.evaluate.registry import REWARDS, build_reward
+from opd_fast.evaluate.rewards import edit_distance, ocr_reward
 from opd_fast.evaluate.sample import SampleSettings, sample
 from opd_fast.prompts import PromptSet
 
@@ -183,6 +188,23 @@ def test_aesthetic_head(world, tmp_path):
     torch.save({"layers.0.weight": torch.zeros(1, 768), "layers.0.bias": torch.zeros(1)}, tmp_path / "l14.pth")
     with pytest.raises(RewardError, match="the head maps 768 -> 1 but the CLIP embeds 16"):
         build_reward("aesthetic", model=str(world["clip"]), head=str(tmp_path / "l14.pth"))
+
+
+@pytest.mark.parametrize("module, sibling", [("geneval", "rewards"), ("rewards", "geneval")])
+def test_reward_modules_stand_alone_and_the_registry_knows_every_reward(module, sibling):
+    """A fresh interpreter (this session's imports would hide a missing one): each reward module loads without the
+    other, and importing the registry afterwards makes every reward known."""
+    code = (
+        f"import sys, opd_fast.evaluate.{module}\n"
+        f"print('opd_fast.evaluate.{sibling}' in sys.modules)\n"
+        "from opd_fast.evaluate.registry import REWARDS\n"
+        "print(sorted(REWARDS))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    sibling_loaded, known = run.stdout.splitlines()
+    assert sibling_loaded == "False"
+    assert known == str(["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore"])
 
 
 def test_reward_errors(world, tmp_path):

@@ -60,7 +60,7 @@ def _sample(args) -> int:
 
 def _eval(args) -> int:
     from opd_fast.evaluate.eval import evaluate_folders, load_reward_spec
-    from opd_fast.evaluate.rewards import REWARDS
+    from opd_fast.evaluate.registry import REWARDS
 
     if args.list:
         for name, cls in sorted(REWARDS.items()):
@@ -80,7 +80,7 @@ def _reporting_reward_errors(func):
     """RewardError is this package's own error: report it like the main CLI reports config errors."""
 
     def run(args) -> int:
-        from opd_fast.evaluate.rewards import RewardError
+        from opd_fast.evaluate.base import RewardError
 
         try:
             return func(args)

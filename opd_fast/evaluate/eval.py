@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from opd_fast.evaluate.rewards import Reward, RewardError, build_reward
+from opd_fast.evaluate.base import Reward, RewardError
+from opd_fast.evaluate.registry import build_reward
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # images held in memory at once

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd_fast.evaluate.rewards import ClipReward, Reward, RewardError, register
+from opd_fast.evaluate.base import ClipReward, Reward, RewardError, register
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 COLOR_TEMPLATES = [
