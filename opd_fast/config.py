@@ -155,7 +155,9 @@ class TrainConfig:
     max_nonfinite_rounds: int = 3  # rounds skipped for a NaN/inf loss or gradient before the run stops
 
 
-LORA_ZERO_STAGE = 0  # engine.zero_stage null with a LoRA student; chosen by measurement (bench/RESULTS.md)
+# engine.zero_stage null with a LoRA student; chosen by measurement: bench/RESULTS.md, section "Student update
+# engines on CPU, 2 ranks (bench/bench_engine.py)"
+LORA_ZERO_STAGE = 0
 
 
 @dataclass(kw_only=True)
@@ -165,13 +167,12 @@ class EngineConfig:
     zero_stage null means "by student kind": 3 for a full-parameter student (partitions weights, gradients and
     optimizer state), 0 for a LoRA student: its state is small enough to replicate (SD3.5-M r32: ~19 M weights, 0.3 GB
     with gradients and Adam), stage 0 all-reduces once per round where stages 2-3 communicate at every backward call,
-    and it was the fastest DeepSpeed stage for LoRA in bench/bench_engine.py (bench/RESULTS.md)."""
+    and it was the fastest DeepSpeed stage for LoRA in bench/bench_engine.py (LORA_ZERO_STAGE)."""
 
     kind: Literal["single", "ddp", "deepspeed"] = "single"
     zero_stage: int | None = None  # deepspeed only: 0..3, null = by student kind (above)
-    offload: Literal["none", "optimizer", "all"] = (
-        "none"  # deepspeed: optimizer state (stage >= 1), + weights (3) to CPU
-    )
+    # deepspeed: to CPU the optimizer state (stage >= 1), and with "all" the weights too (stage 3)
+    offload: Literal["none", "optimizer", "all"] = "none"
     bf16: bool = False  # deepspeed: bf16 weights, activations and gradients; fp32 master weights in the optimizer
     timeout_s: int = 600  # collective ops: a rank that died or hangs makes the others exit after at most this long
     persistence_threshold: int = 100_000  # ZeRO-3: parameters this small stay gathered (DeepSpeed's default)

@@ -136,7 +136,8 @@ def pick_device(requested: str | None, local_rank: int, cuda_count: int) -> torc
 def shared_store_restart_hazard(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
     """A warning when torchrun may restart the ranks (--max-restarts > 0) while they share its rendezvous store: the
     failed attempt's keys stay in that store, so a restarted group can read a dead rank's address and hang forming
-    a process group (pytorch/pytorch#135712; seen here in 1 of 3 gloo restarts, and in a ZeRO-3 run)."""
+    a process group (pytorch/pytorch#135712; how often: bench/RESULTS.md, section "torchrun restarts on a shared
+    rendezvous store")."""
     try:
         restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     except ValueError:
@@ -238,9 +239,10 @@ def finish(code: int = 0) -> NoReturn:
     A plain return can abort a run that succeeded. gloo's worker threads outlive destroy_process_group (DeepSpeed
     keeps the groups referenced) and drop finished collectives in their own time; a drop that frees a tensor Python
     has let go of takes the GIL, and during finalization that ends the thread inside C++: std::terminate, exit -6
-    ("terminate called without an active exception"). Seen after 3 of 36 complete 2-rank ZeRO-3 launches
-    (torch 2.13; pytorch/pytorch#179291); a barrier first does not help, as it holds on to the earlier work. Nothing
-    is lost: checkpoints and exports are written and renamed before this, and the metrics log is closed."""
+    ("terminate called without an active exception"); pytorch/pytorch#179291. A barrier first does not help, as it
+    holds on to the earlier work. Nothing is lost: checkpoints and exports are written and renamed before this, and
+    the metrics log is closed. How often it struck, and the fix measured: bench/RESULTS.md, section "A finished
+    multi-rank run that exited -6, and diffusers' `dtype` (CPU)"."""
     shutdown()
     exit_now(code)
 

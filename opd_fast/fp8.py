@@ -21,29 +21,18 @@ are zero-padded once; activations are padded per call only when a dimension need
 gives M = 2B*333 rows: padded for TE, free for _scaled_mm). Zero padding changes no amax and no product.
 
 Which Linear layers stay in high precision (DEFAULT_SKIP) was decided by measurement: `python
-bench/fp8_accuracy.py --per-layer` on tiny-sd3 (CPU, 2026-11-22; float32 model and reference, CFG 4.5, 64 px,
-4 samples at 5 sigmas of the 10-step grid) puts ONE layer type in FP8 at a time and reports the relative error of
-the teacher velocity; the FLOP shares are SD3.5-M's / FLUX.1-dev's Linear FLOPs at 512 px (forward hooks on the
-meta device; Linear layers are 85% / 92% of all forward FLOPs, attention the rest):
-
-    layer type                          rel. error rowwise / tensorwise   share of Linear FLOPs SD3.5-M / FLUX.1
-    MLP (ff, ff_context, proj_mlp)      0.0093 / 0.0102                   58.3% / 72.2%
-    attention q/k/v (+ add_*)           0.0045 / 0.0042                   31.1% / 25.0%
-    attention out (to_out, to_add_out)  0.0047 / 0.0053                   10.3% /  2.8%
-    input embedders (context, x)        0.0019 / 0.0033                    0.2% /  0.1%
-    adaLN modulation (norm*.linear)     0.0201 / 0.0216                    0.07% / 0.03%
-    time/text embedders                 0.0250 / 0.0253                   <0.01%
-    final projection (proj_out)         0.1067 / 0.1193                    0.01% / <0.01%
-    every Linear in FP8                 0.1119 / 0.1255
-    DEFAULT_SKIP kept high              0.0111 (rowwise)                  (bf16 alone vs fp32 here: 0.0260)
+bench/fp8_accuracy.py --per-layer` puts ONE layer type in FP8 at a time and reports the relative error of the
+teacher velocity. bench/RESULTS.md, section "FP8 teacher accuracy (tiny-sd3, CPU)", holds that table beside each
+type's share of SD3.5-M's and FLUX.1-dev's Linear FLOPs; section "FP8: the Linear layers' share of forward FLOPs
+(SD3.5-M, FLUX.1-dev)" holds how much of the whole forward the Linear layers are.
 
 The final projection, adaLN modulation and the time/text embedders carry most of the error and almost none of
 the FLOPs: the final projection's error lands in the velocity unfiltered (then amplified by CFG), adaLN's
 shift/scale/gate multiply every token of a block, and the embedders feed adaLN. They stay high, with the input
 embedders (cheap either way). FP8 stays where the FLOPs are: the attention projections and the MLPs (FLUX: the same
-in the double blocks, and the single blocks' attn / proj_mlp / proj_out). Rowwise is the default: lower error than
-tensorwise in every row but one, at the cost of one amax per row. Layers narrower than `min_features` can be kept
-too (0 by default: every block Linear of SD3.5-M and FLUX.1 is >= 1536 wide).
+in the double blocks, and the single blocks' attn / proj_mlp / proj_out). Rowwise is the default: in that table
+it errs less than tensorwise for every layer type but one, at the cost of one amax per row. Layers narrower than
+`min_features` can be kept too (0 by default: every block Linear of SD3.5-M and FLUX.1 is >= 1536 wide).
 """
 
 from __future__ import annotations
@@ -70,7 +59,7 @@ DEFAULT_SKIP = (
     "proj_out",  # the final projection (top level only: FLUX's single_transformer_blocks.*.proj_out stay FP8)
 )
 # Fast accumulation (fp8 tensor-core accumulators promoted less often) on CUDA: torchao's choice for inference
-# forwards. bench/fp8_accuracy.py measures its error on the GPU.
+# forwards. bench/fp8_accuracy.py's GPU figures include its error (it is not measured apart).
 FAST_ACCUM = True
 COMPILE_QUANTIZE = True  # fuse the activation quantization on CUDA (quantize_activation); False: eager kernels
 
