@@ -35,7 +35,7 @@ from opd_fast.models import (
     preset_arch,
     velocity,
 )
-from opd_fast.reference import apply_cfg
+from opd_fast.ops.opd_step.naive import apply_cfg
 from opd_fast.schedule import sigma_grid
 
 TEXT_TOKENS = {"sd3": 333, "flux": 512}  # CLIP 77 + T5 256 for SD3; T5 512 for FLUX.1-dev

@@ -138,7 +138,8 @@ def benchmark(
     CPU tensors."""
     import torch
 
-    from opd_fast import fused, ops
+    from opd_fast import ops
+    from opd_fast.ops.opd_step import fused
 
     dev = torch.device(device)
     timer = timer or (cuda_timer(rep) if dev.type == "cuda" else cpu_timer())
@@ -237,12 +238,12 @@ def _timed_fns(
             "full": lambda: torch.autograd.grad(forward()[1], v_s, g),
         }
     B = x.shape[0]
-    chunk_fn, fwd, bwd = fused._IMPLS[backend]()
+    chunk_fn, fwd, bwd = fused.launchers(backend)
     x_rows, noise_rows = (t.detach().reshape(B, -1) for t in (x, noise))
     v_rows = [t.detach().reshape(t.shape[0], -1) for t in (v_s, v_t)]
     N = x_rows.shape[1]
     chunk = chunk_fn(B, N, x.device)
-    coef = fused.step_coefficients(sigma, sigma_next, noise_level, N)
+    coef = fused.step_coefficients(ops.LossSpec(noise_level, backend=backend), sigma, sigma_next, N)
     noise_arg = noise_rows if noise_level else None  # as opd_step: ODE never reads the noise
     x_next, grad = torch.empty_like(x_rows), torch.empty_like(v_rows[0])
     partial = torch.empty(B, -(-N // chunk), device=x.device)
@@ -326,7 +327,8 @@ def launch(count: int, backend: str) -> None:
     for ncu to profile with a kernel-name filter and a launch count."""
     import torch
 
-    from opd_fast import fused, ops
+    from opd_fast import ops
+    from opd_fast.ops.opd_step import fused
 
     case = QUICK_CASES[-1]
     x, v_s, v_t, noise, sigma, sigma_next, g = make_inputs(case, torch.device("cuda"))
@@ -359,7 +361,7 @@ def kernel_tests(quick: bool) -> list[str] | None:
         return cmd + ["tests/test_kernels.py", "tests/test_cuda_build.py"]
     import torch
 
-    from opd_fast import fused
+    from opd_fast.ops.opd_step import fused
 
     if not fused.backend_available("cuda", torch.device("cuda")):
         print(f"CUDA backend not tested or timed: {fused.why_unavailable('cuda', torch.device('cuda'))}")

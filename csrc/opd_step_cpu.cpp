@@ -1,7 +1,7 @@
 // Fused OPD step on CPU (torch extension opd_fast._C): the fast path for CPU training.
 //
 // Every tensor is seen as contiguous (rows, N) rows; coef is (4, B) float32 = x_coef, v_coef, sbar, w, computed by
-// the host (opd_fast/fused.py) with opd_fast.reference so all backends share one scalar math. In fp32:
+// the host (opd_fast/ops/opd_step/fused.py, naive.py's math) so all backends share one scalar math. In fp32:
 //   forward   x_next = x_coef x + v_coef v_s + sbar noise            (stored in x_next's dtype)
 //             loss[b] = w[b] sum_n (v_s - v_t)^2                      (float32)
 //   backward  dv_s = 2 w[b] g[b] (v_s - v_t)                          (stored in grad's dtype)
@@ -268,7 +268,7 @@ bool simd_avx2(std::optional<bool> enable) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused OPD step (x_next, per-sample KL and its gradient) on CPU; see opd_fast/fused.py";
+  m.doc() = "Fused OPD step (x_next, per-sample KL and its gradient) on CPU; see opd_fast/ops/opd_step/fused.py";
   m.def("forward", &opd_step_forward, "fused OPD step forward (writes x_next, partial, loss)", py::arg("x"),
         py::arg("v_student"), py::arg("v_teacher"), py::arg("noise"), py::arg("coef"), py::arg("student_guidance"),
         py::arg("teacher_guidance"), py::arg("x_next"), py::arg("partial"), py::arg("loss"), py::arg("chunk"));

@@ -1,6 +1,6 @@
 // Fused OPD step, standalone CUDA kernels (cuda_runtime.h / cuda_bf16.h / cuda_fp16.h only; see opd_step_cuda.h).
 //
-// Math (fp32 in registers whatever the storage dtype; formulas as in opd_fast/kernels/opd_step.py):
+// Math (fp32 in registers whatever the storage dtype; formulas as in opd_fast/ops/opd_step/triton.py):
 //   forward   x_next = x_coef x + v_coef v_s + sbar noise,   loss[b] = w[b] sum_n (v_s - v_t)^2
 //   backward  dv_s = 2 w[b] g[b] (v_s - v_t);  CFG v = v_u + gw (v_c - v_u), dv_u = (1 - gw) dv, dv_c = gw dv
 //

@@ -114,7 +114,7 @@ void opd_step_backward_cuda(const at::Tensor& v_student, const at::Tensor& v_tea
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused OPD step on CUDA (standalone kernels in opd_step_cuda.cu); see opd_fast/fused.py";
+  m.doc() = "Fused OPD step on CUDA (standalone kernels in opd_step_cuda.cu); see opd_fast/ops/opd_step/fused.py";
   m.def("forward", &opd_step_forward_cuda, "fused OPD step forward (writes x_next, partial, loss)", py::arg("x"),
         py::arg("v_student"), py::arg("v_teacher"), py::arg("noise"), py::arg("coef"), py::arg("student_guidance"),
         py::arg("teacher_guidance"), py::arg("x_next"), py::arg("partial"), py::arg("loss"), py::arg("chunk"));

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import attention, distributed, ops
+from opd_fast import attention, distributed
 from opd_fast.checkpoint import (
     checkpoint_step,
     export_diffusers_lora,
@@ -47,6 +47,7 @@ from opd_fast.models import (
     student_forward_context,
     velocity,
 )
+from opd_fast.ops import LossSpec
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
 from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, to_device
 from opd_fast.schedule import sigma_grid
@@ -220,14 +221,7 @@ class Trainer:
         # before the models load (minutes at full size) and before anything is written
         attention.check(cfg.model.attention)
         try:
-            self.loss_spec = ops.LossSpec.resolve(
-                cfg.sampling.noise_level,
-                self.device,
-                kl_normalization=cfg.loss.kl_normalization,
-                reduction=cfg.loss.reduction,
-                estimator=cfg.loss.estimator,
-                backend=cfg.loss.backend,
-            )
+            self.loss_spec = LossSpec.from_config(cfg.loss, cfg.sampling, self.device)
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"loss.backend: {e}") from None
         self.backend = self.loss_spec.backend

@@ -180,7 +180,8 @@ def test_gpu_check_timed_functions_run_on_cpu_tensors(backend):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_check
 
-    from opd_fast import fused, ops
+    from opd_fast import ops
+    from opd_fast.ops.opd_step import fused
 
     if backend == "cpp" and "cpp" not in ops.available_backends(torch.device("cpu")):
         pytest.skip("the C++ extension opd_fast._C is not built")

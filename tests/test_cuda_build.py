@@ -1,6 +1,6 @@
-"""The CUDA C++ kernels (csrc/opd_step_cuda.cu, with nvcc) and the Triton kernels (opd_fast/kernels) compile for
-sm_90, and the CUDA kernels' vector path is 128-bit loads and stores in the SASS: compile only, no GPU needed, so CI
-catches a broken GPU build. Running them is tests/test_kernels.py's job."""
+"""The CUDA C++ kernels (csrc/opd_step_cuda.cu, with nvcc) and the Triton kernels (opd_fast/ops/opd_step/triton.py)
+compile for sm_90, and the CUDA kernels' vector path is 128-bit loads and stores in the SASS: compile only, no GPU
+needed, so CI catches a broken GPU build. Running them is tests/test_kernels.py's job."""
 
 import importlib.util
 import os
@@ -123,7 +123,7 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from opd_fast.kernels import opd_step as K
+from opd_fast.ops.opd_step import triton as K
 
 aligned = ["x_ptr", "v_student_ptr", "v_teacher_ptr", "noise_ptr", "coef_ptr", "x_next_ptr", "partial_ptr", "N"]
 fwd = {"x_ptr": "*bf16", "v_student_ptr": "*bf16", "v_teacher_ptr": "*bf16", "noise_ptr": "*bf16", "coef_ptr": "*fp32",

@@ -11,7 +11,7 @@ from conftest import capture_round_gradient, needs_cpu_rowwise
 from opd_fast import fp8
 from opd_fast.config import ModelConfig
 from opd_fast.models import Conditioning, load_transformer, velocity
-from opd_fast.reference import apply_cfg
+from opd_fast.ops.opd_step.naive import apply_cfg
 from opd_fast.teachers import TeacherError, load_teachers
 
 SCALINGS = ["rowwise", "tensorwise"]

@@ -1,10 +1,11 @@
-"""Every fused opd_step backend (cpp, triton, cuda) against a float64 twin of opd_fast.reference.
+"""Every fused opd_step backend (cpp, triton, cuda) against a float64 twin of the reference (opd_step's naive.py).
 
 TRITON_INTERPRET: on a machine without a CUDA device TRITON_INTERPRET=1 is set (by tests/conftest.py, and again
-here at import so the module also runs alone) before anything imports opd_fast.kernels, so the Triton kernels run
-on CPU tensors in the interpreter. What matters is the moment `triton.jit` decorates the kernels (it reads the
-variable then, triton 3.7), i.e. the first import of opd_fast.kernels: importing torch, triton or opd_fast earlier
-is harmless, since nothing in opd_fast imports the kernels on CPU unless the triton backend is asked for. If some
+here at import so the module also runs alone) before anything imports opd_fast.ops.opd_step.triton, so the Triton
+kernels run on CPU tensors in the interpreter. What matters is the moment `triton.jit` decorates the kernels (it
+reads the variable then, triton 3.7), i.e. the first import of opd_fast.ops.opd_step.triton: importing torch, triton
+or opd_fast earlier is harmless, since nothing in opd_fast imports the kernels on CPU unless the triton backend is
+asked for. If some
 earlier test did import them in compiled mode, the triton cases skip and say why. On a GPU machine the variable is
 left alone and the compiled kernels run on CUDA tensors.
 
@@ -20,7 +21,8 @@ import zlib
 import pytest
 import torch
 
-from opd_fast import fused, ops, reference  # imports no triton: opd_fast.kernels loads on first use of "triton"
+from opd_fast import ops
+from opd_fast.ops.opd_step import fused, naive  # imports no triton: the kernels load on first use of "triton"
 
 if not torch.cuda.is_available():  # tests/conftest.py does the same; repeated so this module also runs on its own
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -31,8 +33,8 @@ DEVICE = {"cpp": "cpu", "triton": "cuda" if GPU else "cpu", "cuda": "cuda"}
 SHAPES = [(3, 5, 7, 9), (2, 37, 24), (1, 4, 6, 6)]  # latents, packed FLUX-style tokens, B=1; N = 315, 888, 144
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NOISE_LEVELS = [0.7, 0.0]  # SDE, ODE
-NORMS = list(reference.KL_NORMALIZATIONS)
-REDUCTIONS = list(reference.REDUCTIONS)
+NORMS = list(naive.KL_NORMALIZATIONS)
+REDUCTIONS = list(naive.REDUCTIONS)
 GUIDANCE = [(None, None), (4.5, None), (None, 3.0), (4.5, 3.0)]  # (student, teacher)
 # mixed per-sample steps (sigma, sigma_next) by batch size: sigma == 1 (first step), sigma_next == 0 (last step)
 STEPS = {1: [(1.0, 0.0)], 2: [(1.0, 0.85), (0.25, 0.0)], 3: [(1.0, 0.85), (0.6, 0.3), (0.25, 0.0)]}
@@ -101,14 +103,14 @@ def _inputs(shape, dtype, device, guidance, seed=0):
 
 
 def truth(x, v_student, v_teacher, noise, sigma, sigma_next, noise_level, norm, red, guidance):
-    """reference.opd_step_reference in float64 (the reference itself computes in fp32 whatever its inputs): the
-    same fp32 per-sample scalars from reference, the elementwise work and the sums in float64."""
+    """naive.opd_step_reference in float64 (the reference itself computes in fp32 whatever its inputs): the same
+    fp32 per-sample scalars from naive.py, the elementwise work and the sums in float64."""
     B = x.shape[0]
-    x_coef, v_coef, sbar, std_t = reference.transition_coefficients(sigma, sigma_next, noise_level)
-    w = reference.loss_weight(v_coef, sbar, std_t, x[0].numel(), norm, red)
+    x_coef, v_coef, sbar, std_t = naive.transition_coefficients(sigma, sigma_next, noise_level)
+    w = naive.loss_weight(v_coef, sbar, std_t, x[0].numel(), norm, red)
     col = [c.double().view((B,) + (1,) * (x.dim() - 1)) for c in (x_coef, v_coef, sbar)]
-    v_s = reference.apply_cfg(v_student.double(), guidance[0])
-    v_t = reference.apply_cfg(v_teacher.double(), guidance[1])
+    v_s = naive.apply_cfg(v_student.double(), guidance[0])
+    v_t = naive.apply_cfg(v_teacher.double(), guidance[1])
     x_next = col[0] * x.double() + col[1] * v_s + col[2] * noise.double()
     loss = w.double() * (v_s - v_t).flatten(1).pow(2).sum(1)
     return x_next, loss
@@ -150,7 +152,7 @@ def _compare(backend, device, shape, dtype, noise_level, norm, red, guidance, up
     (loss_ref * g.double()).sum().backward()
 
     vs_pt = _leaf(v_student)
-    x_pt, loss_pt = reference.opd_step_reference(x, vs_pt, v_teacher, noise, sigma, sigma_next, *args, **kwargs)
+    x_pt, loss_pt = naive.opd_step_reference(x, vs_pt, v_teacher, noise, sigma, sigma_next, *args, **kwargs)
     (loss_pt * g).sum().backward()
 
     vs = _leaf(v_student)
@@ -236,7 +238,7 @@ def test_mixed_float64_and_strided_inputs(backend):
     ]
     for x_in, vs_in, vt_in, n_in in cases:
         vs_ref, vs_out, vt_out = _leaf(vs_in), _leaf(vs_in), _leaf(vt_in)
-        x_ref, loss_ref = reference.opd_step_reference(x_in, vs_ref, vt_in, n_in, sigma, sigma_next, 0.7)
+        x_ref, loss_ref = naive.opd_step_reference(x_in, vs_ref, vt_in, n_in, sigma, sigma_next, 0.7)
         x_out, loss = ops.opd_step(x_in, vs_out, vt_out, n_in, sigma, sigma_next, 0.7, backend=backend)
         loss_ref.sum().backward()
         loss.sum().backward()
@@ -249,11 +251,11 @@ def test_mixed_float64_and_strided_inputs(backend):
 @pytest.mark.parametrize("norm, red", list(itertools.product(NORMS, REDUCTIONS)))
 @pytest.mark.parametrize("noise_level", NOISE_LEVELS)
 def test_truth_is_the_reference(noise_level, norm, red):
-    """The float64 twin above agrees with reference.opd_step_reference (fp32) to fp32 accuracy."""
+    """The float64 twin above agrees with naive.opd_step_reference (fp32) to fp32 accuracy."""
     guidance = (4.5, 3.0)
     x, v_s, v_t, noise, sigma, sigma_next = _inputs((3, 5, 7, 9), torch.float32, "cpu", guidance)
     kwargs = {"kl_normalization": norm, "reduction": red, "student_guidance": 4.5, "teacher_guidance": 3.0}
-    x_pt, loss_pt = reference.opd_step_reference(x, v_s, v_t, noise, sigma, sigma_next, noise_level, **kwargs)
+    x_pt, loss_pt = naive.opd_step_reference(x, v_s, v_t, noise, sigma, sigma_next, noise_level, **kwargs)
     x_ref, loss_ref = truth(x, v_s, v_t, noise, sigma, sigma_next, noise_level, norm, red, guidance)
     torch.testing.assert_close(x_pt.double(), x_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_pt.double(), loss_ref, rtol=1e-5, atol=1e-5)
@@ -285,7 +287,7 @@ def test_unavailable_backend_raises_the_reason(monkeypatch):
         ops.opd_step(x, v_s, v_t, noise, sigma, sigma_next, 0.7, backend="cpp")
     assert ops.resolve_backend("auto", "cpu") == "reference"
 
-    kernels = real_import("opd_fast.kernels")[0]
+    kernels = real_import("opd_fast.ops.opd_step.triton")[0]
     if kernels is not None:
         monkeypatch.setattr(kernels, "INTERPRETED", False)
         with pytest.raises(RuntimeError, match="triton on CPU tensors needs TRITON_INTERPRET=1"):
@@ -304,7 +306,7 @@ def test_coefficient_table_holds_each_steps_scalars_bit_for_bit(noise_level, nor
     table = spec.coefficient_table(sigmas, 4096, 3, "cpu")
     assert table.shape == (10, 4, 3) and table.is_contiguous()
     for j in range(10):
-        want = fused.step_coefficients(sigmas[j].expand(3), sigmas[j + 1].expand(3), noise_level, 4096, norm, red)
+        want = fused.step_coefficients(spec, sigmas[j].expand(3), sigmas[j + 1].expand(3), 4096)
         torch.testing.assert_close(table[j], want, rtol=0, atol=0)
 
 

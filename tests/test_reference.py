@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from opd_fast.ops import opd_step
-from opd_fast.reference import apply_cfg, transition_coefficients
+from opd_fast.ops.opd_step.naive import apply_cfg, transition_coefficients
 
 
 def _rand(*shape, seed=0):

@@ -1,8 +1,9 @@
 """Flow-matching pieces the demo's own stages share: the model, text conditioning, the sampler, the training loss,
 and the compute meter that puts every method on one budget.
 
-The sampler steps with opd_fast.reference.transition_coefficients on the sigma grid of opd_fast.schedule, i.e. the
-same transition math the trainer's rollouts use; velocities come from opd_fast.models.velocity.
+The sampler steps with transition_coefficients (opd_fast/ops/opd_step/naive.py) on the sigma grid of
+opd_fast.schedule, i.e. the same transition math the trainer's rollouts use; velocities come from
+opd_fast.models.velocity.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from opd_fast.models import Conditioning, velocity
+from opd_fast.ops.opd_step.naive import apply_cfg, transition_coefficients
 from opd_fast.prompts import BuiltinTextEncoder
-from opd_fast.reference import apply_cfg, transition_coefficients
 from opd_fast.schedule import sigma_grid
 
 # A small SD3 transformer over the 16x16 RGB image itself: patch 2 -> 64 image tokens; in/out channels 3 (no VAE).

@@ -2,8 +2,8 @@
 
 Each sample is one contiguous row of N elements (B, C, H, W latents and packed (B, tokens, D) FLUX latents look
 the same here). Per-sample scalars come precomputed by the host as a (4, B) float32 tensor `coef` with rows
-x_coef, v_coef, sbar, w (see opd_fast.reference.transition_coefficients / loss_weight), so every backend shares the
-same scalar math. With v_s, v_t the (optionally CFG-guided) velocities, all in fp32 registers:
+x_coef, v_coef, sbar, w (naive.transition_coefficients / loss_weight, via fused.step_coefficients), so every backend
+shares the same scalar math. With v_s, v_t the (optionally CFG-guided) velocities, all in fp32 registers:
 
     forward   x_next[b]  = x_coef[b] * x + v_coef[b] * v_s + sbar[b] * noise        (stored in x's dtype)
               loss[b]    = w[b] * sum_n (v_s - v_t)^2                                (float32)
@@ -18,7 +18,8 @@ numbers and the gradients downstream of it) would change from run to run; reprod
 Offsets are int64 (a (8, 16, 128, 128) bf16 latent is 2M elements per tensor, but a FLUX batch or a CFG-stacked
 (2B, N) velocity can pass 2^31 elements). Block size is chosen by the host (no autotune: it needs a GPU to
 benchmark and fails under TRITON_INTERPRET=1). Set TRITON_INTERPRET=1 before this module is imported to run the
-kernels on CPU tensors: `triton.jit` decides compiled vs interpreted when it decorates.
+kernels on CPU tensors: `triton.jit` decides compiled vs interpreted when it decorates (INTERPRETED says which).
+The launchers `forward` and `backward` share their calling convention with the csrc extensions (fused.launchers).
 """
 
 from __future__ import annotations
@@ -128,14 +129,16 @@ def opd_step_bwd_kernel(
         tl.store(grad_ptr + row + offs, grad.to(out_ty), mask=mask)
 
 
+# triton.jit returns an InterpretedFunction instead of a JITFunction when TRITON_INTERPRET=1 was set at decoration.
+INTERPRETED = type(opd_step_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _num_warps(block: int) -> int:
     # >= 8 elements per thread, so bf16/fp16 get 16-byte accesses too; up to 8 warps to keep loads in flight.
     return max(1, min(8, block // 256))
 
 
-def opd_step_forward(
-    x, v_student, v_teacher, noise, coef, student_guidance, teacher_guidance, x_next, partial, loss, block
-):
+def forward(x, v_student, v_teacher, noise, coef, student_guidance, teacher_guidance, x_next, partial, loss, block):
     """Launch the forward on (B, N) rows, `block` (a power of 2) elements per program. noise=None skips the noise
     read. Outputs are written in place: x_next (B, N), partial (B, cdiv(N, block)) float32, loss (B,) float32."""
     B, N = x.shape
@@ -164,7 +167,7 @@ def opd_step_forward(
     opd_step_loss_kernel[(B,)](partial, coef, loss, B, num_chunks, BLOCK_C=block_c, num_warps=4)
 
 
-def opd_step_backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, block):
+def backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, block):
     """Launch the backward: grad (shaped like v_student, (B or 2B, N)) = 2 w g (v_s - v_t), split by CFG."""
     B = coef.shape[1]
     N = v_student.shape[1]

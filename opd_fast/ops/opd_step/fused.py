@@ -1,12 +1,15 @@
 """Fused backends of opd_step: one pass forward (x_next and the per-sample loss), one pass backward (dL/dv_student).
 
-    triton  opd_fast.kernels (opd_fast/kernels/opd_step.py): CUDA tensors; CPU tensors only under TRITON_INTERPRET=1
-            set before opd_fast.kernels is imported (the interpreter is slow, so it is never picked automatically)
+    triton  opd_fast.ops.opd_step.triton (triton.py beside this file): CUDA tensors; CPU tensors only under
+            TRITON_INTERPRET=1 set before that module is imported (the interpreter is slow, so it is never picked
+            automatically)
     cuda    opd_fast._C_cuda (csrc/opd_step_cuda.cu + csrc/opd_step_cuda_binding.cpp): CUDA tensors
     cpp     opd_fast._C (csrc/opd_step_cpu.cpp, OpenMP): CPU tensors; the fast path for CPU training
 
-The per-sample scalars (x_coef, v_coef, sbar, w) are computed here in torch with opd_fast.reference, so every backend
-shares one scalar math and the kernels only do the elementwise work and the per-sample reduction (see OpdStep).
+Each backend is a module (KERNEL_MODULES, imported on first use) with forward and backward launchers of one calling
+convention. The per-sample scalars (x_coef, v_coef, sbar, w) are computed here in torch with naive.py's math, so
+every backend shares one scalar math and the kernels only do the elementwise work and the per-sample reduction (see
+OpdStep). The loss's modes arrive as one LossSpec (opd_fast/ops/opd_step/__init__.py).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import importlib
 import torch
 from torch.autograd.function import once_differentiable
 
-from opd_fast import reference
+from opd_fast.ops.opd_step import naive
 
-FUSED_BACKENDS = ("triton", "cuda", "cpp")
+# backend -> the module of its kernels; each has forward(...) and backward(...) as documented at `launchers`
+KERNEL_MODULES = {"triton": "opd_fast.ops.opd_step.triton", "cuda": "opd_fast._C_cuda", "cpp": "opd_fast._C"}
+FUSED_BACKENDS = tuple(KERNEL_MODULES)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` in the repository"
 
@@ -68,38 +73,38 @@ def why_unavailable(name: str, device: torch.device | None = None) -> str:
 
 
 def _reason(name: str, device: torch.device | None) -> str | None:
+    if name not in KERNEL_MODULES:
+        return f"unknown fused backend {name!r}; fused backends are {FUSED_BACKENDS}"
+    module = KERNEL_MODULES[name]
     if name == "cpp":
-        if _import("opd_fast._C")[0] is None:
-            return f"opd_fast._C is not built: {_BUILD_HINT} (needs a C++ compiler); {_import('opd_fast._C')[1]}"
+        if _import(module)[0] is None:
+            return f"{module} is not built: {_BUILD_HINT} (needs a C++ compiler); {_import(module)[1]}"
         if device is None or device.type != "cpu":
-            return "the cpp backend (opd_fast._C) runs on CPU tensors only"
+            return f"the cpp backend ({module}) runs on CPU tensors only"
         return None
     if name == "cuda":
         if torch.version.cuda is None:
-            return f"opd_fast._C_cuda needs a CUDA build of torch (this torch {torch.__version__} is CPU-only)"
-        if _import("opd_fast._C_cuda")[0] is None:
+            return f"{module} needs a CUDA build of torch (this torch {torch.__version__} is CPU-only)"
+        if _import(module)[0] is None:
             return (
-                f"opd_fast._C_cuda is not built: {_BUILD_HINT} with CUDA_HOME pointing at a CUDA toolkit; "
-                f"{_import('opd_fast._C_cuda')[1]}"
+                f"{module} is not built: {_BUILD_HINT} with CUDA_HOME pointing at a CUDA toolkit; {_import(module)[1]}"
             )
         if not torch.cuda.is_available():
             return "no CUDA device is visible"
         if device is None or device.type != "cuda":
-            return "the cuda backend (opd_fast._C_cuda) runs on CUDA tensors only"
+            return f"the cuda backend ({module}) runs on CUDA tensors only"
         return None
-    if name == "triton":
-        kernels, err = _import("opd_fast.kernels")
-        if kernels is None:
-            return f"triton is not installed or opd_fast.kernels failed to import ({err})"
-        if kernels.INTERPRETED:
-            return None  # the interpreter takes CPU and CUDA tensors
-        if device is not None and device.type == "cuda" and torch.cuda.is_available():
-            return None
-        return (
-            "triton on CPU tensors needs TRITON_INTERPRET=1 set before opd_fast.kernels (and triton.jit) is imported; "
-            "compiled triton runs on CUDA tensors only"
-        )
-    return f"unknown fused backend {name!r}; fused backends are {FUSED_BACKENDS}"
+    kernels, err = _import(module)  # triton
+    if kernels is None:
+        return f"triton is not installed or {module} failed to import ({err})"
+    if kernels.INTERPRETED:
+        return None  # the interpreter takes CPU and CUDA tensors
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return None
+    return (
+        f"triton on CPU tensors needs TRITON_INTERPRET=1 set before {module} (and triton.jit) is imported; "
+        "compiled triton runs on CUDA tensors only"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -131,7 +136,7 @@ def _triton_chunk(B: int, N: int, device: torch.device) -> int:
 
 
 def _cuda_chunk(B: int, N: int, device: torch.device) -> int:
-    quantum = _import("opd_fast._C_cuda")[0].CHUNK_QUANTUM
+    quantum = _import(KERNEL_MODULES["cuda"])[0].CHUNK_QUANTUM
     if _CHUNK_OVERRIDE is not None:
         return -(-_CHUNK_OVERRIDE // quantum) * quantum
     return _gpu_chunk(B, N, device, largest=4 * quantum, smallest=quantum)
@@ -141,33 +146,22 @@ def _cpp_chunk(B: int, N: int, device: torch.device) -> int:
     return _CHUNK_OVERRIDE if _CHUNK_OVERRIDE is not None else _CPP_CHUNK
 
 
-def _triton_impl():
-    kernels = _import("opd_fast.kernels")[0]
-    return _triton_chunk, kernels.opd_step_forward, kernels.opd_step_backward
+_CHUNK_RULES = {"triton": _triton_chunk, "cuda": _cuda_chunk, "cpp": _cpp_chunk}
 
 
-def _extension_impl(module: str, chunk_fn):
-    def impl():
-        ext = _import(module)[0]
-        return chunk_fn, ext.forward, ext.backward
-
-    return impl
-
-
-# name -> () -> (chunk(B, N, device), forward(...), backward(...)); all three share one calling convention:
-#   forward(x, v_student, v_teacher, noise | None, coef, student_guidance, teacher_guidance, x_next, partial, loss,
-#           chunk)
-#   backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, chunk)
-_IMPLS = {
-    "triton": _triton_impl,
-    "cuda": _extension_impl("opd_fast._C_cuda", _cuda_chunk),
-    "cpp": _extension_impl("opd_fast._C", _cpp_chunk),
-}
+def launchers(name: str):
+    """(chunk(B, N, device), forward, backward) of fused backend `name` (available: see backend_available). The
+    launchers of every backend share one calling convention, on (rows, N) contiguous tensors, outputs preallocated:
+        forward(x, v_student, v_teacher, noise | None, coef, student_guidance, teacher_guidance, x_next, partial,
+                loss, chunk)
+        backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, chunk)"""
+    kernels = _import(KERNEL_MODULES[name])[0]
+    return _CHUNK_RULES[name], kernels.forward, kernels.backward
 
 
 def _kernel_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """One storage dtype for a pair of operands (x and noise; v_student and v_teacher). Anything outside
-    fp32/bf16/fp16 (float64) runs as fp32, which is what opd_fast.reference computes in anyway."""
+    fp32/bf16/fp16 (float64) runs as fp32, which is what the reference (naive.py) computes in anyway."""
     dtype = torch.promote_types(a, b)
     return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
@@ -191,7 +185,7 @@ class OpdStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v_student, v_teacher, noise, coef, backend, student_guidance, teacher_guidance):
-        chunk_fn, forward, _ = _IMPLS[backend]()
+        chunk_fn, forward, _ = launchers(backend)
         B, device = x.shape[0], x.device
         x_dtype = _kernel_dtype(x.dtype, x.dtype if noise is None else noise.dtype)
         v_dtype = _kernel_dtype(v_student.dtype, v_teacher.dtype)
@@ -234,7 +228,7 @@ class OpdStep(torch.autograd.Function):
         none = (None,) * 8
         if grad_loss is None or not ctx.needs_input_grad[1]:
             return none
-        _, _, backward = _IMPLS[ctx.backend]()
+        _, _, backward = launchers(ctx.backend)
         v_student_rows, v_teacher_rows, coef = ctx.saved_tensors
         grad = _empty(v_student_rows.shape, v_student_rows.dtype, v_student_rows.device)
         # grad_loss keeps its strides: loss.sum() gives a stride-0 expand of ones, which the kernels read as is.
@@ -247,8 +241,9 @@ _COEF_CACHE: dict[tuple, torch.Tensor] = {}
 _COEF_CACHE_SIZE = 256
 
 
-def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="exact", reduction="sum", cache=True):
-    """(4, B) float32 = x_coef, v_coef, sbar, w from opd_fast.reference: the one scalar math of all backends.
+def step_coefficients(spec, sigma, sigma_next, numel, cache=True):
+    """(4, B) float32 = x_coef, v_coef, sbar, w with naive.py's math (transition_coefficients, loss_weight) under
+    the modes of `spec` (a LossSpec): the one scalar math of all backends.
 
     For CPU sigmas the result is memoised by value: a sampling grid has a handful of distinct steps, and these ~15
     tiny torch ops cost as much as the fused CPU kernel itself at 512 px. CUDA sigmas are recomputed every time
@@ -256,12 +251,12 @@ def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="e
     """
     key = None
     if cache and sigma.device.type == "cpu" and sigma_next.device.type == "cpu":
-        key = (tuple(sigma.tolist()), tuple(sigma_next.tolist()), float(noise_level), numel, kl_normalization)
-        key += (reduction,)
+        key = (tuple(sigma.tolist()), tuple(sigma_next.tolist()), float(spec.noise_level), numel)
+        key += (spec.kl_normalization, spec.reduction)
         if (coef := _COEF_CACHE.get(key)) is not None:
             return coef
-    x_coef, v_coef, sbar, std_t = reference.transition_coefficients(sigma, sigma_next, noise_level)
-    w = reference.loss_weight(v_coef, sbar, std_t, numel, kl_normalization, reduction)
+    x_coef, v_coef, sbar, std_t = naive.transition_coefficients(sigma, sigma_next, spec.noise_level)
+    w = naive.loss_weight(v_coef, sbar, std_t, numel, spec.kl_normalization, spec.reduction)
     coef = torch.stack([x_coef, v_coef, sbar, w]).contiguous()
     if key is not None:
         if len(_COEF_CACHE) >= _COEF_CACHE_SIZE:
@@ -271,29 +266,15 @@ def step_coefficients(sigma, sigma_next, noise_level, numel, kl_normalization="e
 
 
 def opd_step_fused(
-    name,
-    x,
-    v_student,
-    v_teacher,
-    noise,
-    sigma,
-    sigma_next,
-    noise_level,
-    *,
-    kl_normalization="exact",
-    reduction="sum",
-    student_guidance=None,
-    teacher_guidance=None,
-    coef=None,
+    spec, x, v_student, v_teacher, noise, sigma, sigma_next, *, student_guidance=None, teacher_guidance=None, coef=None
 ):
-    """opd_step on fused backend `name` (availability already checked by opd_fast.ops.resolve_backend). coef: the
-    (4, B) per-sample scalars when the caller has them (ops.LossSpec.coefficient_table); else computed here."""
-    if name not in _IMPLS:
-        raise ValueError(f"unknown fused backend {name!r}; fused backends are {FUSED_BACKENDS}")
+    """opd_step on the fused backend and with the modes of `spec` (a LossSpec whose backend opd_step's dispatch
+    resolved, availability checked). coef: the (4, B) per-sample scalars when the caller has them
+    (LossSpec.coefficient_table); else computed here."""
+    if spec.backend not in KERNEL_MODULES:
+        raise ValueError(f"unknown fused backend {spec.backend!r}; fused backends are {FUSED_BACKENDS}")
     if coef is None:
-        coef = step_coefficients(
-            sigma.to(x.device), sigma_next.to(x.device), noise_level, x[0].numel(), kl_normalization, reduction
-        )
+        coef = step_coefficients(spec, sigma.to(x.device), sigma_next.to(x.device), x[0].numel())
     # noise_level == 0 makes every sbar exactly 0: skip reading noise (a fifth of the forward's traffic)
-    noise = noise if float(noise_level) != 0 else None
-    return OpdStep.apply(x, v_student, v_teacher, noise, coef, name, student_guidance, teacher_guidance)
+    noise = noise if float(spec.noise_level) != 0 else None
+    return OpdStep.apply(x, v_student, v_teacher, noise, coef, spec.backend, student_guidance, teacher_guidance)

@@ -1,7 +1,14 @@
 """`opd_step`: one OPD transition and its loss, with the ONE place that decides which backend runs.
 
-Backends: "reference" (plain PyTorch, opd_fast.reference), "triton" (opd_fast.kernels, CUDA or TRITON_INTERPRET=1),
-"cuda" and "cpp" (the csrc extension opd_fast._C). "auto" picks the fastest one available for the tensors' device.
+    naive.py    backend "reference": the plain fp32 PyTorch twin every fast backend is tested against; the math
+    fused.py    the autograd Function of the fused backends, their per-step scalars, chunking and availability:
+                "triton" (triton.py; CUDA tensors, CPU tensors only under TRITON_INTERPRET=1), "cuda"
+                (opd_fast._C_cuda) and "cpp" (opd_fast._C), the last two built from csrc/
+    triton.py   the Triton kernels
+
+"auto" picks the fastest backend available for the tensors' device. The loss's modes (noise level, KL
+normalization, reduction, estimator, backend) travel as one frozen LossSpec, built once per run from the config
+(`LossSpec.from_config`) or once per call by `opd_step`; the tensors and the guidance stay per call.
 """
 
 from __future__ import annotations
@@ -11,18 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_fast import reference
+from opd_fast.ops.opd_step import fused, naive
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "reference", "triton", "cuda", "cpp")
+BACKENDS = ("auto", "reference", *fused.FUSED_BACKENDS)
 _announced: set[tuple[str, str]] = set()
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on `device`, fastest first; "reference" always last."""
     device = torch.device(device)
-    from opd_fast import fused
-
     return [name for name in fused.backend_order(device) if fused.backend_available(name, device)] + ["reference"]
 
 
@@ -35,14 +40,11 @@ def resolve_backend(backend: str, device: torch.device | str, estimator: str = "
         return "reference"
     if backend == "auto":
         return available_backends(device)[0]
-    if backend != "reference":
-        from opd_fast import fused
-
-        # checked directly, not via available_backends: an explicit request may name a backend that "auto" never
-        # picks on this device (triton on CPU tensors under TRITON_INTERPRET=1, for tests)
-        if not fused.backend_available(backend, device):
-            why = fused.why_unavailable(backend, device)
-            raise RuntimeError(f"opd_step backend {backend!r} is not available on {device}: {why}")
+    # checked directly, not via available_backends: an explicit request may name a backend that "auto" never picks
+    # on this device (triton on CPU tensors under TRITON_INTERPRET=1, for tests)
+    if backend != "reference" and not fused.backend_available(backend, device):
+        why = fused.why_unavailable(backend, device)
+        raise RuntimeError(f"opd_step backend {backend!r} is not available on {device}: {why}")
     return backend
 
 
@@ -59,9 +61,9 @@ class LossSpec:
 
     def __post_init__(self):
         for name, value, allowed in (
-            ("kl_normalization", self.kl_normalization, reference.KL_NORMALIZATIONS),
-            ("reduction", self.reduction, reference.REDUCTIONS),
-            ("estimator", self.estimator, reference.ESTIMATORS),
+            ("kl_normalization", self.kl_normalization, naive.KL_NORMALIZATIONS),
+            ("reduction", self.reduction, naive.REDUCTIONS),
+            ("estimator", self.estimator, naive.ESTIMATORS),
             ("backend", self.backend, BACKENDS[1:]),
         ):
             if value not in allowed:
@@ -82,17 +84,26 @@ class LossSpec:
             float(noise_level), kl_normalization, reduction, estimator, resolve_backend(backend, device, estimator)
         )
 
+    @classmethod
+    def from_config(cls, loss, sampling, device) -> LossSpec:
+        """The run's spec from its config sections: `loss` (kl_normalization, reduction, estimator, backend) and
+        `sampling` (noise_level), with the backend resolved for `device`."""
+        return cls.resolve(
+            sampling.noise_level,
+            device,
+            kl_normalization=loss.kl_normalization,
+            reduction=loss.reduction,
+            estimator=loss.estimator,
+            backend=loss.backend,
+        )
+
     def coefficient_table(self, sigmas: torch.Tensor, numel: int, batch: int, device) -> torch.Tensor:
         """(steps, 4, batch) float32 on `device`: step j's per-sample scalars (x_coef, v_coef, sbar, w) on the grid
         `sigmas` (steps + 1,), for every sample of a batch at step j. Made once on the host and uploaded once: the
         fused op then launches no scalar kernels per step (on CUDA that was ~30 tiny launches per opd_step). The
-        same reference math as step_coefficients, so the rows are bit for bit what it would compute."""
-        from opd_fast import fused
-
+        same reference math as fused.step_coefficients, so the rows are bit for bit what it would compute."""
         host = sigmas.detach().to("cpu", torch.float32)
-        table = fused.step_coefficients(
-            host[:-1], host[1:], self.noise_level, numel, self.kl_normalization, self.reduction, cache=False
-        )  # (4, steps)
+        table = fused.step_coefficients(self, host[:-1], host[1:], numel, cache=False)  # (4, steps)
         return table.t()[:, :, None].expand(-1, -1, batch).contiguous().to(device)
 
     def step(
@@ -112,9 +123,8 @@ class LossSpec:
         backends (the reference computes from sigma, the values the table was made from)."""
         _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance)
         guidance = dict(student_guidance=student_guidance, teacher_guidance=teacher_guidance)
-        modes = dict(kl_normalization=self.kl_normalization, reduction=self.reduction)
         if self.backend == "reference":
-            return reference.opd_step_reference(
+            return naive.opd_step_reference(
                 x,
                 v_student,
                 v_teacher,
@@ -122,25 +132,12 @@ class LossSpec:
                 sigma,
                 sigma_next,
                 self.noise_level,
+                kl_normalization=self.kl_normalization,
+                reduction=self.reduction,
                 estimator=self.estimator,
-                **modes,
                 **guidance,
             )
-        from opd_fast import fused
-
-        return fused.opd_step_fused(
-            self.backend,
-            x,
-            v_student,
-            v_teacher,
-            noise,
-            sigma,
-            sigma_next,
-            self.noise_level,
-            coef=coef,
-            **modes,
-            **guidance,
-        )
+        return fused.opd_step_fused(self, x, v_student, v_teacher, noise, sigma, sigma_next, coef=coef, **guidance)
 
 
 def opd_step(
@@ -164,7 +161,7 @@ def opd_step(
     x, noise: (B, ...) latents, (B, C, H, W) or packed (B, tokens, D). v_student, v_teacher: the same shape, or
     (2B, ...) = [unconditional; conditional] when the matching *_guidance is given (CFG fused into the op).
     sigma, sigma_next: (B,) so each sample may sit at its own step. Returns x_next (detached, x.dtype) and loss
-    (B,) float32 whose gradient reaches v_student only. See opd_fast.reference for the math.
+    (B,) float32 whose gradient reaches v_student only. See opd_fast/ops/opd_step/naive.py for the math.
     """
     spec = LossSpec.resolve(
         noise_level,

@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference of one OPD transition: the twin every fast backend is tested against.
+"""The plain PyTorch opd_step (backend "reference"): the readable twin every fast backend is tested against, and
+the per-step scalars (transition_coefficients, loss_weight) that the fused backends share.
 
 All math runs in float32 (bf16 overflows in the SDE coefficients). Notation (SPEC section 1), per sample b:
 
