@@ -5,6 +5,8 @@ setup.py imports torch to build the extensions against it, so install torch firs
 """
 
 import os
+import re
+from pathlib import Path
 
 import torch
 from setuptools import find_packages, setup
@@ -46,13 +48,20 @@ def extensions():
 
 
 CPU_STACK = ["torch==2.13.0", "triton==3.7.1"]  # torch pinned: an unpinned torch pulls the multi-GB CUDA build
+# the version lives in opd_fast/__init__.py alone (`opd-fast --version` prints it); read, not imported: importing the
+# package here would need its dependencies at build time
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"$', (Path(__file__).parent / "opd_fast" / "__init__.py").read_text(), re.MULTILINE
+).group(1)
 
 setup(
     name="opd-fast",
-    version="0.1.0",
+    version=VERSION,
     description="High-throughput multi-task on-policy distillation (DiffusionOPD) for SD3.5 / FLUX",
     python_requires=">=3.10",
     packages=find_packages(include=["opd_fast", "opd_fast.*"]),
+    # the built-in configs and the tiny world (opd_fast.resources), a copy of configs/ that tests keep identical
+    package_data={"opd_fast": ["builtin/*.yaml", "builtin/tiny/*/*", "builtin/tiny/teachers/*/*"]},
     install_requires=[
         "torch>=2.5",
         "diffusers>=0.40",

@@ -1,4 +1,6 @@
-"""`opd-fast` command line: train (and the other verbs as they land)."""
+"""opd-fast: multi-task on-policy distillation of diffusion students (DiffusionOPD). Commands: train (a run from a
+YAML config; without one, the built-in tiny CPU run), demo (the paper's comparison in miniature on a CPU),
+tiny-world (write the tiny run's prompts and teachers), sample and eval (a student's images and their rewards)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,15 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = Path("configs/tiny.yaml")
+from opd_fast import __version__
 
 
 def _train(args) -> int:
     from opd_fast.config import load_config
+    from opd_fast.resources import TINY_CONFIG, builtin_path
     from opd_fast.trainer import Trainer
 
-    config = Path(args.config) if args.config else DEFAULT_CONFIG
-    cfg = load_config(config, args.set)
+    cfg = load_config(args.config or builtin_path(TINY_CONFIG), args.set)
     trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device)
     if args.profile_steps is not None:
         from opd_fast.profiling import CaptureWindow
@@ -57,6 +59,7 @@ def _profile_window(spec: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # The deepspeed launcher passes --local_rank=N before the verb; torchrun exports LOCAL_RANK only.
     parser.add_argument(
@@ -69,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="multi-task on-policy distillation of a student from task teachers")
-    train.add_argument("config", nargs="?", help=f"YAML run config (default: {DEFAULT_CONFIG}, the tiny CPU run)")
+    train.add_argument(
+        "config", nargs="?", help="YAML run config (default: the built-in tiny CPU run, configs/tiny.yaml)"
+    )
     train.add_argument("--out", required=True, help="output folder: checkpoints, metrics.jsonl, lora_diffusers/")
     train.add_argument(
         "--set",

@@ -3,7 +3,8 @@ in each layout a teacher may come in (peft adapter folder, diffusers LoRA file, 
 
 The teachers here are seeded random LoRAs: fixtures that make distillation measurable (the student must move from
 the base towards three different, prompt-conditioned targets), not trained task experts; the demo
-(`opd-fast demo`) trains real ones. `python -m opd_fast.tiny_world DIR` writes them; configs/tiny/ holds a copy.
+(`opd-fast demo`) trains real ones. `opd-fast tiny-world DIR` writes them; configs/tiny/ holds a copy, and
+opd_fast/builtin/tiny/ the same bytes inside the package (opd_fast.resources).
 """
 
 from __future__ import annotations
