@@ -159,5 +159,77 @@ def test_demo_is_an_opd_fast_subcommand():
     from opd_fast.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--out", "somewhere", "--quick", "--workers", "1"])
-    assert (args.out, args.quick, args.workers, args.force) == ("somewhere", True, 1, False)
+    assert (args.out, args.quick, args.workers, args.force, args.only) == ("somewhere", True, 1, False, None)
     assert args.func.__module__ == "opd_fast.demo.cli"
+    assert build_parser().parse_args(["demo", "--out", "x", "--only", "teacher/glyph"]).only == "teacher/glyph"
+
+
+# -- the plan: registered stages, the roster, one stage and what it needs ------------------------------------------
+def test_every_planned_stage_kind_is_registered_and_every_registered_kind_is_planned():
+    from opd_fast.demo.run import PRESETS, plan
+    from opd_fast.demo.stages import STAGES
+
+    for preset in PRESETS.values():
+        stages = plan(preset)
+        assert {s.kind for s in stages} == set(STAGES)
+        seen = set()
+        for s in stages:  # dependency order: every input is planned before the stage that reads it
+            assert set(s.deps) <= seen, s.name
+            seen.add(s.name)
+
+
+def test_roster_names_the_planned_models_and_real_prompts():
+    from opd_fast.demo import roster
+    from opd_fast.demo.run import PRESETS, plan
+
+    names = {s.name for s in plan(PRESETS["quick"])}
+    assert set(roster.DESCRIPTIONS) == set(roster.EVALUATED) <= names
+    assert {f"eval/{m}" for m in roster.EVALUATED} <= names
+    assert set(roster.CURVES) <= set(roster.EVALUATED) and {roster.STUDENT, roster.JOINT} <= set(roster.CURVES)
+    for task, prompts in roster.SAMPLE_PROMPTS.items():
+        assert set(prompts) <= {r["prompt"] for r in world.task_prompts(task)}, task
+
+
+def test_only_runs_a_stage_and_everything_it_needs():
+    from opd_fast.config import ConfigError
+    from opd_fast.demo.run import PRESETS, needed_for, plan
+
+    stages = plan(PRESETS["quick"])
+    assert [s.name for s in needed_for(stages, "prompts")] == ["prompts"]
+    assert [s.name for s in needed_for(stages, "eval/opd-sde")] == [
+        "prompts",
+        "base",
+        "teacher/composition",
+        "teacher/glyph",
+        "teacher/aesthetic",
+        "opd-sde",
+        "eval/opd-sde",
+    ]
+    with pytest.raises(ConfigError, match="no stage 'teacher/ocr'.*teacher/glyph"):
+        needed_for(stages, "teacher/ocr")
+
+
+def test_the_demo_modules_import_one_another_without_a_cycle():
+    """Every import between opd_fast.demo's modules, at the top or inside a function: the graph has no cycle."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    import opd_fast.demo
+
+    folder = Path(opd_fast.demo.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "opd_fast.demo":
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opd_fast.demo."):
+                imported.add(node.module.removeprefix("opd_fast.demo."))
+            elif isinstance(node, ast.Import):
+                imported |= {
+                    a.name.removeprefix("opd_fast.demo.") for a in node.names if a.name.startswith("opd_fast.demo.")
+                }
+        graph[path.stem] = imported
+    assert graph["report"] >= {"roster"} and "run" not in graph["report"]
+    tuple(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle

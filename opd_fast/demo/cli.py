@@ -8,7 +8,7 @@ import argparse
 def _demo(args) -> int:
     from opd_fast.demo.run import run_demo
 
-    run_demo(args.out, quick=args.quick, force=args.force, cache=args.cache, workers=args.workers)
+    run_demo(args.out, quick=args.quick, force=args.force, cache=args.cache, workers=args.workers, only=args.only)
     return 0
 
 
@@ -20,7 +20,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
         help="the paper's comparison in miniature on a CPU: pretrain, teachers, OPD student, baselines",
         description="Pretrain a tiny SD3-architecture base, train one teacher per task (composition, glyph, "
         "aesthetic), distill them into one student with on-policy distillation (the trainer of "
-        "`opd-fast train`, configs/demo.yaml), run the baselines on the same budget, and write "
+        "`opd-fast train`, on the built-in configs/demo.yaml), run the baselines on the same budget, and write "
         "OUT/results.md, results.json, samples.png, curves.png, gradient_variance.png. Every stage is "
         "cached, so a second run only writes the report.",
     )
@@ -33,6 +33,13 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="stages run in parallel (default: min(2, CPU count); 1 runs in this process)",
+    )
+    demo.add_argument(
+        "--only",
+        default=None,
+        metavar="STAGE",
+        help="run only STAGE and the stages it needs, then stop without a report (e.g. prompts, base, "
+        "teacher/glyph, opd-ode, eval/opd-ode; an unknown name lists them all)",
     )
     demo.set_defaults(func=_demo)
     return demo

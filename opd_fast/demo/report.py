@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from opd_fast.demo import world
+from opd_fast.demo.roster import CURVES, DESCRIPTIONS, JOINT, SAMPLE_PROMPTS, SDE_NOISE_LEVEL, STUDENT, TEACHERS
+from opd_fast.resources import DEMO_CONFIG, builtin_path
+
 COLORS = [
     (31, 119, 180),
     (255, 127, 14),
@@ -231,24 +235,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # -- the whole report ----------------------------------------------------------------------------------------------
-STUDENT, JOINT = "opd-ode", "joint"
-DESCRIPTIONS = {
-    "base": "flow-matching pretraining on generic renders with noisy captions",
-    "teacher/composition": "stage 1: fine-tuning on composition-reward-filtered renders",
-    "teacher/glyph": "stage 1: the same, glyph reward",
-    "teacher/aesthetic": "stage 1: the same, aesthetic reward",
-    "joint": "baseline: the stage-1 method on all three rewards at once, from the base",
-    "offpolicy": "baseline: off-policy distillation (flow matching on teacher samples)",
-    "opd-ppo-sde": "baseline: OPD with the PPO-style surrogate, SDE rollouts, the student's optimizer",
-    "opd-sde": "OPD, closed-form KL, SDE rollouts",
-    "opd-ode": "**the student**: OPD, ODE rollouts (the official default)",
-}
-CURVES = ("opd-ode", "opd-sde", "opd-ppo-sde", "offpolicy", "joint")
-
-
 def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict[str, Path], seconds: float) -> dict:
-    from opd_fast.demo import run, world
-
+    """Everything in OUT from the stages' results (by stage name) and folders; returns results.json's content."""
     tasks = world.TASKS
     models = {}
     for name in DESCRIPTIONS:
@@ -258,13 +246,12 @@ def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict
             "average": float(np.mean([rewards[t] for t in tasks])),
             "seconds": results[name]["seconds"],
         }
-    teachers = {t: f"teacher/{t}" for t in tasks}
-    summary = results_json(tasks, STUDENT, JOINT, teachers, models)
+    summary = results_json(tasks, STUDENT, JOINT, TEACHERS, models)
     write_json(out / "results.json", summary)
 
     names = list(DESCRIPTIONS)
     samples = {n: np.load(folders[f"eval/{n}"] / "samples.npy") for n in names}
-    prompts = [p for t in tasks for p in run.SAMPLE_PROMPTS[t]]
+    prompts = [p for t in tasks for p in SAMPLE_PROMPTS[t]]
     samples_png(out / "samples.png", names, prompts, samples)
     curves_png(
         out / "curves.png",
@@ -290,8 +277,8 @@ def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict
     write_json(out / "details.json", details)
 
     checks = bar_checks(summary)
-    teacher_seconds = sum(models[t]["seconds"] for t in teachers.values())
-    command = "opd-fast train configs/demo.yaml --out OUT " + " ".join(
+    teacher_seconds = sum(models[t]["seconds"] for t in TEACHERS.values())
+    command = f"opd-fast train {builtin_path(DEMO_CONFIG)} --out OUT " + " ".join(
         f"--set '{o}'" for o in results[STUDENT]["overrides"]
     )
     text = (
@@ -318,7 +305,7 @@ before any OPD run can start). The whole demo took {seconds:.0f} s.
 
 ## Gradient variance: closed form against the PPO-style surrogate
 
-At the fresh student every OPD run starts from, SDE rollouts (a = {run.SDE_NOISE_LEVEL}), the same {variance["draws"]}
+At the fresh student every OPD run starts from, SDE rollouts (a = {SDE_NOISE_LEVEL}), the same {variance["draws"]}
 noise draws for both estimators: mean per-parameter variance of the round gradient over the draws, closed form
 {variance["variance_closed_form"]:.3e}, PPO-style {variance["variance_ppo"]:.3e}: **{variance["ratio"]:.1f}x** higher
 for PPO ({variance["parameters"]:,} parameters with a gradient; cosine of the two mean gradients
@@ -334,7 +321,7 @@ gradient_variance.png.
 
 ## The OPD stage by hand
 
-The student is `opd-fast train` on configs/demo.yaml pointed at the demo's cache:
+The student is `opd-fast train` on the demo's config (the installed copy of configs/demo.yaml) pointed at its cache:
 
     {command}
 """

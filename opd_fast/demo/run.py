@@ -9,10 +9,11 @@ few cores, torch's intra-op threads mostly wait on each other at this model size
                    └─ joint                                                                 (stage-1 method, all rewards)
     every model ── eval/<model>
 
-A stage's folder CACHE/<stage>-<key> is keyed by a hash of its settings, its inputs' keys and the code version (the
-source of opd_fast and configs/demo.yaml, and the torch / diffusers / peft versions). result.json is written last,
-so a folder with it is complete; a second run reads it and skips the work. Budgets are in sample-passes
-(opd_fast.demo.flow.ComputeMeter): every stage-2 method gets what the OPD student spends.
+Each stage is a function registered by its kind in opd_fast.demo.stages.STAGES; the plan below gives it its settings
+(`params`) and its inputs. A stage's folder CACHE/<stage>-<key> is keyed by a hash of its settings, its inputs' keys
+and the code version (the source of opd_fast and the demo's config, and the torch / diffusers / peft versions).
+result.json is written last, so a folder with it is complete; a second run reads it and skips the work. Budgets are
+in sample-passes (opd_fast.demo.flow.ComputeMeter): every stage-2 method gets what the OPD student spends.
 """
 
 from __future__ import annotations
@@ -27,18 +28,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "demo.yaml"
-# what a stage's result depends on: the package's source but the report and the CLI, and the demo's config
-CODE_VERSION_FILES = sorted(
-    p for p in (REPO / "opd_fast").rglob("*.py") if p.name not in ("report.py", "cli.py") or p.parent.name != "demo"
-) + [CONFIG]
+PACKAGE = Path(__file__).resolve().parents[1]  # opd_fast/, in a checkout or installed
+NOT_STAGE_CODE = ("demo/report.py", "demo/cli.py")  # package files that no stage's result depends on
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    kind: str  # a key of STAGES (below)
+    kind: str  # a key of opd_fast.demo.stages.STAGES
     params: dict
     deps: tuple[str, ...] = ()
 
@@ -53,7 +50,7 @@ class Preset:
     teacher_budget: int = 30_000  # sample-passes per teacher
     offpolicy: dict = field(default_factory=dict)  # FinetuneSettings fields
     offpolicy_samples: int = 4  # teacher samples per prompt
-    opd_overrides: tuple[str, ...] = ()  # --set overrides on configs/demo.yaml
+    opd_overrides: tuple[str, ...] = ()  # --set overrides on the demo's config (configs/demo.yaml)
     eval: dict = field(default_factory=dict)  # EvalSettings fields
     gradient_draws: int = 12  # noise draws per estimator in the gradient-variance comparison
     seed: int = 0
@@ -62,8 +59,8 @@ class Preset:
 PRESETS = {
     "full": Preset("full"),
     # the CI's: the full base (a weaker one follows glyph prompts too loosely to show anything), smaller budgets.
-    # 50 rounds and 4 samples per prompt: at 34 and 2 the student's composition gain (+0.045 on one CPU) sat inside
-    # the evaluation's noise; at 50 and 4 it was +0.10, +0.14, +0.31 over demo seeds 0-2 (bench/RESULTS.md).
+    # 50 rounds and 4 samples per prompt keep the student's composition gain clear of the evaluation's noise
+    # (bench/RESULTS.md, "The quick demo on another CPU").
     "quick": Preset(
         "quick",
         teacher_budget=15_000,
@@ -72,27 +69,15 @@ PRESETS = {
         gradient_draws=6,
     ),
 }
-SDE_NOISE_LEVEL = 0.7  # Flow-GRPO's default a, for the SDE variants
-SAMPLE_PROMPTS = {
-    "composition": ["two red blocks on the left", "three blue blocks on the top"],
-    "glyph": ['a sign saying "t"', 'a poster reading "z"'],
-    "aesthetic": ["a calm sunset", "a quiet ocean"],
-}
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------
-def demo_config(preset: Preset, overrides: list[str] = ()):
-    from opd_fast.config import load_config
-
-    return load_config(CONFIG, list(preset.opd_overrides) + list(overrides))
-
-
 def plan(preset: Preset) -> list[Stage]:
     """The stages, in dependency order, each with every setting it reads in its params (so in its cache key)."""
-    from opd_fast.demo import world
-    from opd_fast.demo.stages import units_per_round
+    from opd_fast.demo import roster, world
+    from opd_fast.demo.stages import demo_config, units_per_round
 
-    cfg = demo_config(preset)
+    cfg = demo_config(preset.opd_overrides)
     opd_budget = units_per_round(cfg) * cfg.train.rounds
     # what the demo's own stages share with the trainer: text encoding, sampling grid, seed
     common = {
@@ -101,7 +86,7 @@ def plan(preset: Preset) -> list[Stage]:
         "num_steps": cfg.sampling.num_steps,
         "shift": cfg.sampling.shift,
     }
-    teachers = tuple(f"teacher/{t}" for t in world.TASKS)
+    teachers = tuple(roster.TEACHERS.values())
     inputs = ("prompts", "base") + teachers
     curve = {"curve": preset.eval}
     stages = [
@@ -109,15 +94,15 @@ def plan(preset: Preset) -> list[Stage]:
         Stage("base", "pretrain", {**common, "settings": preset.pretrain}),
         *[
             Stage(
-                f"teacher/{t}",
+                teacher,
                 "reward_finetune",
                 {**common, "tasks": [t], "settings": preset.teacher, "budget": preset.teacher_budget},
                 ("base",),
             )
-            for t in world.TASKS
+            for t, teacher in roster.TEACHERS.items()
         ],
         Stage(
-            "joint",
+            roster.JOINT,
             "reward_finetune",
             {**common, **curve, "tasks": list(world.TASKS), "settings": preset.teacher, "budget": opd_budget},
             ("base",),
@@ -136,7 +121,7 @@ def plan(preset: Preset) -> list[Stage]:
         ),
         *[
             Stage(f"opd-{v}", "opd", {**common, **curve, "variant": v, "overrides": list(preset.opd_overrides)}, inputs)
-            for v in ("ode", "sde", "ppo-sde")
+            for v in roster.OPD_VARIANTS
         ],
         Stage(
             "gradient-variance",
@@ -145,7 +130,6 @@ def plan(preset: Preset) -> list[Stage]:
             inputs,
         ),
     ]
-    models = ["base", *teachers, "joint", "offpolicy", "opd-ode", "opd-sde", "opd-ppo-sde"]
     stages += [
         Stage(
             f"eval/{m}",
@@ -153,19 +137,40 @@ def plan(preset: Preset) -> list[Stage]:
             {**common, "eval": preset.eval, "model": m},
             ("base",) if m == "base" else ("base", m),
         )
-        for m in models
+        for m in roster.EVALUATED
     ]
     return stages
 
 
+def needed_for(stages: list[Stage], name: str) -> list[Stage]:
+    """The stage `name` and every stage it needs, directly or not, in plan order."""
+    by_name = {s.name: s for s in stages}
+    if name not in by_name:
+        from opd_fast.config import ConfigError
+
+        raise ConfigError(f"the demo has no stage {name!r}; its stages: {', '.join(by_name)}")
+    needed, todo = set(), [name]
+    while todo:
+        stage = by_name[todo.pop()]
+        if stage.name not in needed:
+            needed.add(stage.name)
+            todo += stage.deps
+    return [s for s in stages if s.name in needed]
+
+
 def code_version() -> str:
+    """A hash of what every stage's result depends on beyond its settings: the package's source (but the report and
+    the CLI), the demo's config, and the torch / diffusers / peft versions."""
     import diffusers
     import peft
     import torch
 
+    from opd_fast.resources import DEMO_CONFIG, builtin_path
+
     h = hashlib.sha256(f"{torch.__version__} {diffusers.__version__} {peft.__version__}".encode())
-    for path in CODE_VERSION_FILES:
-        h.update(path.relative_to(REPO).as_posix().encode())
+    sources = sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).as_posix() not in NOT_STAGE_CODE)
+    for path in sources + [builtin_path(DEMO_CONFIG)]:
+        h.update(path.resolve().relative_to(PACKAGE.parent).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -182,123 +187,23 @@ def stage_keys(stages: list[Stage], version: str) -> dict[str, str]:
 
 
 # -- executing one stage (in a worker process) ---------------------------------------------------------------------
-def _lora_file(folder: Path, result: dict) -> Path:
-    return folder / result["lora"] / "pytorch_lora_weights.safetensors"
-
-
-def trainer_overrides(params: dict, folders: dict[str, Path], results: dict[str, dict]) -> list[str]:
-    """--set overrides that point configs/demo.yaml at the cached base, prompts and teachers, and pick the variant:
-    "ode" is the config as written, "sde" SDE rollouts with the closed-form KL, "ppo-sde" the PPO-style surrogate."""
-    from opd_fast.demo import world
-
-    overrides = list(params["overrides"]) + [f"model.path={folders['base'] / 'base'}"]
-    for i, task in enumerate(world.TASKS):
-        teacher = f"teacher/{task}"
-        overrides += [
-            f"tasks.{i}.name={task}",
-            f"tasks.{i}.prompts={folders['prompts'] / f'{task}.txt'}",
-            f"tasks.{i}.teacher.path={_lora_file(folders[teacher], results[teacher])}",
-        ]
-    variant = params.get("variant", "ode")
-    if variant in ("sde", "ppo-sde"):
-        overrides.append(f"sampling.noise_level={SDE_NOISE_LEVEL}")
-    if variant == "ppo-sde":
-        overrides.append("loss.estimator=ppo")
-    return overrides
-
-
-def _execute(kind: str, params: dict, folder: Path, folders: dict[str, Path], results: dict[str, dict]) -> dict:
-    import numpy as np
+def run_stage(kind: str, params: dict, folder: str, inputs: dict[str, str], input_results: dict[str, dict]) -> dict:
+    """Run the stage function registered as `kind` into `folder` (cleared first: a folder without result.json is an
+    unfinished attempt) and write result.json last. Its inputs: each input stage's folder and result, by name."""
     import torch
 
-    from opd_fast.config import load_config
-    from opd_fast.demo import flow, stages, world
-
-    torch.manual_seed(params.get("seed", 0))
-    if kind == "prompts":
-        for task in world.TASKS:
-            (folder / f"{task}.txt").write_text("".join(r["prompt"] + "\n" for r in world.task_prompts(task)))
-        return {}
-    text, grid = flow.TextConditioner(params["max_tokens"]), flow.sigmas(params["num_steps"], params["shift"])
-    curve = stages.EvalSettings(**params["curve"]) if "curve" in params else None
-    if kind == "pretrain":
-        settings = stages.PretrainSettings(**params["settings"])
-        return {**stages.pretrain(settings, params["seed"], params["max_tokens"], folder / "base"), "lora": None}
-    if kind == "reward_finetune":
-        settings = stages.FinetuneSettings(**params["settings"])
-        out = stages.reward_finetune(
-            folders["base"] / "base",
-            tuple(params["tasks"]),
-            settings,
-            params["budget"],
-            params["seed"],
-            grid,
-            text,
-            folder / "lora",
-            curve,
-        )
-        return {**out, "lora": "lora"}
-    if kind == "offpolicy":
-        loras = {t: _lora_file(folders[f"teacher/{t}"], results[f"teacher/{t}"]).parent for t in world.TASKS}
-        out = stages.offpolicy_distill(
-            folders["base"] / "base",
-            loras,
-            stages.FinetuneSettings(**params["settings"]),
-            params["budget"],
-            params["samples_per_prompt"],
-            params["seed"],
-            grid,
-            text,
-            folder / "lora",
-            curve,
-        )
-        return {**out, "lora": "lora"}
-    if kind == "opd":
-        overrides = trainer_overrides(params, folders, results) + [f"prompts.cache_dir={folder / 'embeddings'}"]
-        cfg = load_config(CONFIG, overrides)
-        out = stages.opd(cfg, folder / "run", text, grid, world.TASKS, curve)
-        lora = "run/lora_diffusers_ema" if cfg.ema.enabled else "run/lora_diffusers"
-        return {**out, "lora": lora, "overrides": overrides}
-    if kind == "gradient_variance":
-        # fixed prompts: each task's prompt file holds exactly one micro-batch, so every draw sees the same prompts
-        base_cfg = load_config(CONFIG, params["overrides"])
-        batch = base_cfg.train.micro_batch_size * base_cfg.train.micro_batches_per_task
-        for task in world.TASKS:
-            rows = world.task_prompts(task)[::7][:batch]
-            (folder / f"{task}.txt").write_text("".join(r["prompt"] + "\n" for r in rows))
-        overrides = trainer_overrides({**params, "variant": "sde"}, folders, results)
-        overrides += [f"tasks.{i}.prompts={folder / f'{t}.txt'}" for i, t in enumerate(world.TASKS)]
-        overrides += ["loss.backend=reference", "optimizer.max_grad_norm=null", f"prompts.cache_dir={folder / 'emb'}"]
-        configs = {name: load_config(CONFIG, overrides + [f"loss.estimator={name}"]) for name in ("closed_form", "ppo")}
-        return stages.gradient_variance(configs, folder, params["draws"])
-    if kind == "evaluate":
-        settings = stages.EvalSettings(**params["eval"])
-        base_dir = folders["base"] / "base"
-        model = stages.load_base(base_dir)
-        name = params["model"]
-        if name != "base":
-            model = stages.load_lora_model(model, base_dir, _lora_file(folders[name], results[name]).parent, name)
-        rewards, images = stages.evaluate(model, text, grid, world.TASKS, settings.seeds)
-        picks = {
-            t: [[r["prompt"] for r in world.task_prompts(t)].index(p) for p in SAMPLE_PROMPTS[t]] for t in world.TASKS
-        }
-        grid_images = np.concatenate([world.to_pixels(images[t][picks[t]]) for t in world.TASKS])
-        np.save(folder / "samples.npy", grid_images)
-        return {"rewards": rewards}
-    raise ValueError(f"unknown stage kind {kind!r}")
-
-
-def run_stage(kind: str, params: dict, folder: str, folders: dict[str, str], results: dict[str, dict]) -> dict:
-    """Run one stage into `folder` (cleared first: a folder without result.json is an unfinished attempt) and write
-    result.json last."""
-    import torch
+    from opd_fast.demo.stages import STAGES, StageContext
 
     torch.set_num_threads(1)
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
-    result = _execute(kind, params, folder, {k: Path(v) for k, v in folders.items()}, results)
+    if kind not in STAGES:
+        raise ValueError(f"unknown stage kind {kind!r} (registered: {', '.join(STAGES)})")
+    torch.manual_seed(params.get("seed", 0))
+    context = StageContext(params, folder, {name: Path(path) for name, path in inputs.items()}, input_results)
+    result = STAGES[kind](context)
     result["stage_seconds"] = time.perf_counter() - t0  # wall-clock of the whole stage, evaluations included
     tmp = folder / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
@@ -366,9 +271,13 @@ def run_demo(
     force: bool = False,
     cache: str | Path | None = None,
     workers: int | None = None,
+    only: str | None = None,
 ) -> dict:
     """Run (or read from the cache) every stage, then write OUT/results.{md,json}, samples.png, curves.png,
-    gradient_variance.png and details.json. Returns results.json's content."""
+    gradient_variance.png and details.json. Returns results.json's content.
+
+    only: a stage's name (e.g. "base", "teacher/glyph", "eval/opd-ode"): run that stage and the stages it needs,
+    then stop without a report; returns their results (result.json's content), by name."""
     from tqdm.auto import tqdm
 
     from opd_fast.demo import report
@@ -377,13 +286,18 @@ def run_demo(
     t0 = time.perf_counter()
     preset = PRESETS["quick" if quick else "full"]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if only is None:
+        out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else default_cache()
     stages = plan(preset)
     keys = stage_keys(stages, code_version())
     folders = {s.name: cache / f"{s.name.replace('/', '-')}-{keys[s.name]}" for s in stages}
+    if only is not None:
+        stages = needed_for(stages, only)
     workers = workers or min(2, os.cpu_count() or 1)
     with tqdm(total=len(stages), desc=f"demo ({preset.name})", unit="stage") as bar:
         results = run_stages(stages, folders, force, workers, bar)
-    summary = report.write_report(out, preset.name, results, folders, time.perf_counter() - t0)
-    return summary
+    if only is not None:
+        print(f"stage {only} is done: {folders[only]}")
+        return results
+    return report.write_report(out, preset.name, results, folders, time.perf_counter() - t0)

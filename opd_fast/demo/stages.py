@@ -1,20 +1,24 @@
-"""The demo's training stages, each a function of its settings that writes its artefacts into one folder.
+"""The demo's stages, registered by name: each is a function of one StageContext (its settings, its folder, its
+inputs) that writes its artefacts into its folder and returns what result.json records.
 
+- prompts: each task's prompt file, for the trainer.
 - pretrain: the base, a full SD3-architecture transformer trained by flow matching on generic renders with noisy
   captions (opd_fast.demo.world): it draws plausible images of each kind but follows the prompt's attributes loosely.
 - reward_finetune: stage 1, one LoRA per task (a teacher) or one LoRA for all tasks at once (the joint baseline).
   The method is supervised fine-tuning on reward-filtered task data: a pool of captioned renders of the task's kind
   (the pretraining distribution, noisy captions) is scored by the task's reward against each caption, the best fifth
-  is kept, and a LoRA is trained on it by flow matching, as web data is filtered by a reward model. Why not
-  reward-filtered self-training on the model's own samples (RAFT)? We built and measured it: on this base it lifts
-  composition only from 0.28 to ~0.43 in 60k sample-passes, too weak a teacher to show anything; filtered data
-  gives teachers clearly better than the base on every task (0.65 / 0.81 / 0.53) in half that.
-- offpolicy_distill: the off-policy baseline: flow-matching fine-tune on the teachers' own samples.
+  is kept, and a LoRA is trained on it by flow matching, as web data is filtered by a reward model. Reward-filtered
+  self-training on the model's own samples (RAFT) makes too weak a teacher on this base to show anything.
+- offpolicy: the off-policy baseline: flow-matching fine-tune on the teachers' own samples.
 - opd: stage 2 through the real trainer (opd_fast.trainer.Trainer.fit, the code path of `opd-fast train`).
+- gradient_variance: the trainer's round gradient under the closed-form KL and the PPO-style surrogate.
+- evaluate: one model's rewards on every prompt of each task, and its samples of roster.SAMPLE_PROMPTS.
 
-Every stage runs until a compute budget in sample-passes (flow.ComputeMeter) is spent, so equal-budget comparisons do
-not depend on the machine's speed; seconds are measured and reported beside. Curves are (seconds, units, rewards)
-points measured on a fixed evaluation subset; evaluation time is not counted as training time.
+Every training stage runs until a compute budget in sample-passes (flow.ComputeMeter) is spent, so equal-budget
+comparisons do not depend on the machine's speed; seconds are measured and reported beside. Curves are (seconds,
+units, rewards) points measured on a fixed evaluation subset; evaluation time is not counted as training time.
+
+The measurements behind the settings' defaults and the choices above: bench/RESULTS.md, "The demo's settings".
 """
 
 from __future__ import annotations
@@ -22,17 +26,21 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from opd_fast.checkpoint import export_diffusers_lora
-from opd_fast.config import OFFICIAL_LORA_TARGETS, EMAConfig, LoraConfig, ModelConfig, TeacherConfig
-from opd_fast.demo import flow, world
+from opd_fast.config import OFFICIAL_LORA_TARGETS, EMAConfig, LoraConfig, ModelConfig, TeacherConfig, load_config
+from opd_fast.demo import flow, roster, world
 from opd_fast.engine import EMA
 from opd_fast.models import add_student_lora, load_transformer
+from opd_fast.resources import DEMO_CONFIG, builtin_path
 from opd_fast.teachers import load_teacher
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -42,7 +50,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 class PretrainSettings:
     steps: int = 600
     batch: int = 32
-    lr: float = 1e-2  # with warm-up and cosine decay; 3e-3 learns the prompt binding markedly slower (measured)
+    lr: float = 1e-2  # with warm-up and cosine decay; 3e-3 learns the prompt binding markedly slower
     pool: int = 8000  # generic renders, drawn with replacement
     caption_noise: float = 0.3  # probability that each attribute word of a caption is replaced by a random one
     ema_decay: float = 0.995
@@ -55,7 +63,7 @@ class FinetuneSettings:
 
     rank: int = 16
     alpha: int = 32
-    lr: float = 1e-2  # LoRA factors at this size learn slowly at the usual 1e-4..1e-3 (measured)
+    lr: float = 1e-2  # LoRA factors this small learn slowly at the usual 1e-4..1e-3
     batch: int = 128  # large batches: better gradients, and far more samples per second on a CPU than 32
     pool: int = 3000  # stage 1: generic renders scored per task
     keep: float = 0.2  # stage 1: the best-scoring fraction kept
@@ -67,6 +75,73 @@ class EvalSettings:
     seeds: int = 8  # samples per prompt in the final evaluation (composition's reward moves in thirds: noisy)
     curve_points: int = 6  # evaluations along each stage-2 run (plus the start)
     curve_prompts: int = 16  # prompts per task in a curve evaluation (1 sample each)
+
+
+# -- the registry and the context every stage gets -----------------------------------------------------------------
+Settings = TypeVar("Settings")
+
+
+@dataclass
+class StageContext:
+    """One stage's view of the demo: its settings, its folder and its inputs, and what stages derive from them.
+
+    params: the stage's settings, exactly what its cache key hashes (run.plan writes them: seed, max_tokens,
+    num_steps, shift, and the stage's own keys such as "settings", "budget", "curve", "tasks", "model").
+    inputs, input_results: each input stage's folder and result.json, by stage name (e.g. "base", "teacher/glyph").
+    """
+
+    params: dict
+    folder: Path  # the stage's own folder, empty at the start
+    inputs: dict[str, Path]
+    input_results: dict[str, dict]
+
+    @property
+    def seed(self) -> int:
+        return self.params.get("seed", 0)
+
+    @cached_property
+    def text(self) -> flow.TextConditioner:  # the trainer's text encoding, at the demo config's token count
+        return flow.TextConditioner(self.params["max_tokens"])
+
+    @cached_property
+    def grid(self) -> torch.Tensor:  # (num_steps + 1,) sigmas of the demo config's sampling
+        return flow.sigmas(self.params["num_steps"], self.params["shift"])
+
+    @property
+    def curve(self) -> EvalSettings | None:  # evaluations along the way: stage-2 methods only
+        return EvalSettings(**self.params["curve"]) if "curve" in self.params else None
+
+    def settings(self, kind: type[Settings]) -> Settings:
+        return kind(**self.params["settings"])
+
+    @property
+    def base_dir(self) -> Path:  # the base transformer's folder (a diffusers model folder)
+        return self.inputs["base"] / "base"
+
+    def lora_dir(self, model: str) -> Path:
+        """The diffusers-layout LoRA folder (holding LORA_FILE) that the input stage `model` trained."""
+        return self.inputs[model] / self.input_results[model]["lora"]
+
+
+StageFunction = Callable[[StageContext], dict]
+STAGES: dict[str, StageFunction] = {}  # a Stage's kind (run.plan) -> the function that runs it
+
+
+def stage(kind: str) -> Callable[[StageFunction], StageFunction]:
+    """Register the decorated function as the stage kind `kind`."""
+
+    def register(function: StageFunction) -> StageFunction:
+        if kind in STAGES:
+            raise ValueError(f"stage kind {kind!r} is registered twice")
+        STAGES[kind] = function
+        return function
+
+    return register
+
+
+def demo_config(overrides: list[str] = ()):
+    """The demo's stage-2 config (the built-in configs/demo.yaml) with --set overrides."""
+    return load_config(builtin_path(DEMO_CONFIG), list(overrides))
 
 
 class TrainClock:
@@ -171,20 +246,49 @@ def evaluate(
     return scores, images
 
 
-# -- stage 0: the base ---------------------------------------------------------------------------------------------
-def pretrain(settings: PretrainSettings, seed: int, max_tokens: int, out_dir: Path) -> dict:
+@stage("evaluate")
+def evaluate_model(ctx: StageContext) -> dict:
+    """The final evaluation of the model ctx.params["model"]: every prompt of each task x EvalSettings.seeds samples;
+    samples.npy holds its first-seed samples of roster.SAMPLE_PROMPTS (samples.png's row)."""
+    settings = EvalSettings(**ctx.params["eval"])
+    model = load_base(ctx.base_dir)
+    name = ctx.params["model"]
+    if name != "base":
+        model = load_lora_model(model, ctx.base_dir, ctx.lora_dir(name), name)
+    rewards, images = evaluate(model, ctx.text, ctx.grid, world.TASKS, settings.seeds)
+    picks = {
+        t: [[r["prompt"] for r in world.task_prompts(t)].index(p) for p in roster.SAMPLE_PROMPTS[t]]
+        for t in world.TASKS
+    }
+    grid_images = np.concatenate([world.to_pixels(images[t][picks[t]]) for t in world.TASKS])
+    np.save(ctx.folder / "samples.npy", grid_images)
+    return {"rewards": rewards}
+
+
+# -- stage 0: the prompts and the base -----------------------------------------------------------------------------
+@stage("prompts")
+def write_prompts(ctx: StageContext) -> dict:
+    """Each task's prompt file (one prompt a line), as the trainer reads it."""
+    for task in world.TASKS:
+        (ctx.folder / f"{task}.txt").write_text("".join(r["prompt"] + "\n" for r in world.task_prompts(task)))
+    return {}
+
+
+@stage("pretrain")
+def pretrain(ctx: StageContext) -> dict:
     """Full-parameter flow matching of a fresh transformer on generic renders; saves the EMA weights (a diffusers
-    transformer folder) to out_dir."""
+    transformer folder) to FOLDER/base."""
+    settings = ctx.settings(PretrainSettings)
     clock = TrainClock()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(ctx.seed)
     images, captions = [], []
     for i in range(settings.pool):
         img, caption = world.render_pretraining(world.TASKS[i % len(world.TASKS)], rng, settings.caption_noise)
         images.append(img)
         captions.append(caption)
     data = world.to_model(np.stack(images))
-    text = flow.TextConditioner(max_tokens)
-    model = flow.build_model(seed)
+    text = ctx.text
+    model = flow.build_model(ctx.seed)
     model.train()
     ema = EMA(list(model.parameters()), EMAConfig(decay=settings.ema_decay, update_every=1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -194,7 +298,7 @@ def pretrain(settings: PretrainSettings, seed: int, max_tokens: int, out_dir: Pa
         return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / settings.steps)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(ctx.seed)
     meter = flow.ComputeMeter()
     losses = []
     for step in range(settings.steps):
@@ -209,11 +313,11 @@ def pretrain(settings: PretrainSettings, seed: int, max_tokens: int, out_dir: Pa
         losses.append(float(loss.detach()))
         ema.update(step)  # EMA weights sample far cleaner than the last iterate of a short run
     with ema.swapped_in():
-        model.save_pretrained(out_dir)
-    return {"seconds": clock.seconds(), "units": meter.units, "final_loss": float(np.mean(losses[-50:]))}
+        model.save_pretrained(ctx.folder / "base")
+    return {"seconds": clock.seconds(), "units": meter.units, "final_loss": float(np.mean(losses[-50:])), "lora": None}
 
 
-# -- stage 1: reward-filtered self-training ----------------------------------------------------------------------
+# -- stage 1: fine-tuning on reward-filtered data ------------------------------------------------------------------
 def filtered_data(
     tasks: tuple[str, ...], pool: int, keep: float, caption_noise: float, seed: int
 ) -> list[tuple[str, torch.Tensor]]:
@@ -232,40 +336,34 @@ def filtered_data(
 
 
 def fine_tune(
+    ctx: StageContext,
     data: list[tuple[str, torch.Tensor]],
-    base_dir: Path,
-    settings: FinetuneSettings,
-    budget: int,
-    seed: int,
-    grid: torch.Tensor,
-    text: flow.TextConditioner,
-    out_dir: Path,
     meter: flow.ComputeMeter,
     clock: TrainClock,
     tasks: tuple[str, ...],
-    eval_settings: EvalSettings | None,
 ) -> dict:
-    """Flow matching of a fresh LoRA on `data` [(prompt, image)], batches drawn with replacement, until the meter
-    reaches `budget`; evaluated on `tasks` along the way when eval_settings is given. Saves the diffusers-layout
-    LoRA to out_dir."""
-    model, peft_config = _with_lora(base_dir, settings)
+    """Flow matching of a fresh LoRA (ctx's FinetuneSettings) on `data` [(prompt, image)], batches drawn with
+    replacement, until the meter reaches ctx.params["budget"]; evaluated on `tasks` along the way when the stage
+    draws a curve. Saves the diffusers-layout LoRA to FOLDER/lora."""
+    settings, budget, eval_settings = ctx.settings(FinetuneSettings), ctx.params["budget"], ctx.curve
+    model, peft_config = _with_lora(ctx.base_dir, settings)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    curve, g = Curve(), torch.Generator().manual_seed(seed)
+    curve, g = Curve(), torch.Generator().manual_seed(ctx.seed)
     every = max(budget // eval_settings.curve_points, 1) if eval_settings is not None else None
     next_eval, steps = 0, 0
     while True:
         if every is not None and meter.units >= next_eval:
-            with clock.paused():
-                curve.add(
-                    clock.seconds(), meter.units, evaluate(model, text, grid, tasks, 1, eval_settings.curve_prompts)[0]
-                )
+            with clock.paused():  # the point's seconds are read before its evaluation runs
+                seconds = clock.seconds()
+                rewards = evaluate(model, ctx.text, ctx.grid, tasks, 1, eval_settings.curve_prompts)[0]
+                curve.add(seconds, meter.units, rewards)
             next_eval += every
         if meter.units >= budget:
             break
         idx = torch.randint(len(data), (settings.batch,), generator=g).tolist()
         loss = flow.flow_matching_loss(
-            model, torch.stack([data[i][1] for i in idx]), text([data[i][0] for i in idx]), g
+            model, torch.stack([data[i][1] for i in idx]), ctx.text([data[i][0] for i in idx]), g
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,34 +371,25 @@ def fine_tune(
         optimizer.step()
         meter.train(settings.batch)
         steps += 1
-    export_diffusers_lora(model, peft_config, flow.FAMILY, out_dir)
+    export_diffusers_lora(model, peft_config, flow.FAMILY, ctx.folder / "lora")
     return {
         "seconds": clock.seconds(),
         "units": meter.units,
         "steps": steps,
         "data": len(data),
         "curve": curve.__dict__,
+        "lora": "lora",
     }
 
 
-def reward_finetune(
-    base_dir: Path,
-    tasks: tuple[str, ...],
-    settings: FinetuneSettings,
-    budget: int,
-    seed: int,
-    grid: torch.Tensor,
-    text: flow.TextConditioner,
-    out_dir: Path,
-    eval_settings: EvalSettings | None = None,
-) -> dict:
-    """Stage 1: fine-tuning on reward-filtered data of `tasks` (one task: a teacher; all three: the joint baseline)
-    until `budget` sample-passes are spent."""
+@stage("reward_finetune")
+def reward_finetune(ctx: StageContext) -> dict:
+    """Stage 1: fine-tuning on reward-filtered data of ctx.params["tasks"] (one task: a teacher; all three: the
+    joint baseline) until the budget is spent."""
+    settings, tasks = ctx.settings(FinetuneSettings), tuple(ctx.params["tasks"])
     clock = TrainClock()
-    data = filtered_data(tasks, settings.pool, settings.keep, settings.caption_noise, seed)
-    return fine_tune(
-        data, base_dir, settings, budget, seed, grid, text, out_dir, flow.ComputeMeter(), clock, tasks, eval_settings
-    )
+    data = filtered_data(tasks, settings.pool, settings.keep, settings.caption_noise, ctx.seed)
+    return fine_tune(ctx, data, flow.ComputeMeter(), clock, tasks)
 
 
 # -- stage 2: on-policy distillation through the trainer -----------------------------------------------------------
@@ -316,25 +405,41 @@ def units_per_round(cfg) -> int:
     return per_sample * cfg.train.micro_batch_size * cfg.train.micro_batches_per_task
 
 
-def opd(
-    cfg,
-    out_dir: Path,
-    text: flow.TextConditioner,
-    grid: torch.Tensor,
-    tasks: tuple[str, ...],
-    eval_settings: EvalSettings,
-) -> dict:
-    """Run the trainer (Trainer.fit, as `opd-fast train`) on `cfg`; evaluate the student along the way."""
+def trainer_overrides(ctx: StageContext, variant: str) -> list[str]:
+    """--set overrides that point configs/demo.yaml at the cached base, prompts and teachers, and pick the variant:
+    "ode" is the config as written, "sde" SDE rollouts with the closed-form KL, "ppo-sde" the PPO-style surrogate."""
+    overrides = list(ctx.params["overrides"]) + [f"model.path={ctx.base_dir}"]
+    for i, task in enumerate(world.TASKS):
+        teacher = roster.TEACHERS[task]
+        overrides += [
+            f"tasks.{i}.name={task}",
+            f"tasks.{i}.prompts={ctx.inputs['prompts'] / f'{task}.txt'}",
+            f"tasks.{i}.teacher.path={ctx.lora_dir(teacher) / LORA_FILE}",
+        ]
+    if variant in ("sde", "ppo-sde"):
+        overrides.append(f"sampling.noise_level={roster.SDE_NOISE_LEVEL}")
+    if variant == "ppo-sde":
+        overrides.append("loss.estimator=ppo")
+    return overrides
+
+
+@stage("opd")
+def opd(ctx: StageContext) -> dict:
+    """The trainer (Trainer.fit, as `opd-fast train`) on the demo config in variant ctx.params["variant"]; the student
+    is evaluated along the way."""
     from opd_fast.trainer import Trainer
 
-    trainer = Trainer(cfg, out_dir, device="cpu")
+    overrides = trainer_overrides(ctx, ctx.params["variant"]) + [f"prompts.cache_dir={ctx.folder / 'embeddings'}"]
+    cfg = demo_config(overrides)
+    eval_settings = ctx.curve
+    trainer = Trainer(cfg, ctx.folder / "run", device="cpu")
     per_round = units_per_round(cfg)
     every = max(cfg.train.rounds // eval_settings.curve_points, 1)
     curve, train_seconds = Curve(), [0.0]
 
     def student_rewards() -> dict[str, float]:  # on the EMA weights when there are any: they are the result
         with trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext():
-            return evaluate(trainer.student, text, grid, tasks, 1, eval_settings.curve_prompts)[0]
+            return evaluate(trainer.student, ctx.text, ctx.grid, world.TASKS, 1, eval_settings.curve_prompts)[0]
 
     def on_round(trainer, record):
         train_seconds[0] += record["seconds"]
@@ -349,6 +454,8 @@ def opd(
         "rounds": len(records),
         "final_loss": records[-1]["loss"],
         "curve": curve.__dict__,
+        "lora": "run/lora_diffusers_ema" if cfg.ema.enabled else "run/lora_diffusers",
+        "overrides": overrides,
     }
 
 
@@ -375,7 +482,24 @@ class _GradientRecorder:
         return float(flat.norm())
 
 
-def gradient_variance(configs: dict, out_dir: Path, draws: int) -> dict:
+@stage("gradient_variance")
+def gradient_variance(ctx: StageContext) -> dict:
+    """The trainer's round gradient at the fresh student, SDE rollouts, over ctx.params["draws"] noise draws for the
+    closed-form KL and the PPO-style surrogate. Each task's prompt file holds exactly one micro-batch of fixed
+    prompts, so every draw sees the same prompts."""
+    batch_cfg = demo_config(ctx.params["overrides"])
+    batch = batch_cfg.train.micro_batch_size * batch_cfg.train.micro_batches_per_task
+    for task in world.TASKS:
+        rows = world.task_prompts(task)[::7][:batch]
+        (ctx.folder / f"{task}.txt").write_text("".join(r["prompt"] + "\n" for r in rows))
+    overrides = trainer_overrides(ctx, "sde")
+    overrides += [f"tasks.{i}.prompts={ctx.folder / f'{t}.txt'}" for i, t in enumerate(world.TASKS)]
+    overrides += ["loss.backend=reference", "optimizer.max_grad_norm=null", f"prompts.cache_dir={ctx.folder / 'emb'}"]
+    configs = {name: demo_config(overrides + [f"loss.estimator={name}"]) for name in ("closed_form", "ppo")}
+    return compare_gradient_variance(configs, ctx.folder, ctx.params["draws"])
+
+
+def compare_gradient_variance(configs: dict, out_dir: Path, draws: int) -> dict:
     """Per-parameter variance of the round gradient over `draws` noise draws at one fixed student (the fresh
     student every OPD run starts from), for each estimator in `configs` ({"closed_form": cfg, "ppo": cfg}, equal
     but for loss.estimator). Round k of both runs sees the same prompts and the same noise: the same batches."""
@@ -413,29 +537,18 @@ def gradient_variance(configs: dict, out_dir: Path, draws: int) -> dict:
 
 
 # -- the off-policy baseline ---------------------------------------------------------------------------------------
-def offpolicy_distill(
-    base_dir: Path,
-    teacher_loras: dict[str, Path],
-    settings: FinetuneSettings,
-    budget: int,
-    samples_per_prompt: int,
-    seed: int,
-    grid: torch.Tensor,
-    text: flow.TextConditioner,
-    out_dir: Path,
-    eval_settings: EvalSettings,
-) -> dict:
-    """Sample each teacher on its task's prompts once (ODE), then flow-matching fine-tune a fresh student LoRA on
-    those samples until the budget (sampling included) is spent."""
+@stage("offpolicy")
+def offpolicy_distill(ctx: StageContext) -> dict:
+    """Sample each teacher on its task's prompts once (ODE), ctx.params["samples_per_prompt"] samples a prompt,
+    then flow-matching fine-tune a fresh student LoRA on those samples until the budget (sampling included) is
+    spent."""
     clock = TrainClock()
     meter = flow.ComputeMeter()
-    base = load_base(base_dir)
+    base = load_base(ctx.base_dir)
     data: list[tuple[str, torch.Tensor]] = []
-    for task, lora_dir in teacher_loras.items():
-        teacher = load_lora_model(base, base_dir, lora_dir, f"offpolicy:{task}")
-        prompts = [r["prompt"] for r in world.task_prompts(task) for _ in range(samples_per_prompt)]
-        data += list(zip(prompts, generate(teacher, text, prompts, seed + 1, grid, meter)))
+    for task in world.TASKS:
+        teacher = load_lora_model(base, ctx.base_dir, ctx.lora_dir(roster.TEACHERS[task]), f"offpolicy:{task}")
+        prompts = [r["prompt"] for r in world.task_prompts(task) for _ in range(ctx.params["samples_per_prompt"])]
+        data += list(zip(prompts, generate(teacher, ctx.text, prompts, ctx.seed + 1, ctx.grid, meter)))
     del base, teacher
-    return fine_tune(
-        data, base_dir, settings, budget, seed, grid, text, out_dir, meter, clock, world.TASKS, eval_settings
-    )
+    return fine_tune(ctx, data, meter, clock, world.TASKS)
