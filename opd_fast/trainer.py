@@ -34,7 +34,7 @@ from opd_fast.checkpoint import (
 )
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
-from opd_fast.engine import EMA, lr_at, make_engine, values_swapped_in
+from opd_fast.engine import EMA, Engine, lr_at, make_engine, values_swapped_in
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import (
     DTYPES,
@@ -208,7 +208,13 @@ def place_prompts(
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, device: str | None = None, engine=None
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        device: str | None = None,
+        engine: Engine | None = None,
     ):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -251,7 +257,7 @@ class Trainer:
             self.student.enable_gradient_checkpointing()
         self.student.train()
         # After the teachers were copied: DeepSpeed ZeRO-3 partitions the student it is given, and only the student.
-        self.engine = engine if engine is not None else make_engine(cfg, self.student, self.dist)
+        self.engine: Engine = engine if engine is not None else make_engine(cfg, self.student, self.dist)
         self.ema = EMA(self.engine.params, cfg.ema, self.engine) if cfg.ema.enabled else None
         # bf16 autocast over a bf16 base with fp32 LoRA weights (read after the engine, which may cast the student)
         self.student_autocast = autocast_dtype(self.student)

@@ -19,6 +19,7 @@ import torch
 
 from opd_fast import distributed
 from opd_fast.config import load_config
+from opd_fast.engine import DeepSpeedEngine
 from opd_fast.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -36,7 +37,7 @@ def partition(trainer: Trainer) -> dict:
                 "shard": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None,
                 "persist": getattr(p, "ds_persist", None),
             }
-    if hasattr(engine, "master_partitions"):
+    if isinstance(engine, DeepSpeedEngine):
         flat = sum(t.numel() for t in engine.master_partitions())
     else:
         flat = sum(t.numel() for g in engine.optimizer.param_groups for t in g["params"])
@@ -58,7 +59,7 @@ def probe(trainer: Trainer, rounds: int) -> dict:
         "teacher_params_under_zero": sum(
             hasattr(p, "ds_id") for t in trainer.teachers.values() for p in t.model.parameters()
         ),
-        "stage": getattr(engine, "stage", None),
+        "stage": engine.stage if isinstance(engine, DeepSpeedEngine) else None,
     }
 
 
@@ -84,7 +85,8 @@ def main(jobs_file: str) -> None:
         records = trainer.fit(until=job.get("until"))
         report["after"] = partition(trainer)
         report["rounds_trained"] = len(records)
-        report["optimizer_steps"] = trainer.engine.ds.global_steps if hasattr(trainer.engine, "ds") else None
+        engine = trainer.engine
+        report["optimizer_steps"] = engine.ds.global_steps if isinstance(engine, DeepSpeedEngine) else None
         Path(job["out"], f"probe_rank{trainer.engine.rank}.json").write_text(json.dumps(report))
 
 
