@@ -4,13 +4,15 @@ stages 0-3, fp32, over a small module with a frozen layer between two trained on
 A round is N backward calls then one step(). The engine arms its wrapper's gradient sync (DDP's
 require_backward_grad_sync, DeepSpeed's accumulation boundary) only for the round's last backward and keeps it
 through step(); a step() before the last backward and a backward past the last one raise, naming the counts;
-zero_grad() drops the round (whole, as the trainer drops one) and starts counting again. Against an independent reference (a copy of the module,
-each call's gradient taken by torch.autograd.grad, summed, clipped by torch and stepped by torch's AdamW), the
+zero_grad() drops the round (whole, as the trainer drops one) and starts counting again. Against an independent
+reference (a copy of the module, each call's gradient taken by torch.autograd.grad, summed, clipped by torch and
+stepped by torch's AdamW), the
 accumulated gradient is the sum over the round's calls, step() returns its norm before clipping, and the weights and
 Adam's state after the step are the reference's, read in the one layout every engine shares (torch AdamW's
 state_dict over the full tensors). Loading a state makes the next step continue from it, as from the reference.
-The EMA asks the engine whether its tensors are shards (ZeRO-3) and reads them full through it. Where DeepSpeed
-ZeRO-2's zero_grad() falls short, a strict xfail says how.
+The EMA asks the engine whether its tensors are shards (ZeRO-3) and reads them full through it. ZeRO-2 keeps the
+round's gradient in buffers of its own that DeepSpeed's zero_grad() leaves: a dropped round (partial in fp32, whole
+with bf16 weights) must not reach the next round's gradient.
 
 Tolerances: the engines accumulate the same fp32 terms in the same order (the gradients agree bit for bit here, but
 DeepSpeed sums the squares of the norm in its own order): 1e-6 relative on the gradients and the norm; the weights
@@ -224,13 +226,6 @@ def test_a_round_syncs_once_and_steps_on_the_sum_of_its_backward_calls(group, ki
     assert_state_is_the_references(engine, ref)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DeepSpeed ZeRO-2 accumulates across backward calls in buffers that its zero_grad() does not clear "
-    "(all_grad_tensors in fp32 until the next boundary; with bf16 weights, averaged_gradients until the next step): "
-    "the dropped gradient is added to the next round's. The trainer drops whole rounds (a non-finite loss), so fp32 "
-    "is safe there; under bf16 a dropped round's NaN reaches the next round too, which is then skipped as well.",
-)
 @pytest.mark.parametrize(
     "dropped, overrides", [(1, []), (3, ["engine.bf16=true"])], ids=["fp32_partial_round", "bf16_whole_round"]
 )

@@ -56,8 +56,8 @@ class Engine(Protocol):
 
     def zero_grad(self) -> None:
         """Drop the round's gradient without a step (the trainer drops a whole round whose loss is not finite), and
-        start counting a new round. DeepSpeed ZeRO-2 falls short of this (a partial round in fp32, any round with
-        bf16 weights): see test_zero2_zero_grad_drops_the_gradient in tests/test_engine.py."""
+        start counting a new round: the next round's gradient holds nothing of the dropped calls, whatever buffers
+        the engine accumulates in (DeepSpeed ZeRO-1/2 keep their own: MasterCopyState.drop_accumulated)."""
 
     @property
     def lr(self) -> float:

@@ -79,6 +79,7 @@ class DeepSpeedEngine(AccumulatingEngine):
         self.ds.zero_grad()
         if hasattr(self.ds.optimizer, "zero_grad"):
             self.ds.optimizer.zero_grad(set_to_none=True)
+        self.zero.drop_accumulated()
 
     def _param_groups(self) -> list[dict]:
         # as DeepSpeed's own schedulers set the rate: the wrapper's groups are the base optimizer's
@@ -173,6 +174,10 @@ class ZeroState(ABC):
     def gathered(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def drop_accumulated(self) -> None:
+        """Forget the gradient accumulated so far in the round, wherever this stage keeps it beyond the parameters'
+        .grad (which zero_grad() clears)."""
+
 
 class PlainState(ZeroState):
     """Stage 0 in fp32: DeepSpeed hands the client optimizer the parameters as they are (no master copy, no overflow
@@ -207,6 +212,24 @@ class MasterCopyState(ZeroState):
     """Stages 1-2, and stage 0 with bf16: DeepSpeed keeps an fp32 master copy of the weights (partitioned at
     stages 1-2) beside the module's compute copy, read and written whole through deepspeed.utils' safe_get_full_* /
     safe_set_full_* (collectives)."""
+
+    def drop_accumulated(self) -> None:
+        """ZeRO-1/2 accumulate a round's backward calls in buffers of their own that their zero_grad() leaves:
+        all_grad_tensors until the boundary, averaged_gradients (with bf16 weights) until the step. A dropped round
+        (a non-finite loss) would otherwise add its gradient, NaN included, to the next round's. Cleared as
+        DeepSpeed's own step clears them on an overflow (tests/test_engine.py holds both cases)."""
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        opt = self.ds.optimizer
+        if not isinstance(opt, DeepSpeedZeroOptimizer):
+            return
+        opt._release_preflattened_grad_buffers()
+        if opt.cpu_offload:
+            opt.reset_cpu_buffers()
+            return
+        for buffers in (opt.averaged_gradients, opt.all_grad_tensors):
+            for group in buffers:
+                buffers[group] = None
 
     def full(self, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
         """Full fp32 value of p's master weight (key None) or of its optimizer state `key` (collective)."""
