@@ -64,6 +64,7 @@ def worker(args) -> None:
     from opd_fast import distributed, models
     from opd_fast.config import load_config
     from opd_fast.engine import backwards_per_round, make_engine
+    from opd_fast.families import preset_arch
 
     overrides = [
         *VARIANTS[args.variant][1],
@@ -80,7 +81,7 @@ def worker(args) -> None:
     info = distributed.setup(cfg.engine)
     if info.device.type == "cpu":
         torch.set_num_threads(args.threads)
-    family = models.PRESETS[args.preset][0]
+    family, _ = preset_arch(args.preset)
     model = build_random_transformer(args.preset, info.device, torch.float32, layers=args.layers)  # frozen
     models.add_student_lora(model, cfg.student.lora)
     if args.bf16 and cfg.engine.kind != "deepspeed":
@@ -91,7 +92,7 @@ def worker(args) -> None:
     backwards = backwards_per_round(cfg)
 
     g = torch.Generator().manual_seed(info.rank)
-    shape = models.latent_shape(model, family, args.batch, args.resolution)
+    shape = family.latent_shape(model, args.batch, args.resolution)
     dim, pooled, tokens = model.config.joint_attention_dim, model.config.pooled_projection_dim, args.tokens
     cond = models.Conditioning(
         *(
@@ -105,7 +106,7 @@ def worker(args) -> None:
 
     def one_step() -> None:
         for _ in range(backwards):
-            v, w = models.velocity(engine.forward_model, family, x, sigma, cond, 4.5)
+            v, w = family.velocity(engine.forward_model, x, sigma, cond, 4.5)
             if w is not None:  # CFG: [uncond; cond]
                 v_u, v_c = v.float().chunk(2)
                 v = v_u + w * (v_c - v_u)

@@ -62,14 +62,8 @@ from fp8_accuracy import build_random_transformer
 import opd_fast.trainer as trainer_module
 from opd_fast import attention
 from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
-from opd_fast.models import (
-    PRESETS,
-    TRANSFORMER_CLASSES,
-    latent_shape,
-    preset_arch,
-    student_forward_context,
-    velocity,
-)
+from opd_fast.families import get_family, preset_arch
+from opd_fast.models import student_forward_context
 from opd_fast.profiling import PHASES, PhaseTimer
 from opd_fast.teachers import Teacher, add_lora_adapter, read_peft_lora, teacher_memory_bytes
 
@@ -116,7 +110,7 @@ class StudentSwapTeacher(Teacher):
         self.model.set_adapter(self.adapter)
         try:
             with torch.no_grad():
-                return velocity(self.model, family, x, sigma, cond, self.guidance)
+                return family.velocity(self.model, x, sigma, cond, self.guidance)
         finally:
             self.model.set_adapter("default")
 
@@ -158,10 +152,11 @@ def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompt
 
 def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
     large = not args.preset.startswith("tiny")
+    family, _ = preset_arch(args.preset)
     return config_from_dict(
         {
             "model": {
-                "family": PRESETS[args.preset][0],
+                "family": family.name,
                 "preset": args.preset,
                 "dtype": args.dtype,
                 "attention": state["attention"],
@@ -174,7 +169,7 @@ def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
                 "mode": "adapter" if state["teachers"] == "adapter" else "merged",
                 "cuda_graphs": state["cuda_graphs"],
             },
-            "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
+            "prompts": {"max_tokens": family.text_tokens() if large else 16, "cache_dir": str(cache_dir)},
             "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
             "loss": {"backend": state["backend"]},
             "train": {
@@ -192,7 +187,7 @@ def build_trainer(args, tasks, state, scratch: Path, index: int, pristine) -> tr
     cfg = make_config(args, tasks, state, scratch / "embeddings")
     # The Trainer loads its base through load_transformer; hand it a copy of the one random base instead of
     # initialising billions of parameters again for every variant.
-    trainer_module.load_transformer = lambda _cfg: copy.deepcopy(pristine)
+    trainer_module.load_transformer = lambda _cfg, _family: copy.deepcopy(pristine)
     trainer = trainer_module.Trainer(cfg, scratch / f"run{index}", device=args.device)
     if state["teachers"] == "swap":
         swap = {}
@@ -242,15 +237,15 @@ def count_round_flops(trainer) -> float:
     """FLOPs of one round's useful work: per trained step and task, one student forward + backward and one teacher
     forward, each at the micro-batch with its CFG (counted once per task, times its trained steps and micro-batches)."""
     cfg, device = trainer.cfg, trainer.device
-    mb, family = cfg.train.micro_batch_size, cfg.model.family
-    x = torch.randn(latent_shape(trainer.student, family, mb, cfg.sampling.resolution), device=device)
+    mb, family = cfg.train.micro_batch_size, trainer.family
+    x = torch.randn(family.latent_shape(trainer.student, mb, cfg.sampling.resolution), device=device)
     sigma = trainer.sigmas[1].expand(mb).to(device)
     total = 0.0
     for task in cfg.tasks:
         cond = trainer.prompts[task.name].conditioning(torch.arange(mb), device)
         with FlopCounterMode(display=False) as counter:
             with student_forward_context(trainer.student, trainer.student_autocast):
-                v, _ = velocity(trainer.student, family, x, sigma, cond, cfg.student.guidance)
+                v, _ = family.velocity(trainer.student, x, sigma, cond, cfg.student.guidance)
             v.float().square().mean().backward()
             trainer.teachers[task.name].velocity(family, x, sigma, cond)
         total += counter.get_total_flops() * trainer.num_trained[task.name]
@@ -345,7 +340,7 @@ def teacher_memory_by_mode(
 
     family, kwargs = preset_arch(preset, layers)
     with torch.device("meta"):
-        model = TRANSFORMER_CLASSES[family](**kwargs)
+        model = family.transformer_class(**kwargs)
     width = torch.finfo(dtype).bits // 8
     total = sum(p.numel() for p in model.parameters())
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -500,7 +495,7 @@ def write_report(
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(p for p in PRESETS if PRESETS[p][0] == "sd3"))
+    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(get_family("sd3").presets))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 512 otherwise)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")

@@ -26,19 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opd_fast import fp8
-from opd_fast.models import (
-    PRESETS,
-    TRANSFORMER_CLASSES,
-    Conditioning,
-    init_output_layer,
-    latent_shape,
-    preset_arch,
-    velocity,
-)
+from opd_fast.families import PRESETS, Family, preset_arch
+from opd_fast.models import Conditioning, init_output_layer
 from opd_fast.ops.opd_step.naive import apply_cfg
 from opd_fast.schedule import sigma_grid
 
-TEXT_TOKENS = {"sd3": 333, "flux": 512}  # CLIP 77 + T5 256 for SD3; T5 512 for FLUX.1-dev
 LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first match wins
     r"(^|\.)norm[^.]*\.linear$": "adaLN modulation",
     r"^time_text_embed\.": "time/text embedders",
@@ -53,13 +45,13 @@ LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first 
 def build_random_transformer(
     preset: str, device: str, dtype: torch.dtype, seed: int = 0, layers: int | None = None
 ) -> torch.nn.Module:
-    """A preset's architecture (models.preset_arch says what `layers` keeps) with seeded random weights, built
+    """A preset's architecture (families.preset_arch says what `layers` keeps) with seeded random weights, built
     directly on `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU); the final projection
     initialised as opd_fast.models initialises a preset's."""
     family, kwargs = preset_arch(preset, layers)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = TRANSFORMER_CLASSES[family](**kwargs)
+        model = family.transformer_class(**kwargs)
     init_output_layer(model)
     if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
         model = model.to(dtype)
@@ -70,18 +62,18 @@ def layer_type(name: str) -> str | None:
     return next((kind for pattern, kind in LAYER_TYPES.items() if re.search(pattern, name)), None)
 
 
-def make_inputs(model, family: str, batch: int, resolution: int, device: str, seed: int = 1):
+def make_inputs(model, family: Family, batch: int, resolution: int, device: str, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    shape = latent_shape(model, family, batch, resolution)
+    shape = family.latent_shape(model, batch, resolution)
     dim, pooled = model.config.joint_attention_dim, model.config.pooled_projection_dim
-    tokens = TEXT_TOKENS[family] if dim >= 1024 else 16  # the tiny presets use the builtin 16-token encoder
+    tokens = family.text_tokens() if dim >= 1024 else 16  # the released encoders'; the tiny presets: the builtin 16
     cond = Conditioning(
         torch.randn(batch, tokens, dim, generator=g).to(device),
         torch.randn(batch, pooled, generator=g).to(device),
         torch.randn(1, tokens, dim, generator=g).to(device),
         torch.randn(1, pooled, generator=g).to(device),
     )
-    sigmas = sigma_grid(family, 10, image_seq_len=shape[1] if family == "flux" else None)  # the released configs
+    sigmas = sigma_grid(family, 10, image_seq_len=family.image_tokens(model, resolution))  # the released configs
     states = []
     for j in (0, 2, 4, 6, 8):
         x0, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -92,11 +84,11 @@ def make_inputs(model, family: str, batch: int, resolution: int, device: str, se
 
 
 @torch.no_grad()
-def velocities(model, family: str, cond, states, guidance: float) -> torch.Tensor:
+def velocities(model, family: Family, cond, states, guidance: float) -> torch.Tensor:
     outs = []
     with fp8.forward_context(model):
         for x, sigma in states:
-            v, g = velocity(model, family, x, sigma, cond, guidance)
+            v, g = family.velocity(model, x, sigma, cond, guidance)
             outs.append(apply_cfg(v, g).float())
     return torch.stack(outs)
 
@@ -122,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="keep only this many blocks (widths unchanged)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
-    family = PRESETS[args.preset][0]
+    family = PRESETS[args.preset]
     resolution = args.resolution or (64 if args.preset.startswith("tiny") else 512)
     t0 = time.perf_counter()
 

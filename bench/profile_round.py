@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_round import TASKS, write_world
 
 from opd_fast.config import config_from_dict
-from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, preset_arch
+from opd_fast.families import get_family, preset_arch
 from opd_fast.trainer import Trainer
 
 EXPECTED = ("teacher", "student_forward", "loss", "backward", "optimizer")  # one-pass: no "rollout"
@@ -43,10 +43,11 @@ EXPECTED = ("teacher", "student_forward", "loss", "backward", "optimizer")  # on
 def make_config(args, tasks: list[dict], cache_dir: Path):
     cuda = torch.device(args.device).type == "cuda"
     large = not args.preset.startswith("tiny")
+    family, _ = preset_arch(args.preset)
     return config_from_dict(
         {
             "model": {
-                "family": PRESETS[args.preset][0],
+                "family": family.name,
                 "preset": args.preset,
                 "dtype": args.dtype,
                 "attention": "cudnn" if cuda else "sdpa",
@@ -54,7 +55,7 @@ def make_config(args, tasks: list[dict], cache_dir: Path):
             "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
             "tasks": tasks,
             "teacher_runtime": {"precision": args.precision, "stream": "side" if cuda else "serial", "mode": "merged"},
-            "prompts": {"max_tokens": 333 if large else 16, "cache_dir": str(cache_dir)},
+            "prompts": {"max_tokens": family.text_tokens() if large else 16, "cache_dir": str(cache_dir)},
             "sampling": {"num_steps": 10, "timestep_fraction": 0.99, "resolution": args.resolution},
             "loss": {"backend": "auto"},
             "train": {"rounds": 1000, "micro_batch_size": args.prompts, "schedule": "one_pass"},
@@ -132,7 +133,7 @@ def write_trace(trace: Path, dest: Path, mode: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(p for p in PRESETS if PRESETS[p][0] == "sd3"))
+    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(get_family("sd3").presets))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 512 otherwise)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     family, kwargs = preset_arch(args.preset)
     with torch.device("meta"):  # only the names and shapes of the LoRA targets, for the random teachers
-        shapes = TRANSFORMER_CLASSES[family](**kwargs)
+        shapes = family.transformer_class(**kwargs)
     with tempfile.TemporaryDirectory(prefix="profile_round_") as tmp:
         scratch = Path(tmp)
         tasks = write_world(

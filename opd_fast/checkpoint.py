@@ -1,5 +1,5 @@
 """Checkpoints: written atomically (a temp folder renamed into place), last K kept, resumable; and the final
-export of the student LoRA in the diffusers layout that `StableDiffusion3Pipeline.load_lora_weights` reads.
+export of the student LoRA in the diffusers layout that its family's pipeline `load_lora_weights` reads.
 
 Everything is safetensors + JSON: the optimizer state is flattened into tensors, so resuming unpickles nothing.
 """
@@ -10,9 +10,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from opd_fast.families.base import Family
 
 PREFIX = "step_"
 
@@ -104,22 +108,19 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 
 
 def export_diffusers_lora(
-    model: torch.nn.Module, peft_config, family: str, out: Path, lora_state: dict[str, torch.Tensor] | None = None
+    model: torch.nn.Module, peft_config, family: Family, out: Path, lora_state: dict[str, torch.Tensor] | None = None
 ) -> Path:
-    """Write OUT/pytorch_lora_weights.safetensors in the diffusers layout (`transformer.` prefix) with the adapter
-    metadata, so the loader keeps alpha != r (without it an r=32/alpha=64 LoRA loads at half strength)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    """Write OUT/pytorch_lora_weights.safetensors in the diffusers layout of `family`'s pipeline (`transformer.`
+    prefix) with the adapter metadata, so the loader keeps alpha != r (without it an r=32/alpha=64 LoRA loads at
+    half strength). Atomic: written into a temporary folder that replaces OUT."""
     from peft.utils import get_peft_model_state_dict
 
-    pipeline_cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
     state = lora_state if lora_state is not None else get_peft_model_state_dict(model)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     out = Path(out)
     tmp = _tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_cls.save_lora_weights(
-        tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=peft_config.to_dict()
-    )
+    family.save_lora(tmp, state, peft_config.to_dict())
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)

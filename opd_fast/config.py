@@ -34,8 +34,8 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    family: Literal["sd3", "flux"] = "sd3"
-    preset: str | None = "tiny-sd3"  # opd_fast.models.PRESETS; ignored when path is set
+    family: str = "sd3"  # a family of opd_fast.families, checked where the run looks it up (before any model loads)
+    preset: str | None = "tiny-sd3"  # one of the family's presets (opd_fast.families); ignored when path is set
     path: str | None = None  # local diffusers pipeline folder (with transformer/) or transformer folder
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0  # init of a preset's random weights

@@ -1,8 +1,6 @@
-"""The diffusers transformers we train: presets, loading, the student's LoRA, and one velocity call per family.
-
-SD3 (first-class): state x is the (B, C, H, W) latent; CFG runs as one batch [uncond; cond] and opd_step combines
-the two halves. FLUX.1-dev: state x is the packed (B, tokens, C*4) latent; it is guidance-distilled, so the
-guidance scale goes into the model's guidance embedding and there is no CFG batch.
+"""The diffusers transformers we train, whatever their family: loading from a folder or a preset, the student's
+LoRA, its forward's precision, frozen copies, and the cached text conditioning. What differs by family (classes,
+presets, velocity, latent shape) is the family object's (opd_fast.families).
 """
 
 from __future__ import annotations
@@ -11,100 +9,17 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from peft import LoraConfig as PeftLoraConfig
 
 from opd_fast.config import LoraConfig, ModelConfig
 
-TRANSFORMER_CLASSES = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
+if TYPE_CHECKING:
+    from opd_fast.families.base import Family
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VAE_SCALE = 8  # pixels per latent cell for both families' VAEs
-
-PRESETS = {
-    # CPU-sized: builds in milliseconds, ~80k parameters.
-    "tiny-sd3": (
-        "sd3",
-        dict(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            caption_projection_dim=32,
-            pooled_projection_dim=32,
-            pos_embed_max_size=16,
-        ),
-    ),
-    "tiny-flux": (
-        "flux",
-        dict(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ),
-    ),
-    # The released architectures (transformer/config.json of each pipeline), for random-weight benchmarks.
-    "sd3.5-medium": (
-        "sd3",
-        dict(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=24,
-            attention_head_dim=64,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            caption_projection_dim=1536,
-            pooled_projection_dim=2048,
-            pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)),
-            qk_norm="rms_norm",
-        ),
-    ),
-    "flux.1-dev": (
-        "flux",
-        dict(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        ),
-    ),
-}
-
-
-def preset_arch(preset: str, layers: int | None = None) -> tuple[str, dict]:
-    """A preset's family and constructor arguments. `layers` keeps the widths and the first `layers` blocks (FLUX:
-    `layers` double-stream and 2 x `layers` single-stream ones): the benchmarks' way to run the released widths on
-    a CPU. SD3's last block has no context output, so SD3.5-M needs layers >= 2 for the official LoRA targets."""
-    family, kwargs = PRESETS[preset]
-    if layers is None:
-        return family, kwargs
-    kwargs = dict(kwargs, num_layers=min(layers, kwargs["num_layers"]))
-    if "dual_attention_layers" in kwargs:
-        kwargs["dual_attention_layers"] = tuple(i for i in kwargs["dual_attention_layers"] if i < layers)
-    if "num_single_layers" in kwargs:
-        kwargs["num_single_layers"] = min(2 * layers, kwargs["num_single_layers"])
-    return family, kwargs
 
 
 def transformer_folder(path: str | Path) -> Path:
@@ -119,21 +34,23 @@ def transformer_folder(path: str | Path) -> Path:
     )
 
 
-def load_transformer(cfg: ModelConfig) -> torch.nn.Module:
-    """The frozen base transformer: from a local folder (safetensors only) or from a preset with seeded weights."""
-    cls = TRANSFORMER_CLASSES[cfg.family]
+def load_transformer(cfg: ModelConfig, family: Family) -> torch.nn.Module:
+    """The frozen base transformer of `family`: from a local folder (safetensors only) or from one of the family's
+    presets with seeded weights."""
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model = cls.from_pretrained(transformer_folder(cfg.path), dtype=dtype, use_safetensors=True)
+        model = family.transformer_class.from_pretrained(
+            transformer_folder(cfg.path), dtype=dtype, use_safetensors=True
+        )
     else:
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
-        family, kwargs = preset_arch(cfg.preset)
-        if family != cfg.family:
-            raise ValueError(f"model.preset: {cfg.preset!r} is a {family} model but model.family is {cfg.family!r}")
+        if cfg.preset not in family.presets:
+            raise ValueError(
+                f"model.preset: {cfg.preset!r} is not a preset of model.family {family.name!r} "
+                f"(its presets: {', '.join(family.presets)})"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = cls(**kwargs)
+            model = family.transformer_class(**family.presets[cfg.preset])
             init_output_layer(model)
         if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
             model = model.to(dtype)
@@ -227,64 +144,3 @@ class Conditioning:
     pooled: torch.Tensor  # (B, P)
     negative_embeds: torch.Tensor  # (1, T, D): the negative / empty prompt
     negative_pooled: torch.Tensor  # (1, P)
-
-
-def latent_shape(model: torch.nn.Module, family: str, batch: int, resolution: int) -> tuple[int, ...]:
-    if family == "flux":
-        # packed: 2x2 latent patches become one token of 4 * latent_channels
-        return (batch, image_tokens(model, family, resolution), model.config.in_channels)
-    side = resolution // VAE_SCALE
-    return (batch, model.config.in_channels, side, side)
-
-
-def image_tokens(model: torch.nn.Module, family: str, resolution: int) -> int:
-    """The transformer's image tokens at `resolution` (the `image_seq_len` of a dynamic sigma shift)."""
-    side = resolution // VAE_SCALE // (2 if family == "flux" else model.config.patch_size)
-    return side * side
-
-
-def flux_image_ids(tokens: int, device) -> torch.Tensor:
-    side = round(tokens**0.5)
-    ids = torch.zeros(side, side, 3, device=device)
-    ids[..., 1] = torch.arange(side, device=device)[:, None]
-    ids[..., 2] = torch.arange(side, device=device)[None, :]
-    return ids.reshape(tokens, 3)
-
-
-def velocity(model, family: str, x, sigma, cond: Conditioning, guidance: float | None):
-    """Model velocity at state x (B, ...) and noise level sigma (B,).
-
-    Returns (v, cfg) where cfg is the guidance opd_step must apply: for SD3 with guidance (not None and != 1) v is
-    (2B, ...) = [uncond; cond]; otherwise v is (B, ...) and cfg is None.
-    """
-    dtype = next(model.parameters()).dtype
-    B = x.shape[0]
-    if family == "flux":
-        g = None
-        if model.config.guidance_embeds:
-            g = torch.full((B,), 1.0 if guidance is None else guidance, device=x.device, dtype=dtype)
-        v = model(
-            hidden_states=x.to(dtype),
-            encoder_hidden_states=cond.prompt_embeds.to(dtype),
-            pooled_projections=cond.pooled.to(dtype),
-            timestep=sigma.to(dtype),  # the FLUX transformer multiplies by 1000 itself
-            img_ids=flux_image_ids(x.shape[1], x.device),
-            txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=x.device),
-            guidance=g,
-            return_dict=False,
-        )[0]
-        return v, None
-    use_cfg = guidance is not None and guidance != 1.0
-    embeds, pooled, xs, t = cond.prompt_embeds, cond.pooled, x, sigma
-    if use_cfg:
-        embeds = torch.cat([cond.negative_embeds.expand_as(embeds), embeds])
-        pooled = torch.cat([cond.negative_pooled.expand_as(pooled), pooled])
-        xs, t = torch.cat([x, x]), torch.cat([sigma, sigma])
-    v = model(
-        hidden_states=xs.to(dtype),
-        encoder_hidden_states=embeds.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        timestep=(t * 1000).float(),  # as StableDiffusion3Pipeline: fp32 (in bf16, 602.15 would become 604)
-        return_dict=False,
-    )[0]
-    return v, (guidance if use_cfg else None)

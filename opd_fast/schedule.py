@@ -2,9 +2,9 @@
 
 The grid comes from diffusers' FlowMatchEulerDiscreteScheduler, never re-derived, built from the model's own scheduler
 config (scheduler/scheduler_config.json of the pipeline at model.path) and called the way the family's pipeline calls
-it: SD3 with the step count, FLUX with a linear sigma ramp, both with the image-size dependent `mu` when the config
-shifts dynamically. Without a pipeline folder the released configs stand in: SD3.5's static shift 3.0 and FLUX.1-dev's
-dynamic shift. A `sampling.shift` in the run config replaces the config's shift with that static one.
+it (Family.set_timesteps), with the image-size dependent `mu` when the config shifts dynamically. Without a pipeline
+folder the family's released config stands in (Family.scheduler_config). A `sampling.shift` in the run config
+replaces the config's shift with that static one.
 """
 
 from __future__ import annotations
@@ -12,27 +12,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from opd_fast.config import ConfigError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from opd_fast.families.base import Family
 
-# the defaults each pipeline assumes for a dynamic-shift key its scheduler config lacks
-PIPELINE_MU_DEFAULTS = {
-    "sd3": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.16),
-    "flux": dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15),
-}
-# scheduler/scheduler_config.json of the released stabilityai/stable-diffusion-3.5-* and black-forest-labs/FLUX.1-dev
-# (FLUX.1-dev's dynamic-shift keys are its pipeline's defaults)
-RELEASED = {
-    "sd3": dict(shift=3.0),
-    "flux": dict(shift=3.0, use_dynamic_shifting=True, **PIPELINE_MU_DEFAULTS["flux"]),
-}
+log = logging.getLogger(__name__)
 
 
 def scheduler_config_file(path: str | Path) -> Path | None:
@@ -47,10 +38,10 @@ def scheduler_config_file(path: str | Path) -> Path | None:
     return None
 
 
-def make_scheduler(family: str, shift: float | None = None, path: str | Path | None = None):
+def make_scheduler(family: Family, shift: float | None = None, path: str | Path | None = None):
     """The family's FlowMatchEulerDiscreteScheduler: the config at `path` if it has one, else the released one;
     `shift` (when not None) makes it a static shift."""
-    config, source = dict(RELEASED[family]), f"the released {family} config"
+    config, source = dict(family.scheduler_config), f"the released {family.name} config"
     file = scheduler_config_file(path) if path is not None else None
     if file is not None:
         try:
@@ -65,7 +56,7 @@ def make_scheduler(family: str, shift: float | None = None, path: str | Path | N
 
 
 def sigma_grid(
-    family: str,
+    family: Family,
     num_steps: int,
     shift: float | None = None,
     image_seq_len: int | None = None,
@@ -79,13 +70,10 @@ def sigma_grid(
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting"):
         if image_seq_len is None:
-            raise ValueError(f"sigma_grid: the {family} scheduler shifts dynamically and needs image_seq_len")
-        c = {key: scheduler.config.get(key, default) for key, default in PIPELINE_MU_DEFAULTS[family].items()}
+            raise ValueError(f"sigma_grid: the {family.name} scheduler shifts dynamically and needs image_seq_len")
+        c = {key: scheduler.config.get(key, default) for key, default in family.mu_defaults.items()}
         kwargs["mu"] = calculate_shift(
             image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]
         )
-    if family == "flux" and not scheduler.config.get("use_flow_sigmas"):
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
-    else:
-        scheduler.set_timesteps(num_steps, **kwargs)
+    family.set_timesteps(scheduler, num_steps, **kwargs)
     return scheduler.sigmas.float()

@@ -23,32 +23,21 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from opd_fast import fp8
-from opd_fast.config import ModelConfig, TaskConfig, TeacherConfig, TeacherRuntimeConfig
-from opd_fast.models import TRANSFORMER_CLASSES, Conditioning, freeze, frozen_copy, transformer_folder
-from opd_fast.models import velocity as model_velocity
+from opd_fast.config import TaskConfig, TeacherConfig, TeacherRuntimeConfig
+from opd_fast.models import Conditioning, freeze, frozen_copy, transformer_folder
 from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
 
+if TYPE_CHECKING:
+    from opd_fast.families.base import Family
+
 log = logging.getLogger(__name__)
-ARCH_KEYS = (
-    "in_channels",
-    "out_channels",
-    "num_layers",
-    "num_single_layers",
-    "attention_head_dim",
-    "num_attention_heads",
-    "joint_attention_dim",
-    "pooled_projection_dim",
-    "caption_projection_dim",
-    "patch_size",
-    "dual_attention_layers",
-    "qk_norm",
-)
 DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -64,12 +53,12 @@ class Teacher:
     guidance: float | None
     adapter: str | None = None  # mode "adapter": the peft adapter of `model` (shared base) that is this teacher
 
-    def velocity(self, family: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
-        """(v, guidance) as models.velocity returns them, without grad."""
+    def velocity(self, family: Family, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+        """(v, guidance) as family.velocity returns them, at the teacher's guidance, without grad."""
         if self.adapter is not None:
             activate_adapter(self.model, self.adapter)
         with torch.no_grad(), fp8.forward_context(self.model):
-            return model_velocity(self.model, family, x, sigma, cond, self.guidance)
+            return family.velocity(self.model, x, sigma, cond, self.guidance)
 
 
 @dataclass
@@ -207,9 +196,9 @@ def merge_lora(model: torch.nn.Module, lora: LoraWeights, where: str) -> None:
         W.copy_((W.float() + delta.to(W.device)).to(W.dtype))
 
 
-def _check_architecture(base: torch.nn.Module, teacher: torch.nn.Module, where: str) -> None:
+def _check_architecture(base: torch.nn.Module, teacher: torch.nn.Module, family: Family, where: str) -> None:
     diffs = []
-    for key in ARCH_KEYS:
+    for key in family.arch_keys:
         a, b = base.config.get(key), teacher.config.get(key)
         if isinstance(a, list):
             a = tuple(a)
@@ -234,11 +223,11 @@ def _read_lora(path: Path, fmt: str, where: str) -> LoraWeights:
     return read_peft_lora(path, where) if fmt == "peft" else read_diffusers_lora(path, where)
 
 
-def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg: ModelConfig) -> Teacher:
-    """A frozen teacher for task `name` on top of `base` (the student's base transformer, without its LoRA)."""
+def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: Family) -> Teacher:
+    """A frozen teacher for task `name` on top of `base` (the student's base transformer of `family`, without its
+    LoRA)."""
     where, path, fmt = _locate(name, cfg)
     if fmt == "full":
-        cls = TRANSFORMER_CLASSES[model_cfg.family]
         try:
             folder = transformer_folder(path)
         except FileNotFoundError as e:
@@ -246,9 +235,9 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, model_cfg
         with open(folder / "config.json") as f:
             arch = json.load(f)
         probe = type("Probe", (), {"config": arch})
-        _check_architecture(base, probe, where)
+        _check_architecture(base, probe, family, where)
         dtype = next(base.parameters()).dtype
-        model = freeze(cls.from_pretrained(folder, dtype=dtype, use_safetensors=True))
+        model = freeze(family.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True))
     else:
         model = frozen_copy(base)
         merge_lora(model, _read_lora(path, fmt, where), where)
@@ -327,12 +316,12 @@ def apply_precision(model: torch.nn.Module, runtime: TeacherRuntimeConfig) -> to
 
 
 def load_teachers(
-    tasks: list[TaskConfig], base: torch.nn.Module, model_cfg: ModelConfig, runtime: TeacherRuntimeConfig
+    tasks: list[TaskConfig], base: torch.nn.Module, family: Family, runtime: TeacherRuntimeConfig
 ) -> dict[str, Teacher]:
     """Every task's teacher on top of `base` (the student's base transformer, before it gets its LoRA), in the
     runtime's mode and precision."""
     if runtime.mode == "merged":
-        teachers = {t.name: load_teacher(t.name, t.teacher, base, model_cfg) for t in tasks}
+        teachers = {t.name: load_teacher(t.name, t.teacher, base, family) for t in tasks}
         for teacher in teachers.values():
             apply_precision(teacher.model, runtime)
         return teachers
@@ -340,7 +329,7 @@ def load_teachers(
     for task in tasks:
         lora = _lora_or_none(task.name, task.teacher)
         if lora is None:  # a full model cannot share the base
-            teachers[task.name] = load_teacher(task.name, task.teacher, base, model_cfg)
+            teachers[task.name] = load_teacher(task.name, task.teacher, base, family)
             apply_precision(teachers[task.name].model, runtime)
             log.info("teacher of task %r: a full model, kept as its own copy in adapter mode", task.name)
             continue
@@ -381,7 +370,7 @@ class GraphedVelocity:
         tensors = (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled)
         return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
-    def __init__(self, teacher: Teacher, family: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
+    def __init__(self, teacher: Teacher, family: Family, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
         self.inputs = [
             t.detach().clone()
             for t in (x, sigma, cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled)
@@ -433,7 +422,7 @@ class TeacherRunner:
     """
 
     def __init__(
-        self, family: str, device: torch.device | str, stream: str = "side", phase=None, cuda_graphs: bool = False
+        self, family: Family, device: torch.device | str, stream: str = "side", phase=None, cuda_graphs: bool = False
     ):
         self.family = family
         self.device = torch.device(device)

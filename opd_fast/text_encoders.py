@@ -6,7 +6,7 @@ encoded: a run whose cache is complete never loads them. The embeddings come fro
 `encode_prompt`, so training sees exactly the conditioning the pipeline gives at inference. The negative prompt is
 encoded like any other prompt (encode_cached asks for it separately), so classifier-free guidance is off here.
 
-    encoder, name = pipeline_encoder(cfg.model, cfg.prompts)
+    encoder, name = pipeline_encoder(cfg.model, family, cfg.prompts)
     with encoder:                      # the encoders are freed on exit (and when the object is dropped)
         encode_cached(prompt_set, encoder, name, negative, cache_file)
 """
@@ -18,29 +18,20 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from opd_fast.config import ConfigError, ModelConfig, PromptsConfig
 from opd_fast.models import DTYPES
 
+if TYPE_CHECKING:
+    from opd_fast.families.base import Family
+
 log = logging.getLogger(__name__)
 
-PIPELINE_CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' own encode_prompt defaults
-TEXT_COMPONENTS = {
-    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),
-    "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
-}
 
-
-def pipeline_class(family: str):
-    import diffusers
-
-    return getattr(diffusers, PIPELINE_CLASSES[family])
-
-
-def check_pipeline_folder(path: str | Path, family: str) -> Path:
+def check_pipeline_folder(path: str | Path, family: Family) -> Path:
     """The folder, after checking it is a diffusers pipeline of `family` (model_index.json names the class)."""
     path = Path(path)
     index = path / "model_index.json"
@@ -50,19 +41,19 @@ def check_pipeline_folder(path: str | Path, family: str) -> Path:
             "pipeline text encoders and sampling need the whole pipeline, not only its transformer"
         )
     cls_name = json.loads(index.read_text()).get("_class_name", "")
-    if cls_name != PIPELINE_CLASSES[family]:
+    if cls_name != family.pipeline_class_name:
         raise ConfigError(
             f"model.path: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
-            f"{family!r} (expects {PIPELINE_CLASSES[family]})"
+            f"{family.name!r} (expects {family.pipeline_class_name})"
         )
     return path
 
 
-def _fingerprint(path: Path, family: str) -> str:
+def _fingerprint(path: Path, family: Family) -> str:
     """A short hash of the text components' configs, tokenizer files and weight sizes: a different model copied to
     the same path changes the cache name, without hashing gigabytes of weights."""
     h = hashlib.sha256()
-    for component in TEXT_COMPONENTS[family]:
+    for component in family.text_components:
         folder = path / component
         for file in sorted(folder.glob("*")) if folder.is_dir() else []:
             if not file.is_file():
@@ -84,15 +75,13 @@ class PipelineTextEncoder:
     def __init__(
         self,
         path: str | Path,
-        family: str,
+        family: Family,
         dtype: torch.dtype = torch.float32,
         device=None,
         max_sequence_length: int | None = None,
         batch_size: int = 32,
         progress: bool = True,
     ):
-        if family not in PIPELINE_CLASSES:
-            raise ConfigError(f"model.family: no pipeline text encoders for {family!r}")
         if batch_size < 1:
             raise ConfigError(f"prompts.encode_batch_size: must be >= 1, got {batch_size}")
         if max_sequence_length is not None and max_sequence_length < 1:
@@ -101,7 +90,7 @@ class PipelineTextEncoder:
         self.family = family
         self.dtype = dtype
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        self.max_sequence_length = max_sequence_length or family.default_max_sequence_length
         self.batch_size = batch_size
         self.progress = progress
 
@@ -110,37 +99,22 @@ class PipelineTextEncoder:
         """The cache name: a different pipeline, sequence length or dtype is a different encoder."""
         dtype = str(self.dtype).removeprefix("torch.")
         return (
-            f"pipeline-{self.family}:{self.path}:msl{self.max_sequence_length}:{dtype}:"
+            f"pipeline-{self.family.name}:{self.path}:msl{self.max_sequence_length}:{dtype}:"
             f"{_fingerprint(self.path, self.family)}"
         )
 
     def load(self):
         if self.pipe is None:
-            log.info("loading the %s text encoders from %s", self.family, self.path)
+            log.info("loading the %s text encoders from %s", self.family.name, self.path)
             # transformer / vae None: diffusers skips them entirely (no weights read).
-            self.pipe = (
-                pipeline_class(self.family)
-                .from_pretrained(self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True)
-                .to(self.device)
-            )
+            self.pipe = self.family.pipeline_class.from_pretrained(
+                self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True
+            ).to(self.device)
         return self.pipe
 
     @torch.no_grad()
     def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        pipe = self.load()
-        if self.family == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-        else:
-            embeds, pooled, _ = pipe.encode_prompt(
-                prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-            )
+        embeds, pooled = self.family.encode_prompt(self.load(), prompts, self.device, self.max_sequence_length)
         return embeds.float().cpu(), pooled.float().cpu()
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +124,7 @@ class PipelineTextEncoder:
         show = self.progress and len(starts) > 1  # no bar for the single negative prompt
         embeds, pooled = [], []
         for start in tqdm(
-            starts, desc=f"encoding prompts ({self.family} text encoders)", unit="batch", disable=not show
+            starts, desc=f"encoding prompts ({self.family.name} text encoders)", unit="batch", disable=not show
         ):
             e, p = self._encode_batch(list(prompts[start : start + self.batch_size]))
             embeds.append(e)
@@ -176,15 +150,16 @@ class PipelineTextEncoder:
         self.close()
 
 
-def pipeline_encoder(model_cfg: ModelConfig, prompts_cfg: PromptsConfig | None = None, device=None):
-    """(encode_fn, cache_name) for `prompts.encoder: pipeline`: the text encoders of the pipeline at model.path.
+def pipeline_encoder(model_cfg: ModelConfig, family: Family, prompts_cfg: PromptsConfig | None = None, device=None):
+    """(encode_fn, cache_name) for `prompts.encoder: pipeline`: the text encoders of the `family` pipeline at
+    model.path.
     encode_fn loads them on first use; `with encode_fn:` (or dropping it) frees them."""
     if model_cfg.path is None:
         raise ConfigError("prompts.encoder: 'pipeline' needs model.path, a local diffusers pipeline folder")
     prompts_cfg = prompts_cfg or PromptsConfig()
     encoder = PipelineTextEncoder(
         model_cfg.path,
-        model_cfg.family,
+        family,
         DTYPES[model_cfg.dtype],
         device,
         max_sequence_length=prompts_cfg.max_sequence_length,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from opd_fast.config import OFFICIAL_LORA_TARGETS, ModelConfig
+from opd_fast.families import get_family
 from opd_fast.models import load_transformer
 
 TASKS = {
@@ -53,7 +54,7 @@ def prompts_for(task: str) -> list[dict]:
 def _teacher_model(seed: int):
     from peft import LoraConfig, get_peft_model
 
-    base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
+    base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), get_family("sd3"))
     config = LoraConfig(
         r=TEACHER_RANK,
         lora_alpha=TEACHER_ALPHA,

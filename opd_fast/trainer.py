@@ -35,17 +35,15 @@ from opd_fast.checkpoint import (
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
 from opd_fast.engine import EMA, Engine, lr_at, make_engine, values_swapped_in
+from opd_fast.families import Family, get_family
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import (
     DTYPES,
     Conditioning,
     add_student_lora,
     autocast_dtype,
-    image_tokens,
-    latent_shape,
     load_transformer,
     student_forward_context,
-    velocity,
 )
 from opd_fast.ops import LossSpec
 from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
@@ -161,7 +159,9 @@ def flat_config(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Path) -> dict[str, EncodedPrompts]:
+def encode_task_prompts(
+    cfg: RunConfig, family: Family, student: torch.nn.Module, cache_dir: Path
+) -> dict[str, EncodedPrompts]:
     """Each task's prompt set, encoded once into the embedding cache. All files are read (and checked) before
     anything is written."""
     prompt_sets = {task.name: read_dataset(task.prompts, task.prompts_kind, task.name) for task in cfg.tasks}
@@ -173,7 +173,7 @@ def encode_task_prompts(cfg: RunConfig, student: torch.nn.Module, cache_dir: Pat
     else:
         from opd_fast.text_encoders import pipeline_encoder
 
-        encode_fn, name = pipeline_encoder(cfg.model, cfg.prompts)
+        encode_fn, name = pipeline_encoder(cfg.model, family, cfg.prompts)
     return {
         task: encode_cached(prompt_set, encode_fn, name, cfg.prompts.negative_prompt, cache_dir / f"{task}.safetensors")
         for task, prompt_set in prompt_sets.items()
@@ -217,6 +217,7 @@ class Trainer:
         engine: Engine | None = None,
     ):
         self.cfg = cfg
+        self.family = get_family(cfg.model.family)  # first: an unknown family fails before anything is done
         self.out_dir = Path(out_dir)
         # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
         self.dist = distributed.setup(cfg.engine, device)
@@ -232,14 +233,14 @@ class Trainer:
             raise ConfigError(f"loss.backend: {e}") from None
         self.backend = self.loss_spec.backend
         log.info("opd_step backend: %s", self.backend)
-        base = load_transformer(cfg.model).to(self.device)
+        base = load_transformer(cfg.model, self.family).to(self.device)
         # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
         # made before the student gets its adapter.
-        self.teachers: dict[str, Teacher] = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+        self.teachers: dict[str, Teacher] = load_teachers(cfg.tasks, base, self.family, cfg.teacher_runtime)
         self.phase_timer: PhaseTimer | None = None  # benchmarks attach one to time the phases
         self.capture: CaptureWindow | None = None  # opd-fast train --profile-steps a:b
         self.teacher_runner = TeacherRunner(
-            cfg.model.family,
+            self.family,
             self.device,
             cfg.teacher_runtime.stream,
             self._phase,
@@ -264,14 +265,16 @@ class Trainer:
 
         cache_dir = Path(cfg.prompts.cache_dir) if cfg.prompts.cache_dir else self.out_dir / "embeddings"
         with distributed.rank_zero_first(self.dist):  # rank 0 fills the cache, the others read it
-            self.prompts = place_prompts(encode_task_prompts(cfg, self.student, cache_dir), cfg, self.device)
+            self.prompts = place_prompts(
+                encode_task_prompts(cfg, self.family, self.student, cache_dir), cfg, self.device
+            )
 
         self.sigmas = sigma_grid(
-            cfg.model.family,
+            self.family,
             cfg.sampling.num_steps,
             cfg.sampling.shift,
             path=cfg.model.path,
-            image_seq_len=image_tokens(self.student, cfg.model.family, cfg.sampling.resolution),
+            image_seq_len=self.family.image_tokens(self.student, cfg.sampling.resolution),
         )
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.round = 0
@@ -371,7 +374,7 @@ class Trainer:
             torch.set_grad_enabled(with_grad),
             student_forward_context(self.student, self.student_autocast),
         ):
-            return velocity(self.engine.forward_model, self.cfg.model.family, x, sigma, cond, self.cfg.student.guidance)
+            return self.family.velocity(self.engine.forward_model, x, sigma, cond, self.cfg.student.guidance)
 
     def _step(self, lane: Lane, j: int, x, v_student, student_cfg, teacher: TeacherHandle | None):
         """The fused step/loss of one lane at step j. teacher: the lane's submitted teacher forward at x (taken
@@ -471,7 +474,7 @@ class Trainer:
         mb = cfg.train.micro_batch_size
         per_rank = mb * cfg.train.micro_batches_per_task
         scale = 1.0 / (len(cfg.tasks) * per_rank)
-        shape = latent_shape(self.student, cfg.model.family, mb, cfg.sampling.resolution)
+        shape = self.family.latent_shape(self.student, mb, cfg.sampling.resolution)
         indices = [self.batch_indices(self.round, t_idx) for t_idx in range(len(cfg.tasks))]
         losses: list[list[torch.Tensor]] = [[] for _ in cfg.tasks]
         if cfg.train.task_batching:
@@ -646,7 +649,7 @@ class Trainer:
         path = export_diffusers_lora(
             self.student,
             self.peft_config,
-            self.cfg.model.family,
+            self.family,
             self.out_dir / "lora_diffusers",
             lora_state=get_peft_model_state_dict(self.student, state_dict=weights),
         )
@@ -655,7 +658,7 @@ class Trainer:
             export_diffusers_lora(
                 self.student,
                 self.peft_config,
-                self.cfg.model.family,
+                self.family,
                 self.out_dir / "lora_diffusers_ema",
                 lora_state=get_peft_model_state_dict(self.student, state_dict=ema_weights),
             )

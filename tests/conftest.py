@@ -10,11 +10,15 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors in the interpreter; it must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from opd_fast import fp8  # after TRITON_INTERPRET is set
+from opd_fast.families import FAMILIES
 
 # FP8 with rowwise scales on CPU tensors needs torch >= 2.13 (the pinned CPU build); on a GPU machine's older torch
 # the CPU-side rowwise tests skip, and the CUDA ones run.
 _CPU_ROWWISE, _WHY_NOT = fp8.scaling_supported("rowwise", "cpu")
 needs_cpu_rowwise = pytest.mark.skipif(not _CPU_ROWWISE, reason=_WHY_NOT)
+
+# Family-generic tests run for every registered model family: a new family module is tested without editing them.
+every_family = pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
 
 # Tiny models are dispatch-bound: one intra-op thread is faster on a 2-core machine and immune to a busy neighbour.
 torch.set_num_threads(1)
@@ -41,12 +45,14 @@ def set_args(overrides: list[str]) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
-    """Tiny saved SD3 and FLUX pipeline folders (tests/tiny_pipeline.py), written once per session: family ->
-    folder. A test that edits one puts it back, or edits a copy."""
+    """A tiny saved pipeline folder of every registered model family (tests/tiny_pipeline.py), written once per
+    session: family name -> folder. A test that edits one puts it back, or edits a copy."""
     from tiny_pipeline import write_tiny_pipeline
 
+    from opd_fast.families import FAMILIES
+
     root = tmp_path_factory.mktemp("pipelines")
-    return {family: write_tiny_pipeline(root / family, family) for family in ("sd3", "flux")}
+    return {name: write_tiny_pipeline(root / name, family) for name, family in FAMILIES.items()}
 
 
 @pytest.fixture

@@ -7,12 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import every_family
 
 from opd_fast import attention
 from opd_fast.config import ConfigError, ModelConfig
-from opd_fast.models import Conditioning, latent_shape, load_transformer, velocity
+from opd_fast.families import get_family
+from opd_fast.models import Conditioning, load_transformer
 
-FAMILIES = {"sd3": "tiny-sd3", "flux": "tiny-flux"}
+SD3 = get_family("sd3")
 
 
 def sdpa_bshd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
@@ -29,14 +31,14 @@ def sdpa_bshd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
 
 
 def tiny(family, dtype=torch.bfloat16, device="cpu"):
-    model = load_transformer(ModelConfig(family=family, preset=FAMILIES[family]))
+    model = load_transformer(ModelConfig(family=family.name, preset=family.tiny_preset), family)
     return torch.nn.Module.to(model, device=device, dtype=dtype)
 
 
 def forward_and_grad(model, family, device="cpu"):
     """The velocity (CFG for SD3) at a fixed input, and the gradient of a fixed projection of it w.r.t. the input."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(latent_shape(model, family, 2, 64), generator=g).to(device).requires_grad_(True)
+    x = torch.randn(family.latent_shape(model, 2, 64), generator=g).to(device).requires_grad_(True)
     cond = Conditioning(
         torch.randn(2, 16, 32, generator=g),
         torch.randn(2, 32, generator=g),
@@ -46,7 +48,7 @@ def forward_and_grad(model, family, device="cpu"):
     cond = Conditioning(
         *(t.to(device) for t in (cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled))
     )
-    v, _ = velocity(model, family, x, torch.tensor([0.8, 0.3], device=device), cond, 4.5)
+    v, _ = family.velocity(model, x, torch.tensor([0.8, 0.3], device=device), cond, 4.5)
     weights = torch.randn(v.shape, generator=g).to(device)
     (v.float() * weights).sum().backward()
     return v.detach().float(), x.grad.float()
@@ -56,12 +58,13 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@every_family
 def test_flash_routing_keeps_output_and_gradient(family):
     model = tiny(family)
     ref_v, ref_grad = forward_and_grad(model, family)
     hooked = attention.use_backend(model, "flash", flash_kernel=sdpa_bshd)
-    assert hooked == 2  # tiny-sd3: 2 joint blocks; tiny-flux: 1 double + 1 single block
+    # one attention per block: tiny-sd3, 2 joint blocks; tiny-flux, 1 double + 1 single block
+    assert hooked == len(model.transformer_blocks) + len(getattr(model, "single_transformer_blocks", ()))
     v, grad = forward_and_grad(model, family)
     assert model._opd_flash.calls == hooked  # every attention call went through the kernel, once per forward
     # the same math in another layout: bf16 rounding apart; a layout error (heads <-> tokens) is O(1)
@@ -69,11 +72,11 @@ def test_flash_routing_keeps_output_and_gradient(family):
 
 
 def test_flash_routing_covers_the_gradient_checkpointing_recompute():
-    model = tiny("sd3")
-    ref_v, ref_grad = forward_and_grad(model, "sd3")
+    model = tiny(SD3)
+    ref_v, ref_grad = forward_and_grad(model, SD3)
     model.enable_gradient_checkpointing()
     attention.use_backend(model, "flash", flash_kernel=sdpa_bshd)
-    v, grad = forward_and_grad(model, "sd3")
+    v, grad = forward_and_grad(model, SD3)
     assert model._opd_flash.calls == 4  # 2 blocks in the forward, the same 2 again in the backward's recompute
     assert rel(v, ref_v) < 1e-2 and rel(grad, ref_grad) < 2e-2
 
@@ -82,7 +85,7 @@ def test_flash_routing_covers_the_gradient_checkpointing_recompute():
 def test_torch_compile_traces_the_routed_attention_in_one_graph(backend):
     # bench_round's compile row compiles every block with the backend set: a graph break per attention call would
     # cost what compiling buys. fullgraph=True fails on any break.
-    model = tiny("sd3", torch.bfloat16)
+    model = tiny(SD3, torch.bfloat16)
     attention.use_backend(model, backend, flash_kernel=sdpa_bshd if backend == "flash" else None)
     attn = model.transformer_blocks[0].attn
     hidden, context = torch.randn(2, 16, 32, dtype=torch.bfloat16), torch.randn(2, 16, 32, dtype=torch.bfloat16)
@@ -111,10 +114,10 @@ def test_cudnn_backend_hooks_every_model_of_the_trainer(tiny_trainer):
     copied = copy.deepcopy(trainer.student).transformer_blocks[0].attn
     assert copied.forward.__self__ is copied and copied._opd_attention == "cudnn"  # runs the copy's weights
     # on a CPU the priority list falls through to torch's CPU kernels: same result as plain SDPA
-    model = tiny("sd3", torch.float32)
-    ref_v, ref_grad = forward_and_grad(model, "sd3")
+    model = tiny(SD3, torch.float32)
+    ref_v, ref_grad = forward_and_grad(model, SD3)
     attention.use_backend(model, "cudnn")
-    v, grad = forward_and_grad(model, "sd3")
+    v, grad = forward_and_grad(model, SD3)
     torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
@@ -136,7 +139,7 @@ FLASH = attention.flash_available()
     "backend",
     ["cudnn", pytest.param("flash", marks=pytest.mark.skipif(not FLASH[0], reason=f"flash-attn: {FLASH[1]}"))],
 )
-@pytest.mark.parametrize("family", FAMILIES)
+@every_family
 def test_attention_backend_on_cuda_matches_sdpa(backend, family):
     model = tiny(family, device="cuda")
     ref_v, ref_grad = forward_and_grad(model, family, "cuda")

@@ -67,16 +67,18 @@ def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from opd_fast.config import ModelConfig
+    from opd_fast.families import get_family
     from opd_fast.models import load_transformer
 
     flux = get_peft_model(
-        load_transformer(ModelConfig(family="flux", preset="tiny-flux")), LoraConfig(r=2, target_modules=["attn.to_q"])
+        load_transformer(ModelConfig(family="flux", preset="tiny-flux"), get_family("flux")),
+        LoraConfig(r=2, target_modules=["attn.to_q"]),
     )
     flux.save_pretrained(tmp_path / "flux_lora")
     with pytest.raises(TeacherError, match=r"teacher of task 'ocr': LoRA targets 'single_transformer_blocks"):
         Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "flux_lora")}), tmp_path / "a", device="cpu")
     # a full model folder of another architecture
-    other = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
+    other = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), get_family("sd3"))
     other.register_to_config(num_layers=3)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(
@@ -100,6 +102,14 @@ def test_wrong_config_types_and_unknown_keys(tmp_path, capsys):
     bad.write_text("model:\n  family: sd3\n  dtype: 16\n")
     code, err = run_cli("train", str(bad), "--out", str(tmp_path / "o"), capsys=capsys)
     assert code == 2 and "model.dtype: must be one of" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_family_is_refused_before_anything_runs(tmp_path, capsys):
+    from opd_fast.families import FAMILIES
+
+    code, err = run_cli("train", TINY, "--out", str(tmp_path / "o"), "--set", "model.family=sdxl", capsys=capsys)
+    assert code == 2 and f"model.family: unknown family 'sdxl' (known: {', '.join(FAMILIES)})" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -134,22 +134,31 @@ def test_gpu_scripts_refuse_a_cpu_machine_at_once():
 def test_preset_arch_keeps_the_widths_and_cuts_the_blocks():
     import torch
 
-    from opd_fast.models import PRESETS, TRANSFORMER_CLASSES, preset_arch
+    from opd_fast.families import FAMILIES, get_family, preset_arch
 
-    assert preset_arch("sd3.5-medium") == PRESETS["sd3.5-medium"]
-    for preset, layers, blocks in [("sd3.5-medium", 2, (2, 0)), ("flux.1-dev", 1, (1, 2)), ("tiny-sd3", 9, (2, 0))]:
+    for family in FAMILIES.values():  # every family's presets (its tiny one among them) are found by name
+        assert family.tiny_preset in family.presets
+        for name, kwargs in family.presets.items():
+            assert preset_arch(name) == (family, kwargs)
+    sd3 = get_family("sd3")
+    # (preset, layers, blocks kept, the prefix of the only parameters that may change shape: SD3's last block is
+    # context-pre-only, its context norm smaller)
+    last_sd3 = "transformer_blocks.1.norm1_context."
+    for preset, layers, blocks, last in [
+        ("sd3.5-medium", 2, (2, 0), last_sd3),
+        ("flux.1-dev", 1, (1, 2), None),
+        ("tiny-sd3", 9, (2, 0), last_sd3),
+    ]:
         family, kwargs = preset_arch(preset, layers)
         with torch.device("meta"):
-            model = TRANSFORMER_CLASSES[family](**kwargs)
-            full = TRANSFORMER_CLASSES[family](**PRESETS[preset][1])
+            model = family.transformer_class(**kwargs)
+            full = family.transformer_class(**family.presets[preset])
         assert (len(model.transformer_blocks), len(getattr(model, "single_transformer_blocks", []))) == blocks
-        # Same names and shapes, but for SD3's last block, which is context-pre-only (its context norm is smaller)
-        last = f"transformer_blocks.{blocks[0] - 1}.norm1_context." if family == "sd3" else None
         widths = {n: tuple(p.shape) for n, p in full.named_parameters()}
         differ = {n for n, p in model.named_parameters() if widths[n] != tuple(p.shape)}
         assert all(last is not None and n.startswith(last) for n in differ), (preset, differ)
     _, kwargs = preset_arch("sd3.5-medium", 2)
-    assert kwargs["dual_attention_layers"] == (0, 1) and PRESETS["sd3.5-medium"][1]["num_layers"] == 24
+    assert kwargs["dual_attention_layers"] == (0, 1) and sd3.presets["sd3.5-medium"]["num_layers"] == 24
 
 
 def test_make_bench_collects_the_microbenchmarks():

@@ -42,6 +42,7 @@ from opd_fast.distributed import (
     shared_store_restart_hazard,
     slurm_launch_env,
 )
+from opd_fast.families import get_family
 from opd_fast.models import load_transformer
 from opd_fast.trainer import Trainer
 
@@ -178,7 +179,8 @@ def test_zero3_full_parameter_student_trains_like_one_process(runs, single):
     ours_ema = load_file(runs["zero3_full"] / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     theirs_ema = load_file(single["full"] / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     assert_same_tensors(ours_ema, theirs_ema)
-    base, d = load_transformer(load_config(CONFIG).model).state_dict(), 2 / 11
+    model_cfg = load_config(CONFIG).model
+    base, d = load_transformer(model_cfg, get_family(model_cfg.family)).state_dict(), 2 / 11
     assert_same_tensors(theirs_ema, {k: d * base[k] + (1 - d) * theirs[k] for k in theirs})
 
 
@@ -246,9 +248,8 @@ def test_zero3_export_loads_like_the_single_process_one(runs, single, tmp_path):
     from diffusers import SD3Transformer2DModel
 
     from opd_fast.config import ModelConfig
-    from opd_fast.models import load_transformer
 
-    load_transformer(ModelConfig(family="sd3", preset="tiny-sd3")).save_pretrained(tmp_path / "base")
+    load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), get_family("sd3")).save_pretrained(tmp_path / "base")
     inputs = tiny_sd3_inputs()
     for export in ("lora_diffusers", "lora_diffusers_ema"):
         ours = sd3_pipeline_output(tmp_path / "base", runs["zero3"] / export, inputs)

@@ -1,5 +1,6 @@
-"""Sampling through the real pipeline (opd_fast.evaluate.sample), the reward adapters (rewards.py, geneval.py) on
-tiny random CLIPs, and `opd-fast sample` / `opd-fast eval` end to end on a tiny SD3 pipeline folder."""
+"""Sampling through the real pipeline of every model family (opd_fast.evaluate.sample), the reward adapters
+(rewards.py, geneval.py) on tiny random CLIPs, and `opd-fast sample` / `opd-fast eval` end to end on a tiny SD3
+pipeline folder."""
 
 from __future__ import annotations
 
@@ -24,25 +25,25 @@ from opd_fast.evaluate.base import RewardError
 from opd_fast.evaluate.registry import REWARDS, build_reward
 from opd_fast.evaluate.rewards import edit_distance, ocr_reward
 from opd_fast.evaluate.sample import SampleSettings, sample
+from opd_fast.families import FAMILIES, get_family
 from opd_fast.prompts import PromptSet
 
 PROMPTS = ["a photo of the cat", "a red dog", 'a sign that says "hi"']
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny SD3 pipeline, a run folder with an exported student LoRA (and run.json), a tiny CLIP."""
+def sampling_world(root: Path, family) -> dict:
+    """A tiny pipeline of `family` and a run folder with an exported student LoRA (and run.json), whose task's
+    teacher is that same LoRA file."""
     from peft import LoraConfig
 
     from opd_fast.checkpoint import export_diffusers_lora
     from opd_fast.models import load_transformer
 
-    root = tmp_path_factory.mktemp("eval")
-    pipeline = write_tiny_pipeline(root / "sd3", "sd3")
+    pipeline = write_tiny_pipeline(root / family.name, family)
     (root / "pick.txt").write_text("\n".join(PROMPTS) + "\n")
     cfg = config_from_dict(
         {
-            "model": {"family": "sd3", "path": str(pipeline)},
+            "model": {"family": family.name, "path": str(pipeline)},
             "tasks": [
                 {
                     "name": "pick",
@@ -54,7 +55,7 @@ def world(tmp_path_factory):
             "sampling": {"resolution": 64},
         }
     )
-    student = load_transformer(cfg.model)
+    student = load_transformer(cfg.model, family)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v", "attn.add_k_proj"])
     student.add_adapter(config)
     g = torch.Generator().manual_seed(0)
@@ -62,9 +63,22 @@ def world(tmp_path_factory):
         for name, p in student.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
-    export_diffusers_lora(student, config, "sd3", root / "run" / "lora_diffusers")
+    export_diffusers_lora(student, config, family, root / "run" / "lora_diffusers")
     (root / "run" / "run.json").write_text(json.dumps({"config": cfg.to_dict()}))
-    return {"root": root, "cfg": cfg, "run": root / "run", "clip": write_tiny_clip(root / "clip")}
+    return {"root": root, "cfg": cfg, "run": root / "run"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The SD3 sampling world (sampling_world) and a tiny CLIP."""
+    root = tmp_path_factory.mktemp("eval")
+    return {**sampling_world(root, get_family("sd3")), "clip": write_tiny_clip(root / "clip")}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES.values()), ids=list(FAMILIES))
+def family_world(request, tmp_path_factory):
+    """The sampling world of every registered family."""
+    return sampling_world(tmp_path_factory.mktemp(f"eval_{request.param.name}"), request.param)
 
 
 def pixels(folder, i: int) -> np.ndarray:
@@ -74,8 +88,8 @@ def pixels(folder, i: int) -> np.ndarray:
 # -- sampling --------------------------------------------------------------------------------------------------------
 
 
-def test_sampling_is_seeded_per_prompt(world, tmp_path):
-    cfg = world["cfg"]
+def test_sampling_is_seeded_per_prompt(family_world, tmp_path):
+    cfg = family_world["cfg"]
     a = sample(cfg, PromptSet(PROMPTS), tmp_path / "a", SampleSettings(model="base", num_steps=2, batch_size=2))
     b = sample(
         cfg, PromptSet(PROMPTS[1:]), tmp_path / "b", SampleSettings(model="base", num_steps=2, batch_size=1, seed=1)
@@ -90,10 +104,10 @@ def test_sampling_is_seeded_per_prompt(world, tmp_path):
     assert settings["extra"]["guidance"] == 4.5 and settings["extra"]["weights"] == "base"
 
 
-def test_student_lora_loads_at_full_strength(world, tmp_path):
+def test_student_lora_loads_at_full_strength(family_world, tmp_path):
     """The student through diffusers' load_lora_weights equals the same LoRA file merged by our teacher loader
     (whose equality with diffusers' own fuse is tests/test_teachers.py): alpha/r = 2 survives the export."""
-    cfg, run = world["cfg"], world["run"]
+    cfg, run = family_world["cfg"], family_world["run"]
     settings = dict(num_steps=2, batch_size=3, guidance=2.0)
     student = sample(cfg, PromptSet(PROMPTS), tmp_path / "s", SampleSettings(model="student", **settings), run)
     teacher = sample(cfg, PromptSet(PROMPTS), tmp_path / "t", SampleSettings(model="teacher:pick", **settings))
@@ -104,17 +118,10 @@ def test_student_lora_loads_at_full_strength(world, tmp_path):
     assert json.loads((teacher / "sample.json").read_text())["extra"]["guidance"] == 2.0
 
 
-def test_flux_sampling(world, tmp_path):
-    """FLUX: guidance goes into the guidance embedding (no negative branch); metadata flows into samples.jsonl."""
-    folder = write_tiny_pipeline(tmp_path / "flux", "flux")
-    cfg = config_from_dict(
-        {
-            "model": {"family": "flux", "path": str(folder)},
-            "tasks": world["cfg"].to_dict()["tasks"],
-            "prompts": {"max_sequence_length": 8},
-            "sampling": {"resolution": 64},
-        }
-    )
+def test_sampling_inputs_and_metadata(family_world, tmp_path):
+    """The pipeline takes the family's sampling inputs at a guidance (FLUX: its guidance embedding, no negative
+    branch; SD3: CFG with the negative prompt), the same images in any batch; metadata flows into samples.jsonl."""
+    cfg = family_world["cfg"]
     prompts = PromptSet(PROMPTS[:2], [{"tag": "a"}, {"tag": "b"}])
     a = sample(cfg, prompts, tmp_path / "a", SampleSettings(model="base", num_steps=2, batch_size=2, guidance=3.5))
     b = sample(cfg, prompts, tmp_path / "b", SampleSettings(model="base", num_steps=2, batch_size=1, guidance=3.5))

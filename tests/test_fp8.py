@@ -10,10 +10,12 @@ from conftest import capture_round_gradient, needs_cpu_rowwise
 
 from opd_fast import fp8
 from opd_fast.config import ModelConfig
-from opd_fast.models import Conditioning, load_transformer, velocity
+from opd_fast.families import get_family
+from opd_fast.models import Conditioning, load_transformer
 from opd_fast.ops.opd_step.naive import apply_cfg
 from opd_fast.teachers import TeacherError, load_teachers
 
+SD3 = get_family("sd3")
 SCALINGS = ["rowwise", "tensorwise"]
 CPU_SCALINGS = [pytest.param("rowwise", marks=needs_cpu_rowwise), "tensorwise"]
 
@@ -67,7 +69,7 @@ def test_quantize_uses_the_full_range_and_survives_zero_rows():
 
 
 def tiny_model():
-    return load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
+    return load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), SD3)
 
 
 def test_quantize_model_keeps_the_measured_layers_high():
@@ -111,7 +113,7 @@ def test_rowwise_on_a_torch_without_it_on_cpu_names_the_fix(monkeypatch, tiny_co
     fp8.Fp8Linear(torch.nn.Linear(32, 32), "tensorwise")
     cfg = tiny_config(**{"teacher_runtime.precision": "fp8", "teacher_runtime.fp8_scaling": "rowwise"})
     with pytest.raises(TeacherError, match="teacher_runtime.precision fp8: fp8_scaling rowwise"):
-        load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)
+        load_teachers(cfg.tasks, load_transformer(cfg.model, SD3), SD3, cfg.teacher_runtime)
 
 
 def teacher_velocity(model, guidance=4.5):
@@ -125,7 +127,7 @@ def teacher_velocity(model, guidance=4.5):
     )
     sigma = torch.tensor([0.9, 0.6, 0.3]).repeat_interleave(4)
     with torch.no_grad():
-        v, cfg = velocity(model, "sd3", torch.randn(12, 4, 8, 8, generator=g), sigma, cond, guidance)
+        v, cfg = SD3.velocity(model, torch.randn(12, 4, 8, 8, generator=g), sigma, cond, guidance)
     return apply_cfg(v, cfg).float()
 
 
@@ -172,7 +174,7 @@ def round_gradient(trainer, precision: str) -> torch.Tensor:
 
     cfg = trainer.cfg
     cfg.teacher_runtime.precision = precision
-    trainer.teachers = load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)
+    trainer.teachers = load_teachers(cfg.tasks, load_transformer(cfg.model, SD3), SD3, cfg.teacher_runtime)
     trainer.round = 0
     return torch.cat([g.flatten() for g in capture_round_gradient(trainer).values()])
 

@@ -299,9 +299,10 @@ def test_unavailable_backend_raises_the_reason(monkeypatch):
 def test_coefficient_table_holds_each_steps_scalars_bit_for_bit(noise_level, norm, red):
     """The trainer's table (made once per run on the host) is what step_coefficients computes at every step of the
     grid, first step (sigma == 1) and last (sigma_next == 0) included, for every sample of the batch."""
+    from opd_fast.families import get_family
     from opd_fast.schedule import sigma_grid
 
-    sigmas = sigma_grid("sd3", 10, 3.0)
+    sigmas = sigma_grid(get_family("sd3"), 10, 3.0)
     spec = ops.LossSpec(noise_level, norm, red)
     table = spec.coefficient_table(sigmas, 4096, 3, "cpu")
     assert table.shape == (10, 4, 3) and table.is_contiguous()
@@ -313,9 +314,10 @@ def test_coefficient_table_holds_each_steps_scalars_bit_for_bit(noise_level, nor
 def test_fused_op_with_the_table_row_gives_the_op_without_it():
     if not fused.backend_available("cpp", torch.device("cpu")):
         pytest.skip(f"opd_fast._C unavailable: {fused.why_unavailable('cpp', 'cpu')}")
+    from opd_fast.families import get_family
     from opd_fast.schedule import sigma_grid
 
-    sigmas = sigma_grid("sd3", 10, 3.0)
+    sigmas = sigma_grid(get_family("sd3"), 10, 3.0)
     spec = ops.LossSpec.resolve(0.7, "cpu", backend="cpp")
     x, v_s, v_t, noise, _, _ = _inputs((2, 4, 6, 6), torch.float32, "cpu", (None, None))
     table = spec.coefficient_table(sigmas, x[0].numel(), 2, "cpu")

@@ -10,22 +10,23 @@ import pytest
 import torch
 
 from opd_fast.config import LoraConfig, ModelConfig
+from opd_fast.families import get_family
 from opd_fast.models import (
     Conditioning,
     add_student_lora,
     autocast_dtype,
     load_transformer,
     student_forward_context,
-    velocity,
 )
 from opd_fast.trainer import Trainer
 
 RANK = 8
+SD3 = get_family("sd3")
 
 
 def bf16_student() -> torch.nn.Module:
     """tiny-sd3 in bf16 with an fp32 LoRA whose B is nonzero (a trained student, so the LoRA path counts)."""
-    model = load_transformer(ModelConfig(preset="tiny-sd3", dtype="bfloat16"))
+    model = load_transformer(ModelConfig(preset="tiny-sd3", dtype="bfloat16"), SD3)
     add_student_lora(model, LoraConfig(rank=RANK, alpha=2 * RANK))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -68,7 +69,7 @@ def run(model, autocast: bool):
     x, sigma, cond = inputs()
     context = student_forward_context(model, autocast_dtype(model) if autocast else None)
     with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v, _ = velocity(model, "sd3", x, sigma, cond, 4.5)
+        v, _ = SD3.velocity(model, x, sigma, cond, 4.5)
     model.zero_grad(set_to_none=True)
     v.float().square().sum().backward()
     grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
@@ -83,8 +84,8 @@ def test_bf16_student_runs_its_forward_under_autocast_with_fp32_weights():
     # outside the student's forward peft casts as it always does, so other callers' fp32 path still runs
     assert all(layer.cast_input_dtype_enabled for layer in lora_layers(student))
     assert {p.dtype for p in student.parameters() if p.requires_grad} == {torch.float32}
-    assert autocast_dtype(load_transformer(ModelConfig(preset="tiny-sd3"))) is None  # fp32: nothing to mix
-    full = load_transformer(ModelConfig(preset="tiny-sd3", dtype="bfloat16"))
+    assert autocast_dtype(load_transformer(ModelConfig(preset="tiny-sd3"), SD3)) is None  # fp32: nothing to mix
+    full = load_transformer(ModelConfig(preset="tiny-sd3", dtype="bfloat16"), SD3)
     add_student_lora(full, LoraConfig(enabled=False))
     assert autocast_dtype(full) is None  # every weight trains: no frozen 16-bit base
 
@@ -118,7 +119,7 @@ def test_autocast_saves_no_fp32_copy_of_the_lora_inputs():
         layer.register_forward_hook(lambda m, args, out: layers.append((m, args[0]))) for layer in lora_layers(student)
     ]
     with student_forward_context(student, torch.bfloat16):  # the inputs as the autocast forward sees them
-        velocity(student, "sd3", *inputs(), 4.5)
+        SD3.velocity(student, *inputs(), 4.5)
     for hook in hooks:
         hook.remove()
     tokens = {id(m): x.shape[:-1].numel() for m, x in layers}
@@ -161,7 +162,7 @@ def test_autocast_on_cuda_against_fp32():
         x, sigma, cond = inputs()
         cond = Conditioning(*(t.cuda() for t in vars(cond).values()))
         with student_forward_context(model, autocast_dtype(model) if autocast else None):
-            v, _ = velocity(model, "sd3", x.cuda(), sigma.cuda(), cond, 4.5)
+            v, _ = SD3.velocity(model, x.cuda(), sigma.cuda(), cond, 4.5)
         return v.float()
 
     ref, out, out_pt = on_cuda(fp32, False), on_cuda(student, True), on_cuda(plain_bf16, False)

@@ -8,10 +8,12 @@ import torch
 from conftest import needs_cpu_rowwise
 
 from opd_fast.config import ConfigError, ModelConfig
+from opd_fast.families import get_family
 from opd_fast.models import Conditioning, load_transformer
 from opd_fast.profiling import PHASES, CaptureWindow, PhaseTimer, parse_window
 from opd_fast.teachers import Teacher, TeacherRunner, load_teachers, teacher_memory_bytes
 
+SD3 = get_family("sd3")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -29,16 +31,16 @@ def test_adapter_mode_matches_merged_mode_in_less_memory(tiny_config):
     # All three layouts of configs/tiny: peft and diffusers LoRAs become adapters of one shared base; the full-model
     # teacher keeps its own copy. Unmerged LoRA vs merged weights: equal up to float32 rounding.
     cfg = tiny_config()
-    base = load_transformer(cfg.model)
-    merged = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+    base = load_transformer(cfg.model, SD3)
+    merged = load_teachers(cfg.tasks, base, SD3, cfg.teacher_runtime)
     cfg.teacher_runtime.mode = "adapter"
-    adapter = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+    adapter = load_teachers(cfg.tasks, base, SD3, cfg.teacher_runtime)
     assert adapter["geneval"].model is adapter["ocr"].model and adapter["aesthetic"].adapter is None
     assert not any(p.requires_grad for p in adapter["ocr"].model.parameters())
     x, sigma, cond = torch.randn(2, 4, 8, 8), torch.tensor([0.8, 0.4]), conditioning()
     for name in merged:  # in an order that switches adapters back and forth
-        v_merged, g_merged = merged[name].velocity("sd3", x, sigma, cond)
-        v_adapter, g_adapter = adapter[name].velocity("sd3", x, sigma, cond)
+        v_merged, g_merged = merged[name].velocity(SD3, x, sigma, cond)
+        v_adapter, g_adapter = adapter[name].velocity(SD3, x, sigma, cond)
         assert g_merged == g_adapter
         torch.testing.assert_close(v_adapter, v_merged, rtol=1e-5, atol=1e-6)
     assert teacher_memory_bytes(adapter) < teacher_memory_bytes(merged)
@@ -47,10 +49,10 @@ def test_adapter_mode_matches_merged_mode_in_less_memory(tiny_config):
 def test_merged_teachers_share_the_base_buffers_and_casts_do_not_leak(tiny_config):
     # Only the LoRA teachers are copies of the base; the full-model teacher (aesthetic) was loaded on its own.
     cfg = tiny_config()
-    base = load_transformer(cfg.model)
+    base = load_transformer(cfg.model, SD3)
     table = base.pos_embed.pos_embed
     saved = table.clone()
-    teachers = load_teachers(cfg.tasks, base, cfg.model, cfg.teacher_runtime)
+    teachers = load_teachers(cfg.tasks, base, SD3, cfg.teacher_runtime)
     copies = [teachers["geneval"].model, teachers["ocr"].model]
     assert all(m.pos_embed.pos_embed is table for m in copies)
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(copies[0].parameters(), base.parameters()))
@@ -60,7 +62,7 @@ def test_merged_teachers_share_the_base_buffers_and_casts_do_not_leak(tiny_confi
     own = sum(t.nbytes for t in list(full.parameters()) + list(full.buffers()))
     assert teacher_memory_bytes(teachers) == 2 * params + buffers + own  # the table counted once
     cfg.teacher_runtime.precision = "bf16"
-    cast = load_teachers(cfg.tasks[:1], base, cfg.model, cfg.teacher_runtime)["geneval"].model
+    cast = load_teachers(cfg.tasks[:1], base, SD3, cfg.teacher_runtime)["geneval"].model
     assert cast.pos_embed.pos_embed.dtype == torch.bfloat16
     assert table.dtype == torch.float32 and torch.equal(table, saved)
 
@@ -68,11 +70,11 @@ def test_merged_teachers_share_the_base_buffers_and_casts_do_not_leak(tiny_confi
 @needs_cpu_rowwise
 def test_adapter_mode_in_fp8_keeps_the_lora_factors_high(tiny_config):
     cfg = tiny_config(**{"teacher_runtime.mode": "adapter", "teacher_runtime.precision": "fp8"})
-    teachers = load_teachers(cfg.tasks, load_transformer(cfg.model), cfg.model, cfg.teacher_runtime)
+    teachers = load_teachers(cfg.tasks, load_transformer(cfg.model, SD3), SD3, cfg.teacher_runtime)
     shared = teachers["ocr"].model
     lora_a = [m for n, m in shared.named_modules() if n.endswith("lora_A.ocr")]
     assert lora_a and all(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 for m in lora_a)
-    v, _ = teachers["ocr"].velocity("sd3", torch.randn(2, 4, 8, 8), torch.tensor([0.8, 0.4]), conditioning())
+    v, _ = teachers["ocr"].velocity(SD3, torch.randn(2, 4, 8, 8), torch.tensor([0.8, 0.4]), conditioning())
     assert torch.isfinite(v).all()
 
 
@@ -169,12 +171,12 @@ def test_runner_keeps_cross_stream_tensors_alive():
     # The caller frees its input right after submit and at once allocates and writes a tensor of the same size,
     # while the side stream is still busy: record_stream must keep the input's memory until the side stream has
     # read it, or the teacher would read NaN.
-    teacher = Teacher("t", load_transformer(ModelConfig()).cuda(), 4.5)
-    runner = TeacherRunner("sd3", "cuda", "side")
+    teacher = Teacher("t", load_transformer(ModelConfig(), SD3).cuda(), 4.5)
+    runner = TeacherRunner(SD3, "cuda", "side")
     cond = Conditioning(*(t.cuda() for t in vars(conditioning()).values()))
     x = torch.randn(2, 4, 8, 8, device="cuda")
     sigma = torch.tensor([0.8, 0.4], device="cuda")
-    expected, _ = teacher.velocity("sd3", x, sigma, cond)
+    expected, _ = teacher.velocity(SD3, x, sigma, cond)
     with torch.cuda.stream(runner.stream):
         torch.cuda._sleep(50_000_000)  # the side stream reaches the teacher forward late
     handle = runner.submit(teacher, x.clone(), sigma, cond)  # the clone's last reference dies here

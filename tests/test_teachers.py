@@ -10,21 +10,23 @@ import logging
 
 import pytest
 import torch
+from conftest import every_family
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from tiny_pipeline import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 from opd_fast.config import OFFICIAL_LORA_TARGETS, ModelConfig, TeacherConfig
-from opd_fast.models import PRESETS, load_transformer
+from opd_fast.families import get_family
+from opd_fast.models import load_transformer
 from opd_fast.teachers import TeacherError, load_teacher
 
-MODEL_CFG = ModelConfig(family="sd3", preset="tiny-sd3")
+SD3 = get_family("sd3")
 
 
 @pytest.fixture(scope="module")
 def base():
-    return load_transformer(MODEL_CFG)
+    return load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), SD3)
 
 
 def randomize_lora(model: torch.nn.Module, seed: int) -> None:
@@ -103,7 +105,7 @@ PEFT_CASES = {
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_peft_folder_matches_peft_merge(base, tmp_path, case):
     write_peft_folder(base, tmp_path / "teacher", **PEFT_CASES[case])
-    teacher = load_teacher("geneval", TeacherConfig(path=str(tmp_path / "teacher"), guidance=1.0), base, MODEL_CFG)
+    teacher = load_teacher("geneval", TeacherConfig(path=str(tmp_path / "teacher"), guidance=1.0), base, SD3)
     reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "teacher").merge_and_unload()
 
     expected = output(reference)
@@ -124,14 +126,54 @@ def test_diffusers_file_matches_load_lora_weights_and_fuse(base, tmp_path, caplo
     )
     expected = output(diffusers_fused(base, folder))
     with caplog.at_level(logging.WARNING, logger="opd_fast.teachers"):
-        from_folder = load_teacher("ocr", TeacherConfig(path=str(folder), guidance=4.5), base, MODEL_CFG)
-        from_file = load_teacher(
-            "ocr", TeacherConfig(path=str(folder / "pytorch_lora_weights.safetensors")), base, MODEL_CFG
-        )
+        from_folder = load_teacher("ocr", TeacherConfig(path=str(folder), guidance=4.5), base, SD3)
+        from_file = load_teacher("ocr", TeacherConfig(path=str(folder / "pytorch_lora_weights.safetensors")), base, SD3)
     torch.testing.assert_close(output(from_folder.model), expected)
     torch.testing.assert_close(output(from_file.model), expected)
     assert ("no lora_adapter_metadata" in caplog.text) is not metadata
     assert from_folder.guidance == 4.5
+
+
+@every_family
+def test_exported_lora_merges_as_the_familys_pipeline_fuses_it(family, tmp_path):
+    """Any family: the student's LoRA exported for the family's pipeline (opd_fast.checkpoint), read back as a teacher,
+    gives the velocity of the pipeline's own load_lora_weights + fuse_lora; alpha / r = 2 kept."""
+    from opd_fast.checkpoint import export_diffusers_lora
+    from opd_fast.models import Conditioning
+
+    base = load_transformer(ModelConfig(family=family.name, preset=family.tiny_preset), family)
+    student = copy.deepcopy(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(OFFICIAL_LORA_TARGETS))
+    student.add_adapter(config)
+    randomize_lora(student, seed=4)
+    export_diffusers_lora(student, config, family, tmp_path / "lora")
+
+    pipe = family.pipeline_class(
+        transformer=copy.deepcopy(base),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        **dict.fromkeys(family.text_components),
+    )
+    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.fuse_lora()
+    teacher = load_teacher("ocr", TeacherConfig(path=str(tmp_path / "lora")), base, family).model
+
+    g = torch.Generator().manual_seed(0)
+    dim, pooled = base.config.joint_attention_dim, base.config.pooled_projection_dim
+    x = torch.randn(family.latent_shape(base, 2, 64), generator=g)
+    cond = Conditioning(
+        torch.randn(2, 5, dim, generator=g),
+        torch.randn(2, pooled, generator=g),
+        torch.randn(1, 5, dim, generator=g),
+        torch.randn(1, pooled, generator=g),
+    )
+    sigma = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        expected, _ = family.velocity(pipe.transformer, x, sigma, cond, 4.5)
+        ours, _ = family.velocity(teacher, x, sigma, cond, 4.5)
+        plain, _ = family.velocity(base, x, sigma, cond, 4.5)
+    assert (expected - plain).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(ours, expected)
 
 
 def test_metadata_decides_the_strength(base, tmp_path):
@@ -139,8 +181,8 @@ def test_metadata_decides_the_strength(base, tmp_path):
     strength. Both files hold the same factors, so the merged deltas differ by exactly 2x."""
     for metadata in (True, False):
         write_diffusers_lora(base, tmp_path / str(metadata), seed=3, metadata=metadata, r=32, lora_alpha=64)
-    full = load_teacher("a", TeacherConfig(path=str(tmp_path / "True")), base, MODEL_CFG).model
-    half = load_teacher("a", TeacherConfig(path=str(tmp_path / "False")), base, MODEL_CFG).model
+    full = load_teacher("a", TeacherConfig(path=str(tmp_path / "True")), base, SD3).model
+    half = load_teacher("a", TeacherConfig(path=str(tmp_path / "False")), base, SD3).model
     name = "transformer_blocks.0.attn.to_q.weight"
     W = dict(base.named_parameters())[name]
     delta_full = dict(full.named_parameters())[name] - W
@@ -157,13 +199,13 @@ def test_alpha_scale_from_first_principles(base, tmp_path):
     module = "transformer_blocks.1.attn.add_v_proj"
     A = state[f"base_model.model.{module}.lora_A.weight"]
     B = state[f"base_model.model.{module}.lora_B.weight"]
-    teacher = load_teacher("t", TeacherConfig(path=str(tmp_path / "t")), base, MODEL_CFG).model
+    teacher = load_teacher("t", TeacherConfig(path=str(tmp_path / "t")), base, SD3).model
     W = dict(base.named_parameters())[f"{module}.weight"]
     torch.testing.assert_close(dict(teacher.named_parameters())[f"{module}.weight"], W + 2.0 * (B @ A))
 
 
 def other_base(**changes) -> SD3Transformer2DModel:
-    _, kwargs = PRESETS["tiny-sd3"]
+    kwargs = SD3.presets["tiny-sd3"]
     torch.manual_seed(0)
     return SD3Transformer2DModel(**{**kwargs, **changes})
 
@@ -172,10 +214,10 @@ def test_lora_of_another_base_shape_names_the_teacher(base, tmp_path):
     wider = other_base(attention_head_dim=24)  # inner dim 48 instead of 32
     write_peft_folder(wider, tmp_path / "peft", r=4, lora_alpha=4)
     with pytest.raises(TeacherError, match=r"teacher of task 'ocr'.*lora_A \(4, 48\).*another base model"):
-        load_teacher("ocr", TeacherConfig(path=str(tmp_path / "peft")), base, MODEL_CFG)
+        load_teacher("ocr", TeacherConfig(path=str(tmp_path / "peft")), base, SD3)
     write_diffusers_lora(wider, tmp_path / "diffusers", r=4, lora_alpha=4)
     with pytest.raises(TeacherError, match=r"teacher of task 'ocr'.*another base model"):
-        load_teacher("ocr", TeacherConfig(path=str(tmp_path / "diffusers")), base, MODEL_CFG)
+        load_teacher("ocr", TeacherConfig(path=str(tmp_path / "diffusers")), base, SD3)
 
 
 def test_lora_with_other_targets_names_the_teacher(base, tmp_path):
@@ -187,13 +229,13 @@ def test_lora_with_other_targets_names_the_teacher(base, tmp_path):
         match=r"teacher of task 'aesthetic'.*'transformer_blocks\.0\.attn2\.to_q'.*no "
         r"Linear layer",
     ):
-        load_teacher("aesthetic", TeacherConfig(path=str(tmp_path / "t")), base, MODEL_CFG)
+        load_teacher("aesthetic", TeacherConfig(path=str(tmp_path / "t")), base, SD3)
 
 
 def test_full_model_of_another_architecture_names_the_teacher(base, tmp_path):
     other_base(num_layers=3).save_pretrained(tmp_path / "full")
     with pytest.raises(TeacherError, match=r"teacher of task 'geneval'.*num_layers: student 2 vs teacher 3"):
-        load_teacher("geneval", TeacherConfig(path=str(tmp_path / "full")), base, MODEL_CFG)
+        load_teacher("geneval", TeacherConfig(path=str(tmp_path / "full")), base, SD3)
 
 
 def test_lora_file_of_another_layout_names_the_teacher(base, tmp_path):
@@ -202,4 +244,4 @@ def test_lora_file_of_another_layout_names_the_teacher(base, tmp_path):
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=["attn.to_q"]))
     StableDiffusion3Pipeline.save_lora_weights(tmp_path / "t", transformer_lora_layers=get_peft_model_state_dict(model))
     with pytest.raises(TeacherError, match="teacher of task 'ocr'"):
-        load_teacher("ocr", TeacherConfig(path=str(tmp_path / "t")), base, MODEL_CFG)
+        load_teacher("ocr", TeacherConfig(path=str(tmp_path / "t")), base, SD3)

@@ -1,6 +1,6 @@
-"""The pipeline text encoders (opd_fast.text_encoders) on tiny SD3 / FLUX pipeline folders built from config: the
-cached embeddings equal the pipeline's own encode_prompt, the cache name tracks the model, the encoders are freed,
-and a training round runs with `prompts.encoder: pipeline`."""
+"""The pipeline text encoders (opd_fast.text_encoders) on a tiny pipeline folder of every family, built from config:
+the cached embeddings equal what the pipeline itself feeds its transformer, the cache name tracks the model, the
+encoders are freed, and a training round runs with `prompts.encoder: pipeline`."""
 
 from __future__ import annotations
 
@@ -10,36 +10,46 @@ import weakref
 
 import pytest
 import torch
+from conftest import every_family
 from safetensors.torch import load_file
 from tiny_pipeline import one_thread  # noqa: F401  (autouse fixture)
 
 from opd_fast.config import ConfigError, ModelConfig, PromptsConfig, config_from_dict
+from opd_fast.families import get_family
 from opd_fast.prompts import PromptSet, encode_cached
 from opd_fast.text_encoders import PipelineTextEncoder, pipeline_encoder
+
+SD3, FLUX = get_family("sd3"), get_family("flux")
 
 PROMPTS = ["a photo of the cat", 'a red sign that says "hi"', "the blue dog of", "cat"]
 MSL = 16  # T5 tokens; the pipelines' defaults (256 / 512) work too but cost more here
 
 
-def reference_encode(family: str, folder, prompts: list[str]):
-    """The pipeline's own encode_prompt on the whole list at once (no batching, full pipeline loaded)."""
-    from opd_fast.text_encoders import pipeline_class
-
-    pipe = pipeline_class(family).from_pretrained(folder, local_files_only=True)
+def reference_encode(family, folder, prompts: list[str]):
+    """The text conditioning the whole pipeline (loaded in full) gives its transformer when it samples the whole list
+    at once, without CFG: its own encode_prompt, called its own way, with no batching."""
+    pipe = family.pipeline_class.from_pretrained(folder, local_files_only=True)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
     with torch.no_grad():
-        if family == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=MSL
-            )
-        else:
-            embeds, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=MSL)
-    return embeds, pooled
+        pipe(
+            prompt=prompts,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            height=64,
+            width=64,
+            output_type="latent",
+            max_sequence_length=MSL,
+        )
+    return seen[0]["encoder_hidden_states"], seen[0]["pooled_projections"]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@every_family
 def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
+    folder = tiny_pipelines[family.name]
     encoder, name = pipeline_encoder(
-        ModelConfig(family=family, path=str(tiny_pipelines[family])),
+        ModelConfig(family=family.name, path=str(folder)),
+        family,
         PromptsConfig(max_sequence_length=MSL, encode_batch_size=3),
     )
     cache = tmp_path / "task.safetensors"
@@ -47,10 +57,9 @@ def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
         encoded = encode_cached(PromptSet(PROMPTS), encoder, name, "blurry", cache)
     assert encoder.pipe is None  # freed on exit
 
-    ref_embeds, ref_pooled = reference_encode(family, tiny_pipelines[family], PROMPTS + ["blurry"])
+    ref_embeds, ref_pooled = reference_encode(family, folder, PROMPTS + ["blurry"])
     stored = load_file(str(cache))
-    clip_tokens = 77 if family == "sd3" else 0  # SD3 puts the CLIP hidden states before T5's
-    assert stored["embeds"].shape == (len(PROMPTS), clip_tokens + MSL, 32)
+    assert stored["embeds"].shape == (len(PROMPTS), family.text_tokens(MSL), 32)  # SD3: CLIP's 77 before T5's
     assert stored["embeds"].dtype == torch.float32
     # Batches of 3 vs one batch of 5: the same up to float32 summation order.
     torch.testing.assert_close(stored["embeds"], ref_embeds[:-1])
@@ -61,7 +70,8 @@ def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
 
     # A cache hit never loads the encoders.
     again, name_again = pipeline_encoder(
-        ModelConfig(family=family, path=str(tiny_pipelines[family])),
+        ModelConfig(family=family.name, path=str(folder)),
+        family,
         PromptsConfig(max_sequence_length=MSL, encode_batch_size=3),
     )
     assert name_again == name
@@ -71,9 +81,9 @@ def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
 
 def test_cache_name_tracks_model_and_length(tiny_pipelines, tmp_path):
     sd3 = ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"]))
-    _, name = pipeline_encoder(sd3, PromptsConfig(max_sequence_length=MSL))
-    _, longer = pipeline_encoder(sd3, PromptsConfig(max_sequence_length=MSL + 1))
-    _, default = pipeline_encoder(sd3)
+    _, name = pipeline_encoder(sd3, SD3, PromptsConfig(max_sequence_length=MSL))
+    _, longer = pipeline_encoder(sd3, SD3, PromptsConfig(max_sequence_length=MSL + 1))
+    _, default = pipeline_encoder(sd3, SD3)
     assert str(tiny_pipelines["sd3"].resolve()) in name and f"msl{MSL}" in name and "msl256" in default
     assert len({name, longer, default}) == 3
 
@@ -82,7 +92,7 @@ def test_cache_name_tracks_model_and_length(tiny_pipelines, tmp_path):
     original = config_file.read_text()
     try:
         config_file.write_text(json.dumps({**json.loads(original), "dropout_rate": 0.2}))
-        assert pipeline_encoder(sd3, PromptsConfig(max_sequence_length=MSL))[1] != name
+        assert pipeline_encoder(sd3, SD3, PromptsConfig(max_sequence_length=MSL))[1] != name
     finally:
         config_file.write_text(original)
 
@@ -91,7 +101,7 @@ def test_cache_name_tracks_model_and_length(tiny_pipelines, tmp_path):
 def test_encoders_are_freed(tiny_pipelines, how):
     """close() (or `with`), or merely dropping the encoder as the trainer does: the weights go at once, without
     waiting for the garbage collector's next cycle."""
-    encoder = PipelineTextEncoder(tiny_pipelines["sd3"], "sd3", max_sequence_length=MSL)
+    encoder = PipelineTextEncoder(tiny_pipelines["sd3"], SD3, max_sequence_length=MSL)
     encoder(["a cat"])
     t5 = weakref.ref(encoder.pipe.text_encoder_3)
     gc.disable()
@@ -107,11 +117,13 @@ def test_encoders_are_freed(tiny_pipelines, how):
 
 def test_wrong_folder_errors(tiny_pipelines, tmp_path):
     with pytest.raises(ConfigError, match="StableDiffusion3Pipeline pipeline but model.family is 'flux'"):
-        pipeline_encoder(ModelConfig(family="flux", path=str(tiny_pipelines["sd3"])))
+        pipeline_encoder(ModelConfig(family="flux", path=str(tiny_pipelines["sd3"])), FLUX)
     with pytest.raises(ConfigError, match="no model_index.json"):
-        pipeline_encoder(ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"] / "transformer")))
+        pipeline_encoder(ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"] / "transformer")), SD3)
     with pytest.raises(ConfigError, match="encode_batch_size"):
-        pipeline_encoder(ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"])), PromptsConfig(encode_batch_size=0))
+        pipeline_encoder(
+            ModelConfig(family="sd3", path=str(tiny_pipelines["sd3"])), SD3, PromptsConfig(encode_batch_size=0)
+        )
 
 
 def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
@@ -150,13 +162,13 @@ def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
         name = f.metadata()["encoder"]
     assert f"msl{MSL}" in name, "trainer.encode_task_prompts must pass cfg.prompts to pipeline_encoder"
     cached = load_file(str(out / "embeddings" / "pick.safetensors"))
-    ref_embeds, ref_pooled = reference_encode("sd3", tiny_pipelines["sd3"], PROMPTS)
+    ref_embeds, ref_pooled = reference_encode(SD3, tiny_pipelines["sd3"], PROMPTS)
     torch.testing.assert_close(cached["embeds"], ref_embeds)  # prompts.max_sequence_length reached the encoder
     torch.testing.assert_close(cached["pooled"], ref_pooled)
     assert (out / "lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@every_family
 def test_every_from_pretrained_loads_at_model_dtype(family, tiny_pipelines):
     """model.dtype reaches the transformer, a full teacher and the text encoders, through diffusers' `dtype` keyword:
     `torch_dtype` is deprecated from diffusers 0.40 on (a FutureWarning, which fails here) and goes in 1.0."""
@@ -166,12 +178,12 @@ def test_every_from_pretrained_loads_at_model_dtype(family, tiny_pipelines):
     from opd_fast.models import load_transformer
     from opd_fast.teachers import load_teacher
 
-    folder = tiny_pipelines[family]
-    model_cfg = ModelConfig(family=family, path=str(folder), dtype="bfloat16")
+    folder = tiny_pipelines[family.name]
+    model_cfg = ModelConfig(family=family.name, path=str(folder), dtype="bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        transformer = load_transformer(model_cfg)
-        teacher = load_teacher("t", TeacherConfig(path=str(folder), format="full"), transformer, model_cfg).model
+        transformer = load_transformer(model_cfg, family)
+        teacher = load_teacher("t", TeacherConfig(path=str(folder), format="full"), transformer, family).model
         pipe = PipelineTextEncoder(folder, family, torch.bfloat16, "cpu").load()
     modules = [transformer, teacher, pipe.text_encoder, pipe.text_encoder_2]
     assert {p.dtype for m in modules for p in m.parameters()} == {torch.bfloat16}

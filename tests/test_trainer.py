@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import capture_round_gradient, sd3_pipeline_output, tiny_sd3_inputs
+from conftest import capture_round_gradient, every_family, sd3_pipeline_output, tiny_sd3_inputs
 
 from opd_fast.checkpoint import list_checkpoints
 from opd_fast.config import ConfigError, EMAConfig
@@ -95,9 +95,11 @@ def test_sd3_velocity_takes_the_pipelines_fp32_timesteps():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from opd_fast.config import ModelConfig
-    from opd_fast.models import Conditioning, load_transformer, velocity
+    from opd_fast.families import get_family
+    from opd_fast.models import Conditioning, load_transformer
 
-    model = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3", dtype="bfloat16"))
+    sd3 = get_family("sd3")
+    model = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3", dtype="bfloat16"), sd3)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(10)
     inputs = tiny_sd3_inputs()
@@ -111,7 +113,7 @@ def test_sd3_velocity_takes_the_pipelines_fp32_timesteps():
         t = scheduler.timesteps[i].expand(2)
         assert t.to(torch.bfloat16).float().ne(t).all()
         with torch.no_grad():
-            ours, _ = velocity(model, "sd3", inputs["hidden_states"], scheduler.sigmas[i].expand(2), cond, None)
+            ours, _ = sd3.velocity(model, inputs["hidden_states"], scheduler.sigmas[i].expand(2), cond, None)
             pipeline = model(
                 hidden_states=inputs["hidden_states"].bfloat16(),
                 encoder_hidden_states=inputs["encoder_hidden_states"].bfloat16(),
@@ -200,7 +202,7 @@ def test_diffusers_export_loads_into_sd3_pipeline(tiny_config, tmp_path):
     lora_file = tmp_path / "run" / "lora_diffusers" / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
 
-    base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"))
+    base = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), trainer.family)
     base.save_pretrained(tmp_path / "base")
     inputs = tiny_sd3_inputs()
     theirs = sd3_pipeline_output(tmp_path / "base", tmp_path / "run" / "lora_diffusers", inputs)
@@ -212,31 +214,33 @@ def test_diffusers_export_loads_into_sd3_pipeline(tiny_config, tmp_path):
     assert (tmp_path / "run" / "lora_diffusers_ema" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_flux_student_trains_from_a_local_folder(tmp_path):
-    """FLUX: packed latents, guidance embedding, a base loaded from a local folder, a diffusers-layout teacher."""
-    from diffusers import FluxPipeline
+@every_family
+def test_student_trains_from_a_local_folder(family, tmp_path):
+    """Every family (FLUX: packed latents, guidance embedding; SD3: CFG batch): a base loaded from a local folder, a
+    teacher in the family pipeline's LoRA layout."""
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     from opd_fast.config import ModelConfig, config_from_dict
     from opd_fast.models import load_transformer
 
-    base = load_transformer(ModelConfig(family="flux", preset="tiny-flux"))
-    base.save_pretrained(tmp_path / "flux" / "transformer")
+    tiny = ModelConfig(family=family.name, preset=family.tiny_preset)
+    base = load_transformer(tiny, family)
+    base.save_pretrained(tmp_path / family.name / "transformer")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v"], init_lora_weights="gaussian")
-    teacher = get_peft_model(load_transformer(ModelConfig(family="flux", preset="tiny-flux")), lora)
+    teacher = get_peft_model(load_transformer(tiny, family), lora)
     with torch.no_grad():
         for n, p in teacher.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(teacher).items()}
-    FluxPipeline.save_lora_weights(
+    family.pipeline_class.save_lora_weights(
         tmp_path / "teacher", transformer_lora_layers=state, transformer_lora_adapter_metadata=lora.to_dict()
     )
     (tmp_path / "p.txt").write_text("a red cup\na blue car\n")
     cfg = config_from_dict(
         {
-            "model": {"family": "flux", "path": str(tmp_path / "flux"), "preset": None},
+            "model": {"family": family.name, "path": str(tmp_path / family.name), "preset": None},
             "student": {"guidance": 3.5, "lora": {"rank": 4, "alpha": 8}},
             "tasks": [
                 {

@@ -1,10 +1,10 @@
-"""Tiny diffusers pipeline folders (SD3 and FLUX) built from config, for tests that need the real pipeline classes:
-text encoders + tokenizers, the transformer (the `tiny-sd3` / `tiny-flux` preset), a VAE and the scheduler.
+"""Tiny diffusers pipeline folders of every model family, built from config, for tests that need the real pipeline
+classes: text encoders + tokenizers, the transformer (the family's tiny preset), a VAE and the scheduler.
 
 Nothing is downloaded: the tokenizers are built offline with the `tokenizers` library (a byte-level BPE for CLIP,
-a Unigram for T5), the models from small configs with seeded random weights. The dimensions line up the way the
-released pipelines do: SD3 pads [CLIP-L; CLIP-G] hidden states to T5's width and concatenates the pooled outputs,
-so hidden 16 + 16 <= T5 d_model 32 = joint_attention_dim and pooled 16 + 16 = pooled_projection_dim.
+a Unigram for T5), the models from small configs with seeded random weights. This module makes the parts (TinyParts);
+each family puts its pipeline together from them (Family.tiny_pipeline), so that the dimensions line up as in its
+released pipeline.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def t5_model(tokenizer, seed: int, d_model: int = 32):
 
 
 def tiny_vae(seed: int, shift_factor: float | None):
-    """Four levels: 8 pixels per latent cell, as the released VAEs (and opd_fast.models.VAE_SCALE)."""
+    """Four levels: 8 pixels per latent cell, as the released VAEs (and Family.vae_scale)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -110,59 +110,41 @@ def tiny_vae(seed: int, shift_factor: float | None):
     ).eval()
 
 
-def tiny_transformer(family: str):
+class TinyParts:
+    """The seeded parts of a tiny pipeline (opd_fast.families.base.TinyParts): component seeds are offsets from
+    `seed`."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def clip_tokenizer(self):
+        return clip_tokenizer()
+
+    def t5_tokenizer(self):
+        return t5_tokenizer()
+
+    def clip_text_model(self, tokenizer, seed: int, with_projection: bool, hidden: int = 16):
+        return clip_text_model(tokenizer, self.seed + seed, with_projection, hidden=hidden)
+
+    def t5_model(self, tokenizer, seed: int):
+        return t5_model(tokenizer, self.seed + seed)
+
+    def vae(self, seed: int, shift_factor: float):
+        return tiny_vae(self.seed + seed, shift_factor)
+
+
+def tiny_transformer(family):
     from opd_fast.config import ModelConfig
     from opd_fast.models import load_transformer
 
-    return load_transformer(ModelConfig(family=family, preset=f"tiny-{family}"))
+    return load_transformer(ModelConfig(family=family.name, preset=family.tiny_preset), family)
 
 
-def build_sd3_pipeline(seed: int = 0):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    tok = clip_tokenizer()
-    t5_tok = t5_tokenizer()
-    return StableDiffusion3Pipeline(
-        transformer=tiny_transformer("sd3"),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(seed + 1, shift_factor=0.0609),
-        text_encoder=clip_text_model(tok, seed + 2, with_projection=True),
-        tokenizer=tok,
-        text_encoder_2=clip_text_model(tok, seed + 3, with_projection=True),
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=t5_model(t5_tok, seed + 4),
-        tokenizer_3=t5_tok,
-    )
-
-
-def build_flux_pipeline(seed: int = 0):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    tok = clip_tokenizer()
-    t5_tok = t5_tokenizer()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )  # FLUX.1-dev's config
-    return FluxPipeline(
-        transformer=tiny_transformer("flux"),
-        scheduler=scheduler,
-        vae=tiny_vae(seed + 1, shift_factor=0.1159),
-        text_encoder=clip_text_model(tok, seed + 2, with_projection=False, hidden=32),  # pooled = CLIP hidden
-        tokenizer=tok,
-        text_encoder_2=t5_model(t5_tok, seed + 4),
-        tokenizer_2=t5_tok,
-    )
-
-
-def write_tiny_pipeline(folder: str | Path, family: str = "sd3", seed: int = 0) -> Path:
-    """Save a tiny `family` pipeline to `folder` (safetensors, diffusers layout) and return the folder."""
+def write_tiny_pipeline(folder: str | Path, family, seed: int = 0) -> Path:
+    """Save a tiny pipeline of `family` (an opd_fast.families.Family) to `folder` (safetensors, diffusers layout)
+    and return the folder."""
     folder = Path(folder)
-    pipe = build_sd3_pipeline(seed) if family == "sd3" else build_flux_pipeline(seed)
+    pipe = family.tiny_pipeline(tiny_transformer(family), TinyParts(seed))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

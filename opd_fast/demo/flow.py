@@ -2,22 +2,22 @@
 and the compute meter that puts every method on one budget.
 
 The sampler steps with transition_coefficients (opd_fast/ops/opd_step/naive.py) on the sigma grid of
-opd_fast.schedule, i.e. the same transition math the trainer's rollouts use; velocities come from
-opd_fast.models.velocity.
+opd_fast.schedule, i.e. the same transition math the trainer's rollouts use; velocities come from the SD3 family's
+velocity (opd_fast.families.sd3).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import SD3Transformer2DModel
 
-from opd_fast.models import Conditioning, velocity
+from opd_fast.families import get_family
+from opd_fast.models import Conditioning
 from opd_fast.ops.opd_step.naive import apply_cfg, transition_coefficients
 from opd_fast.prompts import BuiltinTextEncoder
 from opd_fast.schedule import sigma_grid
 
 # A small SD3 transformer over the 16x16 RGB image itself: patch 2 -> 64 image tokens; in/out channels 3 (no VAE).
-# `sampling.resolution: 128` in configs/demo.yaml makes opd_fast.models.latent_shape give (3, 16, 16).
+# `sampling.resolution: 128` in configs/demo.yaml makes the family's latent_shape give (3, 16, 16).
 ARCH = dict(
     sample_size=16,
     patch_size=2,
@@ -31,13 +31,13 @@ ARCH = dict(
     pooled_projection_dim=32,
     pos_embed_max_size=16,
 )
-FAMILY = "sd3"
+FAMILY = get_family("sd3")
 
 
-def build_model(seed: int) -> SD3Transformer2DModel:
+def build_model(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SD3Transformer2DModel(**ARCH)
+        return FAMILY.transformer_class(**ARCH)
 
 
 class TextConditioner:
@@ -92,7 +92,7 @@ def sample(
     batch = x.shape[0]
     for j in range(len(grid) - 1):
         sigma, sigma_next = grid[j].expand(batch), grid[j + 1].expand(batch)
-        v, cfg = velocity(model, FAMILY, x, sigma.to(x.device), cond, guidance)
+        v, cfg = FAMILY.velocity(model, x, sigma.to(x.device), cond, guidance)
         v = apply_cfg(v, cfg)
         x_coef, v_coef, _, _ = transition_coefficients(sigma, sigma_next, 0.0)
         x = x_coef.view(-1, 1, 1, 1).to(x.device) * x + v_coef.view(-1, 1, 1, 1).to(x.device) * v.float()
@@ -107,5 +107,5 @@ def flow_matching_loss(model, x0: torch.Tensor, cond: Conditioning, generator: t
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(x0.device)
     x_sigma = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
-    v, _ = velocity(model, FAMILY, x_sigma, sigma, cond, None)
+    v, _ = FAMILY.velocity(model, x_sigma, sigma, cond, None)
     return (v.float() - (eps - x0)).pow(2).mean()

@@ -179,13 +179,13 @@ class Curve:
 
 # -- models --------------------------------------------------------------------------------------------------------
 def load_base(base_dir: Path) -> torch.nn.Module:
-    return load_transformer(ModelConfig(family=flow.FAMILY, preset=None, path=str(base_dir)))
+    return load_transformer(ModelConfig(family=flow.FAMILY.name, preset=None, path=str(base_dir)), flow.FAMILY)
 
 
 def load_lora_model(base: torch.nn.Module, base_dir: Path, lora_dir: Path, name: str) -> torch.nn.Module:
     """The base with a LoRA file merged, through the trainer's own teacher loader."""
     cfg = TeacherConfig(path=str(lora_dir / LORA_FILE), format="diffusers", guidance=None)
-    return load_teacher(name, cfg, base, ModelConfig(family=flow.FAMILY, preset=None, path=str(base_dir))).model
+    return load_teacher(name, cfg, base, flow.FAMILY).model
 
 
 def _with_lora(base_dir: Path, settings: FinetuneSettings):

@@ -1,4 +1,4 @@
-"""Images from the real diffusers pipeline (StableDiffusion3Pipeline / FluxPipeline from a local folder), for the
+"""Images from the real diffusers pipeline of the model's family (from a local folder), for the
 student (the run's exported LoRA, through `load_lora_weights`), its EMA, the base model, or any task's teacher.
 
 Order of work, so that no two large models need to be resident at once: the prompts (and the negative prompt) are
@@ -24,9 +24,10 @@ import torch
 
 from opd_fast import attention
 from opd_fast.config import ConfigError, RunConfig
+from opd_fast.families import Family, get_family
 from opd_fast.models import DTYPES
 from opd_fast.prompts import PromptSet
-from opd_fast.text_encoders import PipelineTextEncoder, check_pipeline_folder, pipeline_class
+from opd_fast.text_encoders import PipelineTextEncoder, check_pipeline_folder
 
 log = logging.getLogger(__name__)
 EVAL_STEPS = 40  # the paper's evaluation setting (its guidance, 4.5, is the student's own in our configs)
@@ -57,7 +58,7 @@ def _student_weights(run_dir: Path | None, which: str) -> Path:
     raise ConfigError(f"sample --model {which}: no exported student in {run_dir} (expected {folder}){hint}")
 
 
-def load_model_into(pipe, cfg: RunConfig, which: str, run_dir: Path | None) -> tuple[str, float | None]:
+def load_model_into(pipe, cfg: RunConfig, family: Family, which: str, run_dir: Path | None) -> tuple[str, float | None]:
     """Put the weights of `which` into pipe.transformer; returns (a description, the model's own guidance)."""
     if which == "base":
         return "base", cfg.student.guidance
@@ -80,7 +81,7 @@ def load_model_into(pipe, cfg: RunConfig, which: str, run_dir: Path | None) -> t
                 f"sample --model {which}: no task {name!r} in the config (tasks: "
                 f"{', '.join(t.name for t in cfg.tasks)})"
             )
-        teacher = load_teacher(name, task.teacher, pipe.transformer, cfg.model)  # the layouts training reads
+        teacher = load_teacher(name, task.teacher, pipe.transformer, family)  # the layouts training reads
         pipe.transformer = teacher.model
         return task.teacher.path, teacher.guidance
     raise ConfigError(f"sample --model: expected student, ema, base or teacher:TASK, got {which!r}")
@@ -98,11 +99,11 @@ def make_grid(images: list, columns: int | None = None):
     return grid
 
 
-def _encode(cfg: RunConfig, prompts: list[str], device) -> tuple[torch.Tensor, ...]:
+def _encode(cfg: RunConfig, family: Family, prompts: list[str], device) -> tuple[torch.Tensor, ...]:
     """(embeds, pooled, negative_embeds, negative_pooled) with the pipeline's text encoders, which are then freed."""
     encoder = PipelineTextEncoder(
         cfg.model.path,
-        cfg.model.family,
+        family,
         DTYPES[cfg.model.dtype],
         device,
         max_sequence_length=cfg.prompts.max_sequence_length,
@@ -125,7 +126,8 @@ def sample(
     """Generate one image per prompt of `prompt_set` into `out_dir`; returns out_dir."""
     if cfg.model.path is None:
         raise ConfigError("sample: needs model.path, a local diffusers pipeline folder (its VAE decodes the images)")
-    folder = check_pipeline_folder(cfg.model.path, cfg.model.family)
+    family = get_family(cfg.model.family)
+    folder = check_pipeline_folder(cfg.model.path, family)
     attention.check(cfg.model.attention)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.model.dtype]
@@ -134,21 +136,13 @@ def sample(
     resolution = settings.resolution or cfg.sampling.resolution
     run_dir = Path(run_dir) if run_dir is not None else None
 
-    embeds, pooled, negative, negative_pooled = _encode(cfg, prompt_set.prompts, device)
-    pipe = pipeline_class(cfg.model.family).from_pretrained(
-        folder,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        dtype=dtype,
-        local_files_only=True,
-        **({"text_encoder_3": None, "tokenizer_3": None} if cfg.model.family == "sd3" else {}),
-    )
-    weights, own_guidance = load_model_into(pipe, cfg, settings.model, run_dir)
+    embeds, pooled, negative, negative_pooled = _encode(cfg, family, prompt_set.prompts, device)
+    without_text = dict.fromkeys(family.text_components)  # the embeddings above stand in for the encoders
+    pipe = family.pipeline_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **without_text)
+    weights, own_guidance = load_model_into(pipe, cfg, family, settings.model, run_dir)
     attention.use_backend(pipe.transformer, cfg.model.attention)
     guidance = settings.guidance if settings.guidance is not None else own_guidance
-    guidance = 1.0 if guidance is None else guidance  # no CFG (SD3), or guidance embedding 1.0 (FLUX)
+    guidance = 1.0 if guidance is None else guidance  # no CFG, or a guidance embedding of 1.0
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -159,15 +153,15 @@ def sample(
     for start in tqdm(range(0, n, settings.batch_size), desc=f"sampling {settings.model}", unit="batch"):
         idx = list(range(start, min(start + settings.batch_size, n)))
         generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in idx]
-        kwargs = dict(prompt_embeds=embeds[idx].to(device, dtype), pooled_prompt_embeds=pooled[idx].to(device, dtype))
-        if cfg.model.family == "sd3":  # FLUX.1-dev is guidance-distilled: no negative branch
-            kwargs.update(
-                negative_prompt_embeds=negative.expand(len(idx), -1, -1).to(device, dtype),
-                negative_pooled_prompt_embeds=negative_pooled.expand(len(idx), -1).to(device, dtype),
-            )
+        text = family.sampling_inputs(
+            embeds[idx].to(device, dtype),
+            pooled[idx].to(device, dtype),
+            negative.to(device, dtype),
+            negative_pooled.to(device, dtype),
+        )
         with torch.no_grad():
             images = pipe(
-                **kwargs,
+                **text,
                 num_inference_steps=settings.num_steps,
                 guidance_scale=guidance,
                 height=resolution,
@@ -192,7 +186,7 @@ def sample(
         "weights": weights,
         "guidance": guidance,
         "resolution": resolution,
-        "family": cfg.model.family,
+        "family": family.name,
         "prompts": prompt_set.source,
     }
     (out_dir / "sample.json").write_text(json.dumps(asdict(settings), indent=2))
