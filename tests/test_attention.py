@@ -39,11 +39,12 @@ def forward_and_grad(model, family, device="cpu"):
     """The velocity (CFG for SD3) at a fixed input, and the gradient of a fixed projection of it w.r.t. the input."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(family.latent_shape(model, 2, 64), generator=g).to(device).requires_grad_(True)
+    dim, pooled = model.config.joint_attention_dim, model.config.pooled_projection_dim  # 32 and 32 in both tiny presets
     cond = Conditioning(
-        torch.randn(2, 16, 32, generator=g),
-        torch.randn(2, 32, generator=g),
-        torch.randn(1, 16, 32, generator=g),
-        torch.randn(1, 32, generator=g),
+        torch.randn(2, 16, dim, generator=g),
+        torch.randn(2, pooled, generator=g),
+        torch.randn(1, 16, dim, generator=g),
+        torch.randn(1, pooled, generator=g),
     )
     cond = Conditioning(
         *(t.to(device) for t in (cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled))
