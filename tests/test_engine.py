@@ -47,6 +47,9 @@ STATE = dict(rtol=1e-5, atol=1e-7)
 @pytest.fixture(scope="module")
 def group():
     """A one-rank gloo group for this module's tests, gone afterwards (with the variables setup() exports)."""
+    # DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear for the whole process (its memory-efficient linear,
+    # "until manually reset"): put it back, or every later test in this process runs its Linear layers through it
+    linear = torch.nn.functional.linear
     with mock.patch.dict(os.environ):
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
@@ -55,6 +58,7 @@ def group():
         try:
             yield info
         finally:
+            torch.nn.functional.linear = linear
             if created:
                 distributed.shutdown()
 
