@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANTS = {  # name -> (world size or None for --world, config overrides)
     "single": (1, ["engine.kind=single"]),
@@ -59,7 +57,7 @@ def high_water_mb() -> float:
 # -- one rank ----------------------------------------------------------------------------------------------------------
 def worker(args) -> None:
     import torch
-    from fp8_accuracy import build_random_transformer
+    from common import build_random_transformer
 
     from opd_fast import distributed, models
     from opd_fast.config import load_config

@@ -51,23 +51,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from common import TASKS, build_random_transformer, write_world
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fp8_accuracy import build_random_transformer
-
-import opd_fast.trainer as trainer_module
-from opd_fast import attention
+from opd_fast import attention, distributed
 from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
 from opd_fast.families import get_family, preset_arch
+from opd_fast.hooks import Hook
 from opd_fast.models import student_forward_context
 from opd_fast.profiling import PHASES, PhaseTimer
+from opd_fast.run import build_run
 from opd_fast.teachers import Teacher, add_lora_adapter, read_peft_lora, teacher_memory_bytes
+from opd_fast.trainer import Trainer
 
-TASKS = (("geneval", 1.0), ("ocr", 4.5), ("aesthetic", 4.5))  # official teachers' CFG
 START = {
     "schedule": "two_pass",
     "backend": "reference",
@@ -119,37 +115,6 @@ class StudentSwapTeacher(Teacher):
 # the scratch world: prompts and random LoRA teachers
 
 
-def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompts: int) -> list[dict]:
-    """Prompt files and peft-layout LoRA teachers (B ~ N(0, 0.02^2): a teacher visibly off the base)."""
-    targets = [
-        name
-        for name, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)
-    ]
-    tasks = []
-    for seed, (task, guidance) in enumerate(TASKS):
-        (root / "prompts").mkdir(parents=True, exist_ok=True)
-        prompt_file = root / "prompts" / f"{task}.txt"
-        prompt_file.write_text("".join(f"{task} prompt number {i}\n" for i in range(prompts)))
-        g = torch.Generator().manual_seed(100 + seed)
-        state = {}
-        for name in targets:
-            out_f, in_f = base.get_submodule(name).weight.shape
-            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
-            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.02
-        folder = root / "teachers" / task
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(
-            json.dumps(
-                {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(OFFICIAL_LORA_TARGETS)}
-            )
-        )
-        teacher = {"path": str(folder), "guidance": guidance}
-        tasks.append({"name": task, "prompts": str(prompt_file), "teacher": teacher})
-    return tasks
-
-
 def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
     large = not args.preset.startswith("tiny")
     family, _ = preset_arch(args.preset)
@@ -183,26 +148,50 @@ def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
     )
 
 
-def build_trainer(args, tasks, state, scratch: Path, index: int, pristine) -> trainer_module.Trainer:
+class RoundZero(Hook):
+    """The trainer's round 0 (the same student, prompts and noise in every variant): its flattened student gradient
+    before clipping, and its loss (timed_round sets it). Their agreement with the official-like variant's shows what
+    an optimisation (FP8 teachers above all) does to training."""
+
+    def __init__(self):
+        self.grad: torch.Tensor | None = None
+        self.loss: float | None = None
+
+    def after_gradients(self, trainer, round_idx):
+        if round_idx == 0:
+            grads = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in trainer.engine.params]
+            self.grad = torch.cat([g.detach().float().flatten().cpu() for g in grads])
+
+
+def build_trainer(args, tasks, state, scratch: Path, index: int, pristine) -> tuple[Trainer, RoundZero]:
     cfg = make_config(args, tasks, state, scratch / "embeddings")
-    # The Trainer loads its base through load_transformer; hand it a copy of the one random base instead of
-    # initialising billions of parameters again for every variant.
-    trainer_module.load_transformer = lambda _cfg, _family: copy.deepcopy(pristine)
-    trainer = trainer_module.Trainer(cfg, scratch / f"run{index}", device=args.device)
-    if state["teachers"] == "swap":
-        swap = {}
+    out = scratch / f"run{index}"
+    swap = state["teachers"] == "swap"
+    # A copy of the one random base instead of initialising billions of parameters again for every variant; the
+    # official-like teachers are adapters on the student itself, attached once the student exists.
+    parts = build_run(
+        cfg,
+        out,
+        distributed.setup(cfg.engine, args.device),
+        base=copy.deepcopy(pristine),
+        teachers={} if swap else None,
+    )
+    if swap:
+        parts.teachers = {}
         for task in cfg.tasks:
             lora = read_peft_lora(Path(task.teacher.path), task.name)
-            add_lora_adapter(trainer.student, task.name, lora, task.name)
-            swap[task.name] = StudentSwapTeacher(task.name, trainer.student, task.teacher.guidance, adapter=task.name)
-        trainer.student.set_adapter("default")  # add_lora_adapter froze everything; the student trains again
-        trainer.teachers = swap  # the merged copies the Trainer made are dropped
+            add_lora_adapter(parts.student, task.name, lora, task.name)
+            parts.teachers[task.name] = StudentSwapTeacher(
+                task.name, parts.student, task.teacher.guidance, adapter=task.name
+            )
+        parts.student.set_adapter("default")  # add_lora_adapter froze everything; the student trains again
     if state["compile"]:
-        models = {id(m): m for m in [trainer.student] + [t.model for t in trainer.teachers.values()]}
+        models = {id(m): m for m in [parts.student] + [t.model for t in parts.teachers.values()]}
         for model in models.values():
             for block in model.transformer_blocks:
                 block.compile()
-    return trainer
+    round_zero = RoundZero()
+    return Trainer(cfg, parts, out, hooks=[round_zero], timer=PhaseTimer(args.device)), round_zero
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,10 +242,9 @@ def count_round_flops(trainer) -> float:
     return total * cfg.train.micro_batches_per_task
 
 
-def timed_round(trainer, args) -> tuple[float, dict[str, float]]:
-    """Wall seconds of one round (device synchronised before and after) and its seconds per phase. The loss of
-    the trainer's first round (round 0: the same student, prompts and noise in every variant) is kept in
-    trainer.round0_loss."""
+def timed_round(trainer, args, round_zero: RoundZero) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one round (device synchronised before and after) and its seconds per phase; round 0's loss
+    goes to round_zero."""
     trainer.phase_timer.read()
     sync(args.device)
     t0 = time.perf_counter()
@@ -265,43 +253,24 @@ def timed_round(trainer, args) -> tuple[float, dict[str, float]]:
     sync(args.device)
     seconds = time.perf_counter() - t0
     if first:
-        trainer.round0_loss = result.loss
+        round_zero.loss = result.loss
     return seconds, trainer.phase_timer.read()
 
 
-def capture_round0_gradient(trainer) -> None:
-    """Make the trainer's first optimizer step record the round's flattened student gradient (before clipping) in
-    trainer.round0_grad: the same batch in every variant, so its cosine with the official-like one shows what an
-    optimisation (FP8 teachers above all) does to training."""
-    engine, step = trainer.engine, trainer.engine.step
-
-    def first_step():
-        engine.step = step
-        trainer.round0_grad = torch.cat(
-            [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
-                for p in engine.params
-            ]
-        )
-        return step()
-
-    engine.step = first_step
-
-
-def warm_up(trainer, args) -> None:
-    capture_round0_gradient(trainer)
-    trainer.phase_timer = PhaseTimer(args.device)
+def warm_up(trainer, args, round_zero: RoundZero) -> None:
     for _ in range(args.warmup):
-        timed_round(trainer, args)
+        timed_round(trainer, args, round_zero)
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
 
-def summarize(trainer, rounds: list[tuple[float, dict]], args, state: dict, reference_grad) -> dict:
+def summarize(
+    trainer, round_zero: RoundZero, rounds: list[tuple[float, dict]], args, state: dict, reference_grad
+) -> dict:
     """The fastest round (the least disturbed by anything else on the machine), its phases, the round-0 loss and the
     cosine of the round-0 gradient with `reference_grad` (the official-like variant's; None before it ran)."""
     seconds, phases = min(rounds, key=lambda r: r[0])
-    grad = trainer.round0_grad
+    grad = round_zero.grad
     cos = (
         None
         if reference_grad is None
@@ -316,7 +285,7 @@ def summarize(trainer, rounds: list[tuple[float, dict]], args, state: dict, refe
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "teacher_mb": teacher_bytes(trainer) / 2**20,
         "backend": trainer.backend,
-        "loss0": trainer.round0_loss,
+        "loss0": round_zero.loss,
         "grad_cos": cos,
         "precision": state["precision"],
     }
@@ -551,17 +520,17 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             try:
-                trainer = build_trainer(args, tasks, state, scratch, index, pristine)
+                trainer, round_zero = build_trainer(args, tasks, state, scratch, index, pristine)
                 if flops is None:
                     flops = count_round_flops(trainer)
-                warm_up(trainer, args)
+                warm_up(trainer, args, round_zero)
                 if interleave:
-                    live[key] = (label, trainer, state, [])
+                    live[key] = (label, trainer, round_zero, state, [])
                     continue
-                rounds = [timed_round(trainer, args) for _ in range(args.rounds)]
+                rounds = [timed_round(trainer, args, round_zero) for _ in range(args.rounds)]
                 if key == "official":
-                    reference_grad = trainer.round0_grad
-                results[label] = summarize(trainer, rounds, args, state, reference_grad)
+                    reference_grad = round_zero.grad
+                results[label] = summarize(trainer, round_zero, rounds, args, state, reference_grad)
             except Exception as e:  # noqa: BLE001  (a variant that fails here, e.g. compile, is reported, not fatal)
                 results[label] = {"error": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             trainer = None
@@ -570,12 +539,12 @@ def main(argv=None) -> int:
             if flops is not None and not interleave:  # a run cut short (a time limit) keeps the variants done
                 write_report(args, ordered(results), machine, interleave, flops, ceiling, ceiling_what)
         for _ in range(args.rounds):
-            for _, trainer, state, rounds in live.values():
-                rounds.append(timed_round(trainer, args))
+            for _, trainer, round_zero, state, rounds in live.values():
+                rounds.append(timed_round(trainer, args, round_zero))
         if "official" in live:
-            reference_grad = live["official"][1].round0_grad
-        for label, trainer, state, rounds in live.values():
-            results[label] = summarize(trainer, rounds, args, state, reference_grad)
+            reference_grad = live["official"][2].grad
+        for label, trainer, round_zero, state, rounds in live.values():
+            results[label] = summarize(trainer, round_zero, rounds, args, state, reference_grad)
     if flops is None:  # no variant got as far as a trainer
         print(
             "no variant ran:\n"

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import build_random_transformer
 
 from opd_fast import fp8
-from opd_fast.families import PRESETS, Family, preset_arch
-from opd_fast.models import Conditioning, init_output_layer
+from opd_fast.families import PRESETS, Family
+from opd_fast.models import Conditioning
 from opd_fast.ops.opd_step.naive import apply_cfg
 from opd_fast.schedule import sigma_grid
 
@@ -40,22 +39,6 @@ LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first 
     r"\.(to_out\.0|to_add_out)$": "attention out",
     r"\.(ff|ff_context)\.|\.proj_mlp$|^single_transformer_blocks\.\d+\.proj_out$": "MLP",
 }
-
-
-def build_random_transformer(
-    preset: str, device: str, dtype: torch.dtype, seed: int = 0, layers: int | None = None
-) -> torch.nn.Module:
-    """A preset's architecture (families.preset_arch says what `layers` keeps) with seeded random weights, built
-    directly on `device` (SD3.5-M or FLUX.1 would take minutes to initialise on the CPU); the final projection
-    initialised as opd_fast.models initialises a preset's."""
-    family, kwargs = preset_arch(preset, layers)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = family.transformer_class(**kwargs)
-    init_output_layer(model)
-    if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
-        model = model.to(dtype)
-    return model.requires_grad_(False).eval()
 
 
 def layer_type(name: str) -> str | None:

@@ -27,11 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_round import TASKS, write_world
+from common import TASKS, write_world
 
 from opd_fast.config import config_from_dict
 from opd_fast.families import get_family, preset_arch
@@ -160,7 +156,7 @@ def main(argv=None) -> int:
         tasks = write_world(
             scratch / "world", shapes, rank=32 if large else 4, alpha=64 if large else 8, prompts=args.prompts
         )
-        trainer = Trainer(make_config(args, tasks, scratch / "embeddings"), scratch / "run", device=args.device)
+        trainer = Trainer.build(make_config(args, tasks, scratch / "embeddings"), scratch / "run", device=args.device)
         built = time.perf_counter() - t0
         for _ in range(args.warmup):
             trainer.train_round()

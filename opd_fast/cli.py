@@ -19,16 +19,17 @@ def _train(args) -> int:
     from opd_fast.trainer import Trainer
 
     cfg = load_config(args.config or builtin_path(TINY_CONFIG), args.set)
-    trainer = Trainer(cfg, args.out, resume=args.resume, device=args.device)
+    hooks = []
     if args.profile_steps is not None:
         from opd_fast.profiling import CaptureWindow
 
-        trainer.capture = CaptureWindow(*args.profile_steps, trainer.device)
+        hooks.append(CaptureWindow(*args.profile_steps))
+    trainer = Trainer.build(cfg, args.out, resume=args.resume, device=args.device, hooks=hooks)
     records = trainer.fit()
     from opd_fast import distributed
 
     distributed.shutdown()
-    if trainer.engine.rank != 0:  # one summary per run
+    if not trainer.dist.is_main:  # one summary per run
         return 0
     if records:
         first, last = records[0]["loss"], records[-1]["loss"]
@@ -118,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     from opd_fast import distributed
     from opd_fast.config import ConfigError
     from opd_fast.prompts import PromptError
+    from opd_fast.run_folder import OutputDirError
     from opd_fast.safeio import UnsafeFileError
     from opd_fast.teachers import TeacherError
-    from opd_fast.trainer import OutputDirError, TrainingError
+    from opd_fast.trainer import TrainingError
 
     try:
         os.environ.update(

@@ -23,6 +23,8 @@ from collections import defaultdict
 
 import torch
 
+from opd_fast.hooks import Hook
+
 try:
     import nvtx as _nvtx
 except ImportError:  # optional at run time; listed in install_requires
@@ -115,28 +117,35 @@ def parse_window(spec: str) -> tuple[int, int]:
     return first, stop
 
 
-class CaptureWindow:
-    """cudaProfilerStart/Stop around rounds [first, stop) for `nsys profile --capture-range=cudaProfilerApi`.
-    Without CUDA it only logs that it does nothing."""
+class CaptureWindow(Hook):
+    """cudaProfilerStart/Stop around rounds [first, stop) for `nsys profile --capture-range=cudaProfilerApi`, as a
+    trainer hook. On a run without CUDA it logs once that it does nothing."""
 
-    def __init__(self, first: int, stop: int, device: torch.device | str):
+    def __init__(self, first: int, stop: int):
         self.first, self.stop = first, stop
-        self.cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
         self.active = False
-        if not self.cuda:
-            log.info("profile window %d:%d: no CUDA device, so no cudaProfilerStart/Stop (a no-op)", first, stop)
+        self._said_no_cuda = False
 
-    def before_round(self, round_idx: int) -> None:
-        if self.cuda and not self.active and self.first <= round_idx < self.stop:
-            torch.cuda.synchronize()  # earlier rounds' kernels stay out of the capture
-            torch.cuda.cudart().cudaProfilerStart()
-            self.active = True
-            log.info("profiler capture started before round %d", round_idx)
+    def before_round(self, trainer, round_idx: int) -> None:
+        if not (self.first <= round_idx < self.stop) or self.active:
+            return
+        if trainer.device.type != "cuda":
+            if not self._said_no_cuda:
+                log.info("profile window %d:%d: no CUDA device, so no cudaProfilerStart/Stop (a no-op)", *self.window)
+                self._said_no_cuda = True
+            return
+        torch.cuda.synchronize()  # earlier rounds' kernels stay out of the capture
+        torch.cuda.cudart().cudaProfilerStart()
+        self.active = True
+        log.info("profiler capture started before round %d", round_idx)
 
-    def after_round(self, round_idx: int) -> None:
-        """round_idx: the round just trained."""
-        if self.active and round_idx + 1 >= self.stop:
+    def after_record(self, trainer, record: dict) -> None:
+        if self.active and record["step"] >= self.stop:  # record["step"]: the rounds done
             self.close()
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.first, self.stop
 
     def close(self) -> None:
         if self.active:

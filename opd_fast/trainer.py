@@ -17,12 +17,13 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from opd_fast import attention, distributed
+from opd_fast import distributed
 from opd_fast.checkpoint import (
     checkpoint_step,
     export_diffusers_lora,
@@ -33,51 +34,22 @@ from opd_fast.checkpoint import (
     unflatten_optimizer_state,
 )
 from opd_fast.config import ConfigError, RunConfig
-from opd_fast.datasets import read_dataset
-from opd_fast.engine import EMA, Engine, lr_at, make_engine, values_swapped_in
-from opd_fast.families import Family, get_family
+from opd_fast.engine import lr_at, values_swapped_in
+from opd_fast.families import get_family
+from opd_fast.hooks import Hook
 from opd_fast.metrics import MetricsWriter
-from opd_fast.models import (
-    DTYPES,
-    Conditioning,
-    add_student_lora,
-    autocast_dtype,
-    load_transformer,
-    student_forward_context,
-)
-from opd_fast.ops import LossSpec
-from opd_fast.profiling import CaptureWindow, PhaseTimer, nvtx_range, phase
-from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached, to_device
-from opd_fast.schedule import sigma_grid
-from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner, load_teachers
+from opd_fast.models import Conditioning, autocast_dtype, student_forward_context
+from opd_fast.profiling import PhaseTimer, nvtx_range, phase
+from opd_fast.prompts import to_device
+from opd_fast.run import RunParts, build_run
+from opd_fast.run_folder import OutputDirError, check_output_dir, claim_output_dir
+from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner
 
 log = logging.getLogger(__name__)
-RESUMABLE_CHANGES = {
-    "train.rounds",
-    "checkpoint.every",
-    "checkpoint.keep_last",
-    "logging.progress",
-    "logging.tensorboard",
-    "loss.backend",
-    "engine.kind",
-    "engine.zero_stage",
-    "engine.offload",
-    "engine.bf16",
-    "engine.timeout_s",
-    "engine.persistence_threshold",
-    "teacher_runtime.stream",
-    "teacher_runtime.mode",
-    "teacher_runtime.cuda_graphs",
-    "prompts.placement",
-}  # (speed only: same teacher outputs)
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite rounds); the last good checkpoint is intact."""
-
-
-class OutputDirError(RuntimeError):
-    """The output folder holds another run or other files."""
 
 
 @dataclass
@@ -148,97 +120,32 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def flat_config(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_config(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def encode_task_prompts(
-    cfg: RunConfig, family: Family, student: torch.nn.Module, cache_dir: Path
-) -> dict[str, EncodedPrompts]:
-    """Each task's prompt set, encoded once into the embedding cache. All files are read (and checked) before
-    anything is written."""
-    prompt_sets = {task.name: read_dataset(task.prompts, task.prompts_kind, task.name) for task in cfg.tasks}
-    if cfg.prompts.encoder == "builtin":
-        enc = BuiltinTextEncoder(
-            student.config.joint_attention_dim, student.config.pooled_projection_dim, cfg.prompts.max_tokens
-        )
-        encode_fn, name = enc.encode, f"{enc.name}-{enc.dim}-{enc.pooled_dim}-{enc.max_tokens}"
-    else:
-        from opd_fast.text_encoders import pipeline_encoder
-
-        encode_fn, name = pipeline_encoder(cfg.model, family, cfg.prompts)
-    return {
-        task: encode_cached(prompt_set, encode_fn, name, cfg.prompts.negative_prompt, cache_dir / f"{task}.safetensors")
-        for task, prompt_set in prompt_sets.items()
-    }
-
-
-PROMPTS_DEVICE_SHARE = 0.1  # prompts.placement auto: the cache goes to the GPU when it takes at most this share
-
-
-def place_prompts(
-    prompts: dict[str, EncodedPrompts], cfg: RunConfig, device: torch.device
-) -> dict[str, EncodedPrompts]:
-    """The embedding caches where cfg.prompts.placement puts them: on the device, in the widest dtype any model
-    reads them in (fp32 when the model or a teacher runs in fp32, else the model's 16-bit dtype: the transformers
-    cast their text inputs to it, so nothing is lost), or left on the host (each micro-batch's rows are then copied
-    through pinned memory)."""
-    if device.type != "cuda":
-        return prompts
-    wide = cfg.model.dtype == "float32" or cfg.teacher_runtime.precision == "fp32"
-    dtype = torch.float32 if wide else DTYPES[cfg.model.dtype]
-    placement = cfg.prompts.placement
-    if placement == "auto":
-        need = sum(p.nbytes() for p in prompts.values()) * torch.finfo(dtype).bits // 32  # cached as float32
-        placement = (
-            "device" if need <= PROMPTS_DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory else "host"
-        )
-        log.info("prompt embeddings: %.2f GB in %s on the %s (prompts.placement auto)", need / 1e9, dtype, placement)
-    if placement == "device":
-        return {task: p.to(device, dtype) for task, p in prompts.items()}
-    return prompts
-
-
 class Trainer:
+    """Runs rounds with a run's parts (opd_fast.run): Trainer.build(cfg, out_dir) checks the folder, builds the
+    parts and returns the trainer; Trainer(cfg, parts, out_dir) takes parts built (or swapped) by the caller.
+    hooks (opd_fast.hooks.Hook) are called before each round, after its gradients and after its record; timer (a
+    PhaseTimer) times the phases of every round."""
+
     def __init__(
         self,
         cfg: RunConfig,
+        parts: RunParts,
         out_dir: str | Path,
         *,
         resume: bool = False,
-        device: str | None = None,
-        engine: Engine | None = None,
+        hooks: Iterable[Hook] = (),
+        timer: PhaseTimer | None = None,
     ):
         self.cfg = cfg
-        self.family = get_family(cfg.model.family)  # first: an unknown family fails before anything is done
         self.out_dir = Path(out_dir)
-        # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
-        self.dist = distributed.setup(cfg.engine, device)
+        self.parts = parts
+        self.dist, self.family, self.loss_spec = parts.dist, parts.family, parts.loss
         self.device = self.dist.device
-        self._check_output_dir(resume)
-        self.dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-
-        # before the models load (minutes at full size) and before anything is written
-        attention.check(cfg.model.attention)
-        try:
-            self.loss_spec = LossSpec.from_config(cfg.loss, cfg.sampling, self.device)
-        except (ValueError, RuntimeError) as e:
-            raise ConfigError(f"loss.backend: {e}") from None
+        self.student, self.peft_config, self.teachers = parts.student, parts.peft_config, parts.teachers
+        self.engine, self.ema, self.prompts, self.sigmas = parts.engine, parts.ema, parts.prompts, parts.sigmas
         self.backend = self.loss_spec.backend
-        log.info("opd_step backend: %s", self.backend)
-        base = load_transformer(cfg.model, self.family).to(self.device)
-        # Teachers are frozen copies of the base (LoRA merged, or adapters on one shared copy; cfg.teacher_runtime),
-        # made before the student gets its adapter.
-        self.teachers: dict[str, Teacher] = load_teachers(cfg.tasks, base, self.family, cfg.teacher_runtime)
-        self.phase_timer: PhaseTimer | None = None  # benchmarks attach one to time the phases
-        self.capture: CaptureWindow | None = None  # opd-fast train --profile-steps a:b
+        self.hooks = list(hooks)
+        self.phase_timer = timer
         self.teacher_runner = TeacherRunner(
             self.family,
             self.device,
@@ -246,91 +153,45 @@ class Trainer:
             self._phase,
             cuda_graphs=cfg.teacher_runtime.cuda_graphs,
         )
-        self._sigma_tables: dict[int, torch.Tensor] = {}  # batch -> (num_steps + 1, batch) sigmas on the device
-        self._coef_tables: dict[tuple[int, int], torch.Tensor] = {}  # (batch, latent numel) -> coefficient table
-        self.student = base
-        for model in {id(m): m for m in [base] + [t.model for t in self.teachers.values()]}.values():
-            attention.use_backend(model, cfg.model.attention)
-        with torch.random.fork_rng(devices=[]):  # peft draws the adapter init from the global RNG
-            torch.manual_seed(cfg.train.seed)
-            self.peft_config = add_student_lora(self.student, cfg.student.lora)
-        if cfg.model.gradient_checkpointing:
-            self.student.enable_gradient_checkpointing()
-        self.student.train()
-        # After the teachers were copied: DeepSpeed ZeRO-3 partitions the student it is given, and only the student.
-        self.engine: Engine = engine if engine is not None else make_engine(cfg, self.student, self.dist)
-        self.ema = EMA(self.engine.params, cfg.ema, self.engine) if cfg.ema.enabled else None
         # bf16 autocast over a bf16 base with fp32 LoRA weights (read after the engine, which may cast the student)
         self.student_autocast = autocast_dtype(self.student)
-
-        cache_dir = Path(cfg.prompts.cache_dir) if cfg.prompts.cache_dir else self.out_dir / "embeddings"
-        with distributed.rank_zero_first(self.dist):  # rank 0 fills the cache, the others read it
-            self.prompts = place_prompts(
-                encode_task_prompts(cfg, self.family, self.student, cache_dir), cfg, self.device
-            )
-
-        self.sigmas = sigma_grid(
-            self.family,
-            cfg.sampling.num_steps,
-            cfg.sampling.shift,
-            path=cfg.model.path,
-            image_seq_len=self.family.image_tokens(self.student, cfg.sampling.resolution),
-        )
+        self._sigma_tables: dict[int, torch.Tensor] = {}  # batch -> (num_steps + 1, batch) sigmas on the device
+        self._coef_tables: dict[tuple[int, int], torch.Tensor] = {}  # (batch, latent numel) -> coefficient table
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.round = 0
         self.nonfinite_rounds = 0
         if resume:
             self._resume()
-        self._write_run_file()
+        claim_output_dir(cfg, self.out_dir, self.dist)
 
-    # -- output folder ---------------------------------------------------------------------------------------------
-    def _check_output_dir(self, resume: bool) -> None:
-        run_file = self.out_dir / "run.json"
-        mine = flat_config(self.cfg.to_dict())
-        if run_file.is_file():
-            if not resume:
-                raise OutputDirError(
-                    f"{self.out_dir} already holds a run ({run_file}); pass --resume to continue it "
-                    "or choose another --out"
-                )
-            theirs = flat_config(json.loads(run_file.read_text())["config"])
-            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            # the cosine schedule anneals over train.rounds: another length would change every rate still to come
-            cosine = mine.get("optimizer.schedule") == "cosine"
-            fatal = [k for k in changed if k not in RESUMABLE_CHANGES or (k == "train.rounds" and cosine)]
-            if fatal:
-                raise OutputDirError(
-                    f"{self.out_dir} holds a run with another config; differing keys: "
-                    + ", ".join(f"{k} ({theirs.get(k)!r} -> {mine.get(k)!r})" for k in fatal)
-                    + (
-                        "; with optimizer.schedule cosine, train.rounds cannot change"
-                        if "train.rounds" in fatal
-                        else ""
-                    )
-                )
-        elif self.out_dir.is_dir() and any(p.name != "embeddings" for p in self.out_dir.iterdir()):
-            # (OUT/embeddings alone is the prompt cache of a start of ours that failed before writing run.json)
-            raise OutputDirError(
-                f"{self.out_dir} is not empty and holds no run.json: refusing to write a run into "
-                "it; choose an empty or new --out"
-            )
-
-    def _write_run_file(self) -> None:
-        """Mark the folder as this run's, once everything loaded: a run that failed to start leaves no claim."""
-        if not self.dist.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        run_file = self.out_dir / "run.json"
-        tmp = run_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2))
-        tmp.replace(run_file)
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        device: str | None = None,
+        hooks: Iterable[Hook] = (),
+        timer: PhaseTimer | None = None,
+        **parts,
+    ) -> Trainer:
+        """The trainer of the run `cfg` describes, into out_dir: the folder is checked (on every rank) before any
+        model loads, then every part is built (opd_fast.run.build_run; `parts` passes its overrides, base= and
+        teachers=). device: None = this rank's GPU when there is one, else the CPU."""
+        get_family(cfg.model.family)  # an unknown family fails before anything is done
+        # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
+        dist = distributed.setup(cfg.engine, device)
+        check_output_dir(cfg, Path(out_dir), resume)
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+        return cls(cfg, build_run(cfg, out_dir, dist, **parts), out_dir, resume=resume, hooks=hooks, timer=timer)
 
     # -- data ------------------------------------------------------------------------------------------------------
     def batch_indices(self, round_idx: int, task_idx: int) -> torch.Tensor:
         """This rank's prompt indices for (round, task). The global batch is drawn without replacement (when the
         set is large enough) and split into contiguous, non-overlapping slices per rank."""
         per_rank = self.cfg.train.micro_batch_size * self.cfg.train.micro_batches_per_task
-        world, rank = self.engine.world_size, self.engine.rank
+        world, rank = self.dist.world_size, self.dist.rank
         n = len(self.prompts[self.cfg.tasks[task_idx].name].prompts)
         g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, round_idx, task_idx, 0))
         total = per_rank * world
@@ -465,11 +326,16 @@ class Trainer:
         task_scale = scale * task.loss_weight
         if cfg.loss.timestep_reduction == "mean":
             task_scale /= self.num_trained[task.name]
-        noise = self.sample_noise(self.round, t_idx, self.engine.rank * per_rank + start, shape)
+        noise = self.sample_noise(self.round, t_idx, self.dist.rank * per_rank + start, shape)
         cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
         return Lane(t_idx, self.teachers[task.name], cond, noise, task_scale)
 
-    def train_round(self) -> RoundResult:
+    def train_round(self, step: bool = True) -> RoundResult:
+        """One round: every task's micro-batches, then ONE optimizer step and the EMA. step=False measures the round
+        instead: its gradient reaches the after_gradients hooks and is then dropped, the student unchanged (the round
+        counter still advances, so the next round draws other prompts and noise)."""
+        for hook in self.hooks:
+            hook.before_round(self, self.round)
         cfg = self.cfg
         mb = cfg.train.micro_batch_size
         per_rank = mb * cfg.train.micro_batches_per_task
@@ -494,9 +360,11 @@ class Trainer:
         averaged = self.engine.average(torch.stack(list(task_losses.values())))
         values = {name: float(v) for name, v in zip(task_losses, averaged)}
         loss = sum(values.values()) / len(values)
+        for hook in self.hooks:
+            hook.after_gradients(self, self.round)
         grad_norm = None
         with self._phase("optimizer"):
-            if math.isfinite(loss):
+            if step and math.isfinite(loss):
                 self.engine.lr = lr_at(cfg.optimizer, self.round, cfg.train.rounds)
                 grad_norm = self.engine.step()
             else:
@@ -507,28 +375,25 @@ class Trainer:
         return RoundResult(loss, values, grad_norm)
 
     # -- the run ---------------------------------------------------------------------------------------------------
-    def fit(self, on_round=None, until: int | None = None) -> list[dict]:
+    def fit(self, until: int | None = None) -> list[dict]:
         """Train up to cfg.train.rounds, or stop after round `until` with a checkpoint (a later --resume goes on; the
-        lr schedule spans train.rounds either way). on_round(trainer, record), if given, runs after each round's
-        record is written (e.g. an evaluation, as the demo's reward curves); its time is not in the record's seconds."""
+        lr schedule spans train.rounds either way). The hooks' after_record runs after each round's record is
+        written; its time is not in the record's seconds."""
         cfg = self.cfg
         stop = cfg.train.rounds if until is None else min(until, cfg.train.rounds)
+        main = self.dist.is_main
         # Rank 0 alone touches the log: ranks truncating it at once on resume would race.
-        metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard, self.round) if self.engine.rank == 0 else None
+        metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard, self.round) if main else None
         records = []
         bar = None
-        if cfg.logging.progress and self.engine.rank == 0:
+        if cfg.logging.progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.train.rounds, initial=self.round, desc="opd rounds", unit="round")
         try:
             while self.round < stop:
                 t0 = time.perf_counter()
-                if self.capture is not None:
-                    self.capture.before_round(self.round)
                 result = self.train_round()
-                if self.capture is not None:
-                    self.capture.after_round(self.round - 1)
                 record = {
                     "step": self.round,
                     "loss": result.loss,
@@ -548,11 +413,11 @@ class Trainer:
                         result.loss,
                         self.nonfinite_rounds,
                     )
-                if self.engine.rank == 0:
+                if main:
                     metrics.write(record)
                 records.append(record)
-                if on_round is not None:
-                    on_round(self, record)
+                for hook in self.hooks:
+                    hook.after_record(self, record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.loss:.4g}")
@@ -565,8 +430,8 @@ class Trainer:
                 if self.round % cfg.checkpoint.every == 0 or self.round == stop:
                     self.save()
         finally:
-            if self.capture is not None:
-                self.capture.close()
+            for hook in self.hooks:
+                hook.close()
             if bar is not None:
                 bar.close()
             if metrics is not None:
@@ -589,7 +454,7 @@ class Trainer:
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         meta = {"round": self.round, "nonfinite_rounds": self.nonfinite_rounds, "optimizer": opt_rest}
-        if self.engine.rank != 0:
+        if not self.dist.is_main:
             return None
         return save_checkpoint(self.out_dir, self.round, tensors, meta, self.cfg.checkpoint.keep_last)
 
@@ -632,7 +497,7 @@ class Trainer:
         students are saved as diffusers transformer folders OUT/transformer (and OUT/transformer_ema)."""
         from peft.utils import get_peft_model_state_dict
 
-        main = self.engine.rank == 0
+        main = self.dist.is_main
         if self.peft_config is None:
             ema = self.ema.state_dict() if self.ema is not None else None  # full tensors on rank 0 (a collective)
             with self.engine.gathered():  # ZeRO-3: every rank takes part in gathering the whole model

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from opd_fast import fp8  # after TRITON_INTERPRET is set
 from opd_fast.families import FAMILIES
+from opd_fast.hooks import Hook
 
 # FP8 with rowwise scales on CPU tensors needs torch >= 2.13 (the pinned CPU build); on a GPU machine's older torch
 # the CPU-side rowwise tests skip, and the CUDA ones run.
@@ -73,27 +74,38 @@ def tiny_trainer(tiny_config, tmp_path):
 
     count = []
 
-    def make(device="cpu", **overrides):
+    def make(device="cpu", hooks=(), timer=None, **overrides):
         cfg = tiny_config(**overrides)
         cfg.tasks = [t for t in cfg.tasks if t.name == "ocr"]
         count.append(1)
-        return Trainer(cfg, tmp_path / f"run{len(count)}", device=device)
+        return Trainer.build(cfg, tmp_path / f"run{len(count)}", device=device, hooks=hooks, timer=timer)
 
     return make
 
 
+class GradientCapture(Hook):
+    """Keeps the student's accumulated gradient of every round it sees, by parameter name (the single engine: the
+    parameters' .grad)."""
+
+    def __init__(self):
+        self.rounds: list[dict[str, torch.Tensor]] = []
+
+    def after_gradients(self, trainer, round_idx):
+        self.rounds.append({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
+
+    def flat(self, index: int = -1) -> torch.Tensor:
+        return torch.cat([g.flatten() for g in self.rounds[index].values()])
+
+
 def capture_round_gradient(trainer) -> dict[str, torch.Tensor]:
-    """The student's accumulated gradient of one train_round, captured in place of the optimizer step."""
-    captured = {}
-
-    def capture():
-        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
-        trainer.engine.zero_grad()
-        return 0.0
-
-    trainer.engine.step = capture
-    trainer.train_round()
-    return captured
+    """The student's accumulated gradient of one measured round (train_round(step=False): no optimizer step)."""
+    capture = GradientCapture()
+    trainer.hooks.append(capture)
+    try:
+        trainer.train_round(step=False)
+    finally:
+        trainer.hooks.remove(capture)
+    return capture.rounds[0]
 
 
 def tiny_sd3_inputs() -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ def main(jobs_file: str) -> None:
     torch.set_num_threads(1)
     for job in json.loads(Path(jobs_file).read_text()):
         cfg = load_config(CONFIG, job["overrides"])
-        trainer = Trainer(cfg, job["out"], resume=job.get("resume", False), device="cpu")
+        trainer = Trainer.build(cfg, job["out"], resume=job.get("resume", False), device="cpu")
         discard_rounds(trainer, job.get("discard", []))
         report = {"before": probe(trainer, cfg.train.rounds)}
         records = trainer.fit(until=job.get("until"))

@@ -12,9 +12,10 @@ from opd_fast import checkpoint as ckpt
 from opd_fast.cli import main
 from opd_fast.config import ConfigError, load_config
 from opd_fast.prompts import PromptError, read_prompts
+from opd_fast.run_folder import OutputDirError
 from opd_fast.safeio import UnsafeFileError
 from opd_fast.teachers import TeacherError
-from opd_fast.trainer import OutputDirError, Trainer, TrainingError
+from opd_fast.trainer import Trainer, TrainingError
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -26,10 +27,10 @@ def run_cli(*args, capsys):
 
 def test_missing_and_empty_prompt_files(tiny_config, tmp_path):
     with pytest.raises(PromptError, match=r"task 'ocr': prompt file not found: .*nope\.txt"):
-        Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "nope.txt")}), tmp_path / "a", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.1.prompts": str(tmp_path / "nope.txt")}), tmp_path / "a", device="cpu")
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(PromptError, match="prompt file is empty"):
-        Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "empty.txt")}), tmp_path / "b", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.1.prompts": str(tmp_path / "empty.txt")}), tmp_path / "b", device="cpu")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "run.json").exists()
 
 
@@ -46,17 +47,19 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 def test_prompt_sets_are_checked_by_kind_before_training(tiny_config, tmp_path):
     (tmp_path / "ocr.txt").write_text('a sign that says "open"\na sign with no quoted text\n')
     with pytest.raises(PromptError, match=r"task 'ocr': .*ocr\.txt:2: an OCR prompt needs the text to render"):
-        Trainer(tiny_config(**{"tasks.1.prompts": str(tmp_path / "ocr.txt")}), tmp_path / "a", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.1.prompts": str(tmp_path / "ocr.txt")}), tmp_path / "a", device="cpu")
     assert not (tmp_path / "a").exists()
     # DrawBench as Google's sheet exports it: read by its "Prompts" column, not as lines of CSV
     (tmp_path / "drawbench.csv").write_text('Prompts,Category\nA red colored car.,Colors\n"A sign, ""hi""",Text\n')
-    trainer = Trainer(tiny_config(**{"tasks.2.prompts": str(tmp_path / "drawbench.csv")}), tmp_path / "b", device="cpu")
+    trainer = Trainer.build(
+        tiny_config(**{"tasks.2.prompts": str(tmp_path / "drawbench.csv")}), tmp_path / "b", device="cpu"
+    )
     assert trainer.prompts["aesthetic"].prompts.prompts == ["A red colored car.", 'A sign, "hi"']
 
 
 def test_teacher_path_that_does_not_exist(tiny_config, tmp_path, capsys):
     with pytest.raises(TeacherError, match=r"teacher of task 'aesthetic': path does not exist: .*missing"):
-        Trainer(tiny_config(**{"tasks.2.teacher.path": str(tmp_path / "missing")}), tmp_path / "a", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.2.teacher.path": str(tmp_path / "missing")}), tmp_path / "a", device="cpu")
     code, err = run_cli(
         "train", TINY, "--out", str(tmp_path / "b"), "--set", f"tasks.2.teacher.path={tmp_path}/x", capsys=capsys
     )
@@ -76,7 +79,9 @@ def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
     )
     flux.save_pretrained(tmp_path / "flux_lora")
     with pytest.raises(TeacherError, match=r"teacher of task 'ocr': LoRA targets 'single_transformer_blocks"):
-        Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "flux_lora")}), tmp_path / "a", device="cpu")
+        Trainer.build(
+            tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "flux_lora")}), tmp_path / "a", device="cpu"
+        )
     # a full model folder of another architecture
     other = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), get_family("sd3"))
     other.register_to_config(num_layers=3)
@@ -86,7 +91,7 @@ def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
         match=r"teacher of task 'ocr': its architecture differs .*num_layers: student 2 "
         r"vs teacher 3",
     ):
-        Trainer(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "other")}), tmp_path / "b", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "other")}), tmp_path / "b", device="cpu")
 
 
 def test_wrong_config_types_and_unknown_keys(tmp_path, capsys):
@@ -148,16 +153,18 @@ def test_a_full_bf16_student_needs_fp32_master_weights():
 
 def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
-    Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu").fit()
+    Trainer.build(tiny_config(**{"train.rounds": 1}), out, device="cpu").fit()
     with pytest.raises(OutputDirError, match="already holds a run .*pass --resume"):
-        Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu")
+        Trainer.build(tiny_config(**{"train.rounds": 1}), out, device="cpu")
     with pytest.raises(OutputDirError, match=r"another config; differing keys: sampling\.noise_level"):
-        Trainer(tiny_config(**{"train.rounds": 1, "sampling.noise_level": 0.5}), out, device="cpu", resume=True)
-    Trainer(tiny_config(**{"train.rounds": 3}), out, device="cpu", resume=True)  # constant lr: rounds may change
+        Trainer.build(tiny_config(**{"train.rounds": 1, "sampling.noise_level": 0.5}), out, device="cpu", resume=True)
+    Trainer.build(tiny_config(**{"train.rounds": 3}), out, device="cpu", resume=True)  # constant lr: rounds may change
     cosine = tmp_path / "cosine"
-    Trainer(tiny_config(**{"train.rounds": 2, "optimizer.schedule": "cosine"}), cosine, device="cpu").fit(until=1)
+    Trainer.build(tiny_config(**{"train.rounds": 2, "optimizer.schedule": "cosine"}), cosine, device="cpu").fit(until=1)
     with pytest.raises(OutputDirError, match=r"train\.rounds \(2 -> 4\); with optimizer\.schedule cosine"):
-        Trainer(tiny_config(**{"train.rounds": 4, "optimizer.schedule": "cosine"}), cosine, device="cpu", resume=True)
+        Trainer.build(
+            tiny_config(**{"train.rounds": 4, "optimizer.schedule": "cosine"}), cosine, device="cpu", resume=True
+        )
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -168,7 +175,7 @@ def test_output_folder_holding_another_run(tiny_config, tmp_path, capsys):
 
 def test_nonfinite_loss_skips_then_stops(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.rounds": 6, "train.max_nonfinite_rounds": 2})
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     poisoned = {"on": False}
     teacher = trainer.teachers["ocr"].model
     teacher.register_forward_hook(lambda m, i, out: (out[0] * float("nan"),) if poisoned["on"] else out)
@@ -211,7 +218,7 @@ def test_a_start_that_fails_names_the_key_and_leaves_the_folder_usable(tmp_path,
 
 def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    trainer = Trainer(tiny_config(**{"train.rounds": 1}), out, device="cpu")
+    trainer = Trainer.build(tiny_config(**{"train.rounds": 1}), out, device="cpu")
     trainer.fit()
     before = ckpt.latest_checkpoint(out)
     calls = {"n": 0}
@@ -231,7 +238,7 @@ def test_checkpoint_write_killed_midway_leaves_the_last_one_intact(tiny_config, 
     monkeypatch.undo()
     with open(out / "metrics.jsonl", "a") as f:  # the killed run's record of round 2, and a line cut by the kill
         f.write(json.dumps({"step": 2, "loss": -1.0}) + '\n{"step": 3, "lo')
-    resumed = Trainer(tiny_config(**{"train.rounds": 2}), out, device="cpu", resume=True)
+    resumed = Trainer.build(tiny_config(**{"train.rounds": 2}), out, device="cpu", resume=True)
     assert resumed.round == 1
     resumed.fit()
     assert ckpt.latest_checkpoint(out).name == "step_00000002"
@@ -272,7 +279,7 @@ def test_malicious_pickle_teacher_is_refused_and_runs_no_code(tiny_config, tmp_p
     with open(teacher / "pytorch_lora_weights.bin", "wb") as f:
         pickle.dump({"transformer.x.lora_A.weight": _Evil(str(marker))}, f)
     with pytest.raises(UnsafeFileError, match=r"refusing to load .*pytorch_lora_weights\.bin.*nothing in it was run"):
-        Trainer(tiny_config(**{"tasks.0.teacher.path": str(teacher)}), tmp_path / "run", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.0.teacher.path": str(teacher)}), tmp_path / "run", device="cpu")
     assert not marker.exists()
 
     # the same payload inside a torch.save'd peft adapter
@@ -281,11 +288,11 @@ def test_malicious_pickle_teacher_is_refused_and_runs_no_code(tiny_config, tmp_p
     (peft_dir / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2}))
     torch.save({"w": _Evil(str(marker))}, peft_dir / "adapter_model.bin")
     with pytest.raises(UnsafeFileError, match="refusing to load"):
-        Trainer(tiny_config(**{"tasks.0.teacher.path": str(peft_dir)}), tmp_path / "run2", device="cpu")
+        Trainer.build(tiny_config(**{"tasks.0.teacher.path": str(peft_dir)}), tmp_path / "run2", device="cpu")
     assert not marker.exists()
 
 
 def test_checkpoints_hold_no_pickles(tiny_config, tmp_path):
-    Trainer(tiny_config(**{"train.rounds": 1}), tmp_path / "run", device="cpu").fit()
+    Trainer.build(tiny_config(**{"train.rounds": 1}), tmp_path / "run", device="cpu").fit()
     files = [p.name for p in ckpt.latest_checkpoint(tmp_path / "run").iterdir()]
     assert sorted(files) == ["ema.safetensors", "optimizer.safetensors", "state.json", "student.safetensors"]

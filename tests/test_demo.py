@@ -138,7 +138,7 @@ def test_units_per_round_counts_the_trainers_transformer_passes(tiny_config, tmp
     from opd_fast.trainer import Trainer
 
     cfg = tiny_config()
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     counted = [0]
 
     def hook(weight):

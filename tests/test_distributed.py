@@ -124,7 +124,7 @@ def single(tmp_path_factory) -> dict[str, Path]:
     }
     for name, extra in runs.items():
         cfg = load_config(CONFIG, COMMON + extra + ["train.micro_batches_per_task=2"])
-        trainer = Trainer(cfg, root / name, device="cpu")
+        trainer = Trainer.build(cfg, root / name, device="cpu")
         discard_rounds(trainer, DISCARD if name == "lora_discard" else [])
         indices = {f"{r}/{t}": trainer.batch_indices(r, t).tolist() for r in range(ROUNDS) for t in range(3)}
         (root / name / "indices.json").write_text(json.dumps(indices))

@@ -140,7 +140,7 @@ def test_autocast_saves_no_fp32_copy_of_the_lora_inputs():
 
 
 def test_trainer_trains_a_bf16_base_with_fp32_lora_and_adam(tiny_config, tmp_path):
-    trainer = Trainer(tiny_config(**{"model.dtype": "bfloat16"}), tmp_path / "run", device="cpu")
+    trainer = Trainer.build(tiny_config(**{"model.dtype": "bfloat16"}), tmp_path / "run", device="cpu")
     assert trainer.student_autocast == torch.bfloat16
     records = trainer.fit()
     assert all(r["grad_norm"] is not None and r["loss"] > 0 for r in records)

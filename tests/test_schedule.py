@@ -104,6 +104,6 @@ def test_trainer_samples_at_the_model_folders_grid(tiny_pipelines, tmp_path):
             "logging": {"tensorboard": False, "progress": False},
         }
     )
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     expected, _ = pipeline_sigmas(FLUX, schnell, 64)
     assert torch.equal(trainer.sigmas, expected)

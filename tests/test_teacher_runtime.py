@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import needs_cpu_rowwise
+from conftest import GradientCapture, needs_cpu_rowwise
 
 from opd_fast.config import ConfigError, ModelConfig
 from opd_fast.families import get_family
@@ -107,8 +107,7 @@ def test_teacher_of_the_next_state_is_submitted_before_the_backward(tiny_trainer
 
 
 def test_phase_timer_covers_every_phase(tiny_trainer):
-    trainer = tiny_trainer(**{"train.schedule": "two_pass", "sampling.num_steps": 3})
-    trainer.phase_timer = PhaseTimer("cpu")
+    trainer = tiny_trainer(timer=PhaseTimer("cpu"), **{"train.schedule": "two_pass", "sampling.num_steps": 3})
     trainer.train_round()
     seconds = trainer.phase_timer.read()
     assert set(PHASES) <= set(seconds) and all(seconds[p] > 0 for p in PHASES)
@@ -116,16 +115,16 @@ def test_phase_timer_covers_every_phase(tiny_trainer):
     assert trainer.phase_timer.read() == {}
 
 
-def test_capture_window_is_a_logged_no_op_on_cpu(caplog):
+def test_capture_window_is_a_logged_no_op_on_cpu(tiny_trainer, caplog):
     assert parse_window("2:4") == (2, 4)
     for bad in ("4:2", "a:b", "3"):
         with pytest.raises(ValueError, match="--profile-steps"):
             parse_window(bad)
+    window = CaptureWindow(0, 2)
+    trainer = tiny_trainer(hooks=[window], **{"sampling.num_steps": 2, "train.rounds": 3})
     with caplog.at_level(logging.INFO, logger="opd_fast.profiling"):
-        window = CaptureWindow(0, 1, "cpu")
-    assert "no-op" in caplog.text
-    window.before_round(0)
-    window.after_round(0)
+        trainer.fit()
+    assert caplog.text.count("no-op") == 1  # said once, for the window's first round
     assert not window.active
 
 
@@ -142,13 +141,13 @@ def test_side_stream_gives_the_serial_result_on_cuda(tiny_trainer, precision):
     # for cuBLAS picking other algorithms under concurrency).
     grads = []
     for stream in ("side", "serial"):
+        capture = GradientCapture()
         trainer = tiny_trainer(
-            device="cuda", **{"teacher_runtime.stream": stream, "teacher_runtime.precision": precision}
+            device="cuda", hooks=[capture], **{"teacher_runtime.stream": stream, "teacher_runtime.precision": precision}
         )
         assert trainer.teacher_runner.side == (stream == "side")
-        trainer.engine.step = lambda: 0.0  # keep the accumulated gradient
-        trainer.train_round()
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.engine.params]))
+        trainer.train_round(step=False)
+        grads.append(capture.flat())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
@@ -205,14 +204,13 @@ def test_cuda_graph_teachers_give_the_eager_gradient(tiny_trainer, stream):
     # (a replay would overwrite it): both schedules would differ from eager without the clone.
     grads = []
     for graphs in (True, False):
+        capture = GradientCapture()
         trainer = tiny_trainer(
-            device="cuda", **{"teacher_runtime.cuda_graphs": graphs, "teacher_runtime.stream": stream}
+            device="cuda", hooks=[capture], **{"teacher_runtime.cuda_graphs": graphs, "teacher_runtime.stream": stream}
         )
-        trainer.engine.step = lambda: 0.0  # keep the accumulated gradient
-        trainer.train_round()
-        trainer.engine.zero_grad()
-        trainer.train_round()  # the second round replays the graphs captured in the first
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.engine.params]))
+        trainer.train_round(step=False)
+        trainer.train_round(step=False)  # the second round replays the graphs captured in the first
+        grads.append(capture.flat())
         if graphs:
             assert len(trainer.teacher_runner.graphs) == 1  # one task, one input signature
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)

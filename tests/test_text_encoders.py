@@ -152,7 +152,7 @@ def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
         }
     )
     out = tmp_path / "run"
-    trainer = Trainer(cfg, out, device="cpu")
+    trainer = Trainer.build(cfg, out, device="cpu")
     records = trainer.fit()
     assert len(records) == 1 and records[0]["grad_norm"] is not None
 
@@ -160,7 +160,7 @@ def test_trainer_round_with_pipeline_encoder(tiny_pipelines, tmp_path):
 
     with safe_open(str(out / "embeddings" / "pick.safetensors"), "pt") as f:
         name = f.metadata()["encoder"]
-    assert f"msl{MSL}" in name, "trainer.encode_task_prompts must pass cfg.prompts to pipeline_encoder"
+    assert f"msl{MSL}" in name, "run.encode_task_prompts must pass cfg.prompts to pipeline_encoder"
     cached = load_file(str(out / "embeddings" / "pick.safetensors"))
     ref_embeds, ref_pooled = reference_encode(SD3, tiny_pipelines["sd3"], PROMPTS)
     torch.testing.assert_close(cached["embeds"], ref_embeds)  # prompts.max_sequence_length reached the encoder

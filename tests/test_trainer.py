@@ -15,7 +15,7 @@ from opd_fast.trainer import Trainer
 
 def round_gradient(cfg, out) -> dict[str, torch.Tensor]:
     """The accumulated gradient of round 0 (captured instead of the optimizer step)."""
-    return capture_round_gradient(Trainer(cfg, out, device="cpu"))
+    return capture_round_gradient(Trainer.build(cfg, out, device="cpu"))
 
 
 def assert_grads_close(a, b, ratio):
@@ -61,7 +61,7 @@ def test_teacher_runs_only_at_trained_steps(tiny_config, tmp_path, schedule):
             "train.schedule": schedule,
         }
     )
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     calls = {}
     for name, teacher in trainer.teachers.items():
         teacher.model.register_forward_hook(lambda *args, name=name: calls.setdefault(name, []).append(1))
@@ -150,7 +150,7 @@ def test_ema_follows_the_official_schedule():
 def test_trainer_hands_ema_the_steps_taken(tiny_config, tmp_path):
     """Flow-GRPO calls ema.step(params, global_step) after incrementing global_step, so with update_every 2 the
     first update follows the first optimizer step, at s = 1 with d = min(2 / 11, decay)."""
-    trainer = Trainer(tiny_config(**{"train.rounds": 1, "ema.update_every": 2}), tmp_path / "run", device="cpu")
+    trainer = Trainer.build(tiny_config(**{"train.rounds": 1, "ema.update_every": 2}), tmp_path / "run", device="cpu")
     initial = [s.clone() for s in trainer.ema.shadow]
     trainer.fit()
     params = [p.detach().float() for p in trainer.engine.params]
@@ -161,12 +161,12 @@ def test_trainer_hands_ema_the_steps_taken(tiny_config, tmp_path):
 
 def test_resume_continues_exactly(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.rounds": 4, "ema.update_every": 1})
-    straight = Trainer(cfg, tmp_path / "straight", device="cpu")
+    straight = Trainer.build(cfg, tmp_path / "straight", device="cpu")
     straight.fit()
 
     half = tiny_config(**{"train.rounds": 2, "ema.update_every": 1})
-    Trainer(half, tmp_path / "resumed", device="cpu").fit()
-    resumed = Trainer(cfg, tmp_path / "resumed", device="cpu", resume=True)
+    Trainer.build(half, tmp_path / "resumed", device="cpu").fit()
+    resumed = Trainer.build(cfg, tmp_path / "resumed", device="cpu", resume=True)
     assert resumed.round == 2
     resumed.fit()
 
@@ -183,7 +183,7 @@ def test_loss_falls_and_metrics_are_written(tiny_config, tmp_path):
     cfg = tiny_config(
         **{"train.rounds": 12, "optimizer.lr": 0.01, "train.micro_batch_size": 4, "logging.tensorboard": True}
     )
-    records = Trainer(cfg, tmp_path / "run", device="cpu").fit()
+    records = Trainer.build(cfg, tmp_path / "run", device="cpu").fit()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 13))
     assert {"loss", "loss/geneval", "loss/ocr", "loss/aesthetic", "grad_norm", "lr"} <= set(lines[0])
@@ -197,7 +197,7 @@ def test_diffusers_export_loads_into_sd3_pipeline(tiny_config, tmp_path):
     from opd_fast.models import load_transformer
 
     cfg = tiny_config(**{"optimizer.lr": 0.01})
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     trainer.fit()
     lora_file = tmp_path / "run" / "lora_diffusers" / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
@@ -254,7 +254,7 @@ def test_student_trains_from_a_local_folder(family, tmp_path):
             "logging": {"progress": False, "tensorboard": False},
         }
     )
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     records = trainer.fit()
     assert len(records) == 2 and all(r["loss"] > 0 for r in records)
     assert (tmp_path / "run" / "lora_diffusers" / "pytorch_lora_weights.safetensors").is_file()
@@ -262,7 +262,7 @@ def test_student_trains_from_a_local_folder(family, tmp_path):
 
 def test_full_parameter_student(tiny_config, tmp_path):
     cfg = tiny_config(**{"student.lora.enabled": False, "optimizer.lr": 1e-4})
-    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    trainer = Trainer.build(cfg, tmp_path / "run", device="cpu")
     before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
     trainer.fit()
     changed = [n for n, p in trainer.student.named_parameters() if not torch.equal(p, before[n])]
@@ -315,8 +315,10 @@ def test_task_batching_gives_the_task_by_task_gradient(tiny_config, tmp_path, sc
         "tasks.2.loss_weight": 2.0,
         "train.micro_batches_per_task": 2,
     }
-    by_task = Trainer(tiny_config(**overrides), tmp_path / "by_task", device="cpu")
-    batched = Trainer(tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched", device="cpu")
+    by_task = Trainer.build(tiny_config(**overrides), tmp_path / "by_task", device="cpu")
+    batched = Trainer.build(
+        tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched", device="cpu"
+    )
     assert list(by_task.num_trained.values()) == [1, 2, 3]
     forwards = []
     batched.student.register_forward_hook(
@@ -340,8 +342,8 @@ def test_task_batching_gives_the_task_by_task_gradient(tiny_config, tmp_path, sc
 
 def test_task_batching_logs_the_task_by_task_losses(tiny_config, tmp_path):
     overrides = {"train.rounds": 2, "tasks.0.timestep_fraction": 0.5}
-    by_task = Trainer(tiny_config(**overrides), tmp_path / "by_task", device="cpu").fit()
-    batched = Trainer(
+    by_task = Trainer.build(tiny_config(**overrides), tmp_path / "by_task", device="cpu").fit()
+    batched = Trainer.build(
         tiny_config(**overrides, **{"train.task_batching": True}), tmp_path / "batched", device="cpu"
     ).fit()
     for a, b in zip(by_task, batched):

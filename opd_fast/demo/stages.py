@@ -39,6 +39,7 @@ from opd_fast.checkpoint import export_diffusers_lora
 from opd_fast.config import OFFICIAL_LORA_TARGETS, EMAConfig, LoraConfig, ModelConfig, TeacherConfig, load_config
 from opd_fast.demo import flow, roster, world
 from opd_fast.engine import EMA
+from opd_fast.hooks import Hook
 from opd_fast.models import add_student_lora, load_transformer
 from opd_fast.resources import DEMO_CONFIG, builtin_path
 from opd_fast.teachers import load_teacher
@@ -432,22 +433,25 @@ def opd(ctx: StageContext) -> dict:
     overrides = trainer_overrides(ctx, ctx.params["variant"]) + [f"prompts.cache_dir={ctx.folder / 'embeddings'}"]
     cfg = demo_config(overrides)
     eval_settings = ctx.curve
-    trainer = Trainer(cfg, ctx.folder / "run", device="cpu")
     per_round = units_per_round(cfg)
     every = max(cfg.train.rounds // eval_settings.curve_points, 1)
     curve, train_seconds = Curve(), [0.0]
 
-    def student_rewards() -> dict[str, float]:  # on the EMA weights when there are any: they are the result
+    def student_rewards(trainer) -> dict[str, float]:  # on the EMA weights when there are any: they are the result
         with trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext():
             return evaluate(trainer.student, ctx.text, ctx.grid, world.TASKS, 1, eval_settings.curve_prompts)[0]
 
-    def on_round(trainer, record):
-        train_seconds[0] += record["seconds"]
-        if trainer.round % every == 0 or trainer.round == cfg.train.rounds:
-            curve.add(train_seconds[0], trainer.round * per_round, student_rewards())
+    class RewardCurve(Hook):
+        """The student's rewards every `every` rounds, against the training seconds so far."""
 
-    curve.add(0.0, 0, student_rewards())
-    records = trainer.fit(on_round)
+        def after_record(self, trainer, record):
+            train_seconds[0] += record["seconds"]
+            if trainer.round % every == 0 or trainer.round == cfg.train.rounds:
+                curve.add(train_seconds[0], trainer.round * per_round, student_rewards(trainer))
+
+    trainer = Trainer.build(cfg, ctx.folder / "run", device="cpu", hooks=[RewardCurve()])
+    curve.add(0.0, 0, student_rewards(trainer))
+    records = trainer.fit()
     return {
         "seconds": train_seconds[0],
         "units": cfg.train.rounds * per_round,
@@ -459,27 +463,15 @@ def opd(ctx: StageContext) -> dict:
     }
 
 
-class _GradientRecorder:
-    """Stands in for the trainer's engine at step(): keeps the round's accumulated gradient (one flat vector) and
-    clears it, leaving the weights as they are; everything else goes to the engine."""
+class _GradientRecorder(Hook):
+    """Keeps each measured round's accumulated gradient as one flat float64 vector."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self):
         self.gradients: list[torch.Tensor] = []
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def step(self) -> float:
-        flat = torch.cat(
-            [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double()
-                for p in self.engine.params
-            ]
-        )
-        self.gradients.append(flat)
-        self.engine.zero_grad()
-        return float(flat.norm())
+    def after_gradients(self, trainer, round_idx):
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)) for p in trainer.engine.params]
+        self.gradients.append(torch.cat([g.detach().flatten().double() for g in grads]))
 
 
 @stage("gradient_variance")
@@ -507,11 +499,10 @@ def compare_gradient_variance(configs: dict, out_dir: Path, draws: int) -> dict:
 
     gradients, sizes = {}, None
     for name, cfg in configs.items():
-        trainer = Trainer(cfg, out_dir / name, device="cpu")
-        recorder = _GradientRecorder(trainer.engine)
-        trainer.engine = recorder
+        recorder = _GradientRecorder()
+        trainer = Trainer.build(cfg, out_dir / name, device="cpu", hooks=[recorder])
         for _ in range(draws):
-            trainer.train_round()
+            trainer.train_round(step=False)  # the same fresh student at every draw
         gradients[name] = torch.stack(recorder.gradients)  # (draws, parameters)
         sizes = [p.numel() for p in trainer.engine.params]
     variance = {name: g.var(0) for name, g in gradients.items()}  # per parameter

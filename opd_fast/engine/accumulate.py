@@ -14,7 +14,7 @@ from opd_fast.engine.base import backwards_per_round
 
 
 class RoutedForward:
-    """The student as models.velocity uses it: calls go through the engine's wrapper, attributes are the module's."""
+    """The student as a family's velocity uses it: calls go through the engine's wrapper, attributes are the module's."""
 
     def __init__(self, module: torch.nn.Module, wrapper: torch.nn.Module):
         self.module, self.wrapper = module, wrapper

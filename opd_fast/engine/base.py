@@ -24,7 +24,7 @@ class Engine(Protocol):
 
     Attributes:
         rank, world_size: this process's place in the group (0 and 1 for one process).
-        forward_model: the student as models.velocity calls it. Calls go through the engine's wrapper, which acts in
+        forward_model: the student as a family's velocity calls it. Calls go through the engine's wrapper, which acts in
             its forward (DDP decides there whether the next backward syncs; DeepSpeed advances its micro-step, without
             which ZeRO-3 overwrites instead of accumulating a round's gradients); attribute reads (config,
             parameters) reach the module.
