@@ -79,7 +79,23 @@ setup(
         "cpu": CPU_STACK,
         "deepspeed": ["deepspeed>=0.19"],
         # ruff pinned: CI checks its formatting, which another version may change
-        "test": ["pytest", "pytest-benchmark", "ruff==0.17.6", "deepspeed>=0.19"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "ruff==0.17.6",
+            "deepspeed>=0.19",
+            "wandb>=0.19",
+            "matplotlib",
+            "fastapi>=0.100",
+            "uvicorn>=0.20",
+            "rapidocr-onnxruntime>=1.4",
+        ],
+        # opd-fast reward-server (the `remote` reward itself needs only the standard library)
+        "serve": ["fastapi>=0.100", "uvicorn>=0.20"],
+        # the ocr reward's rapidocr engine: PP-OCRv4 on onnxruntime, models inside the wheel (pulls opencv-python)
+        "ocr": ["rapidocr-onnxruntime>=1.4"],
+        "wandb": ["wandb>=0.19"],  # logging.trackers: [wandb]
+        "report": ["matplotlib"],  # opd-fast report --out: curves.png
         # GPU-only: never required, detected at run time.
         "fp8": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],

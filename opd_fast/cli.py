@@ -5,6 +5,7 @@ tiny-world (write the tiny run's prompts and teachers), sample and eval (a stude
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -25,7 +26,10 @@ def _train(args) -> int:
 
         hooks.append(CaptureWindow(*args.profile_steps))
     trainer = Trainer.build(cfg, args.out, resume=args.resume, device=args.device, hooks=hooks)
-    records = trainer.fit()
+    try:
+        records = trainer.fit()
+    finally:
+        trainer.close()
     from opd_fast import distributed
 
     distributed.shutdown()
@@ -103,10 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     from opd_fast.evaluate.cli import add_subcommands as add_sample_and_eval
 
     add_sample_and_eval(sub)
+    from opd_fast.evaluate.report import add_subcommand as add_report
+
+    add_report(sub)
     from opd_fast.demo.cli import add_subcommand as add_demo
 
     add_demo(sub)
     return parser
+
+
+# OSErrors that are the machine's state, not a bug: one line each (the data written before them is intact).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR}
+
+
+def _input_error(message: str, many_ranks: bool) -> int:
+    """Bad input or a machine that cannot take the run: one line, exit status 2."""
+    from opd_fast import distributed
+
+    rank = f"rank {os.environ.get('RANK', '0')}: " if many_ranks else ""
+    print(f"opd-fast: error: {rank}{message}", file=sys.stderr, flush=True)
+    if many_ranks:  # the other ranks may be waiting on this one: leave without the group's teardown
+        distributed.exit_now(2)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     from opd_fast import distributed
+    from opd_fast.checkpoint import CheckpointError
     from opd_fast.config import ConfigError
+    from opd_fast.evaluate.base import RewardError
     from opd_fast.prompts import PromptError
     from opd_fast.run_folder import OutputDirError
     from opd_fast.safeio import UnsafeFileError
@@ -145,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         OutputDirError,
         TrainingError,
         UnsafeFileError,
+        CheckpointError,
+        RewardError,
         FileNotFoundError,
     ) as e:
-        rank = f"rank {os.environ.get('RANK', '0')}: " if many_ranks else ""
-        print(f"opd-fast: error: {rank}{e}", file=sys.stderr, flush=True)
-        if many_ranks:  # the other ranks may be waiting on this one: leave without the group's teardown
-            distributed.exit_now(2)
-        return 2
+        return _input_error(str(e), many_ranks)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            if many_ranks:
+                distributed.fail(e)
+            raise
+        # a full disk, a read-only or unwritable folder: what failed and where, not a traceback
+        return _input_error(f"{e.strerror} ({e.filename}); nothing written before it was lost", many_ranks)
     except Exception as e:
         if many_ranks:
             distributed.fail(e)  # one clear line, and an exit that cannot block on a dead peer

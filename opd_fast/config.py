@@ -28,6 +28,11 @@ OFFICIAL_LORA_TARGETS = [
 ]
 
 
+# Released recipes use CFG scales up to ~10 (SD3.5: 4.5, FLUX's embedded guidance: 3.5); far above that, the
+# guided velocity is the difference of two predictions scaled into overflow, and every round is wasted.
+MAX_GUIDANCE = 100.0
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
@@ -190,9 +195,61 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """The W&B run (opd_fast.trackers); its files go to OUT/wandb. Set only with wandb in logging.trackers."""
+
+    project: str | None = None  # null: WANDB_PROJECT, else "opd-fast"
+    entity: str | None = None  # null: WANDB_ENTITY, else the logged-in user's default entity
+    mode: Literal["online", "offline", "disabled"] | None = None  # null: WANDB_MODE, else online (W&B's default)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
-    tensorboard: bool = True
+    """Where a run's signals go besides OUT/metrics.jsonl: the experiment trackers (opd_fast.trackers).
+
+    logging.tensorboard is the older switch, kept for configs that have it: alone it means trackers [tensorboard]
+    (true) or [] (false); beside logging.trackers it must agree with it (a contradiction is an error)."""
+
+    trackers: list[str] | None = None  # names in opd_fast.trackers; null: [tensorboard] unless tensorboard: false
+    tensorboard: bool | None = None
+    run_name: str | None = None  # the run's name in every tracker; null: the output folder's name
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True
+
+    def __post_init__(self):
+        self.active_trackers()  # its checks, when the config loads
+
+    def active_trackers(self) -> list[str]:
+        """The tracker names this run opens, from logging.trackers and logging.tensorboard."""
+        from opd_fast.trackers import TRACKERS  # (no tracker package is imported)
+
+        if self.trackers is None:
+            names = [] if self.tensorboard is False else ["tensorboard"]
+        else:
+            names = list(self.trackers)
+            unknown = [name for name in names if name not in TRACKERS]
+            if unknown:
+                raise ConfigError(
+                    f"logging.trackers: unknown tracker(s) {', '.join(map(repr, unknown))} (known: "
+                    f"{', '.join(sorted(TRACKERS))})"
+                )
+            if len(set(names)) != len(names):
+                raise ConfigError(f"logging.trackers: a tracker is listed twice in {names}")
+            if self.tensorboard is not None and self.tensorboard != ("tensorboard" in names):
+                raise ConfigError(
+                    f"logging.tensorboard: {str(self.tensorboard).lower()} contradicts logging.trackers {names}; "
+                    "remove logging.tensorboard (logging.trackers decides) or make the two agree"
+                )
+        if "wandb" not in names:  # nothing would read these: refuse them rather than ignore them
+            default = WandbConfig()
+            for key in dataclasses.asdict(default):
+                if getattr(self.wandb, key) != getattr(default, key):
+                    raise ConfigError(
+                        f"logging.wandb.{key}: only the wandb tracker reads it (logging.trackers: {names}); remove "
+                        "it or add wandb to logging.trackers"
+                    )
+        return names
 
 
 @dataclass(kw_only=True)
@@ -280,6 +337,13 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
             if steps_for_fraction(self.sampling.num_steps, fraction) < 1:
                 raise ConfigError(f"{key}: trains no step at all with sampling.num_steps={self.sampling.num_steps}")
+        guidance = {"student.guidance": self.student.guidance}
+        guidance.update({f"tasks.{i}.teacher.guidance": t.teacher.guidance for i, t in enumerate(self.tasks)})
+        for key, value in guidance.items():
+            if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+                raise ConfigError(
+                    f"{key}: a CFG scale must be a finite number in [0, {MAX_GUIDANCE:g}] (null: no CFG), got {value}"
+                )
         if self.loss.estimator == "ppo" and self.sampling.noise_level == 0:
             raise ConfigError("loss.estimator: 'ppo' needs an SDE rollout (sampling.noise_level > 0)")
         if self.sampling.resolution % 8:
@@ -413,7 +477,11 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem})") from None
     parts = key.strip().split(".")
     node = data
     for i, part in enumerate(parts[:-1]):

@@ -15,7 +15,7 @@ import csv
 from pathlib import Path
 
 from opd_fast.config import PROMPT_KINDS as KINDS
-from opd_fast.prompts import PromptError, PromptSet, read_prompts
+from opd_fast.prompts import PromptError, PromptSet, check_utf8, read_prompts
 
 GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
 DRAWBENCH_PROMPT_COLUMNS = ("Prompts", "Prompt", "prompt", "prompts")
@@ -93,6 +93,7 @@ def _check_geneval(prompt_set: PromptSet, where) -> None:
 
 def read_drawbench_csv(path: Path, who: str = "") -> PromptSet:
     """DrawBench as the sheet exports it: a prompt column (Prompts) and a Category column, kept as metadata."""
+    check_utf8(path, who)
     prompts, metadata = [], []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)

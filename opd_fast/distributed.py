@@ -212,6 +212,7 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
                 f"{cfg.timeout_s}s ({_first_line(e)})"
             ) from e
+    bound_new_groups(timeout)
     log.info(
         "rank %d of %d (local rank %d) on %s, %s, collective timeout %ds",
         rank,
@@ -225,6 +226,19 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
     if hazard and rank == 0:
         log.warning(hazard)
     return info
+
+
+def bound_new_groups(timeout: datetime.timedelta) -> None:
+    """Give every group formed later the world group's timeout. DeepSpeed forms its own groups (the data-parallel
+    group of its gradient all-reduce is a clone of the world) with dist.new_group(ranks) and no timeout, which torch
+    fills with its default of 30 minutes (10 for NCCL): a hung rank then held the others for half an hour instead of
+    engine.timeout_s. torch has no public setting for that default, so its module-level value is set; a torch
+    without it keeps its default (a longer wait, never a wrong result)."""
+    from torch.distributed import distributed_c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(distributed_c10d, name, None), datetime.timedelta):
+            setattr(distributed_c10d, name, timeout)
 
 
 def shutdown() -> None:

@@ -35,6 +35,20 @@ class PromptSet:
         return len(self.prompts)
 
 
+def check_utf8(path: Path, who: str = "") -> None:
+    """A prompt file is UTF-8 text: anything else (a binary file, another encoding) is a PromptError naming the file
+    and the line of the first byte that does not decode."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptError(
+            f"{who}{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); prompt files are "
+            "UTF-8 text (.txt, .jsonl, .csv)"
+        ) from None
+
+
 def read_prompts(path: str | Path, task: str = "") -> PromptSet:
     """A .txt file (one prompt per non-empty line) or a .jsonl file (one object per line with a "prompt" string;
     every other field is kept as metadata, e.g. GenEval's tag/include)."""
@@ -42,6 +56,7 @@ def read_prompts(path: str | Path, task: str = "") -> PromptSet:
     who = f"task {task!r}: " if task else ""
     if not path.is_file():
         raise PromptError(f"{who}prompt file not found: {path}")
+    check_utf8(path, who)
     prompts, metadata = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

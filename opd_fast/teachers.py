@@ -42,6 +42,11 @@ DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weight
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class TeacherError(ValueError):
     """A teacher that cannot be loaded onto the student's base; the message names the teacher."""
 
@@ -105,6 +110,8 @@ def _pair_up(state: dict[str, torch.Tensor], prefix: str, where: str) -> dict[st
             raise TeacherError(
                 f"{where}: key {key!r} is not a lora_A/lora_B weight (DoRA, bias or other extras are not supported)"
             )
+        if not tensor.is_floating_point():  # a cast would "work" and merge garbage (or rounded integers)
+            raise TeacherError(f"{where}: tensor {key!r} is stored as {tensor.dtype}; LoRA weights are floating point")
         module, which = split
         halves.setdefault(module, {})[which] = tensor
     incomplete = [m for m, h in halves.items() if len(h) != 2]
@@ -237,7 +244,10 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: F
         probe = type("Probe", (), {"config": arch})
         _check_architecture(base, probe, family, where)
         dtype = next(base.parameters()).dtype
-        model = freeze(family.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True))
+        try:
+            model = freeze(family.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True))
+        except (OSError, ValueError, RuntimeError) as e:  # a tensor of another shape, a damaged file, ...
+            raise TeacherError(f"{where}: cannot load the full model in {folder} ({_first_line(e)})") from None
     else:
         model = frozen_copy(base)
         merge_lora(model, _read_lora(path, fmt, where), where)

@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,29 +25,39 @@ from pathlib import Path
 
 import torch
 
-from opd_fast import distributed
+from opd_fast import distributed, faults
 from opd_fast.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
     checkpoint_step,
     export_diffusers_lora,
     flatten_optimizer_state,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    newest_verified,
     save_checkpoint,
     unflatten_optimizer_state,
+    verify_checkpoint,
 )
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.engine import lr_at, values_swapped_in
-from opd_fast.families import get_family
+from opd_fast.families import model_family
 from opd_fast.hooks import Hook
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import Conditioning, autocast_dtype, student_forward_context
 from opd_fast.profiling import PhaseTimer, nvtx_range, phase
 from opd_fast.prompts import to_device
 from opd_fast.run import RunParts, build_run
-from opd_fast.run_folder import OutputDirError, check_output_dir, claim_output_dir
+from opd_fast.run_folder import OutputDirError, RunFolder, config_hash
 from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner
+from opd_fast.trackers import check_trackers
 
 log = logging.getLogger(__name__)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 class TrainingError(RuntimeError):
@@ -124,7 +136,8 @@ class Trainer:
     """Runs rounds with a run's parts (opd_fast.run): Trainer.build(cfg, out_dir) checks the folder, builds the
     parts and returns the trainer; Trainer(cfg, parts, out_dir) takes parts built (or swapped) by the caller.
     hooks (opd_fast.hooks.Hook) are called before each round, after its gradients and after its record; timer (a
-    PhaseTimer) times the phases of every round."""
+    PhaseTimer) times the phases of every round. folder: the run folder, opened (locked and checked) by build;
+    without it, the folder is locked here (not checked). close() releases it (so does the process's end)."""
 
     def __init__(
         self,
@@ -135,11 +148,13 @@ class Trainer:
         resume: bool = False,
         hooks: Iterable[Hook] = (),
         timer: PhaseTimer | None = None,
+        folder: RunFolder | None = None,
     ):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.parts = parts
         self.dist, self.family, self.loss_spec = parts.dist, parts.family, parts.loss
+        self.folder = folder if folder is not None else RunFolder(self.out_dir, self.dist).open(cfg, resume, False)
         self.device = self.dist.device
         self.student, self.peft_config, self.teachers = parts.student, parts.peft_config, parts.teachers
         self.engine, self.ema, self.prompts, self.sigmas = parts.engine, parts.ema, parts.prompts, parts.sigmas
@@ -160,9 +175,15 @@ class Trainer:
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
         self.round = 0
         self.nonfinite_rounds = 0
-        if resume:
-            self._resume()
-        claim_output_dir(cfg, self.out_dir, self.dist)
+        self.streak = 0  # rounds skipped in a row just now: no checkpoint is written while it is > 0
+        self.last_loss: float | None = None  # the latest round's loss (recorded in its checkpoint)
+        try:
+            if resume:
+                self._resume()
+            self.folder.claim(cfg)
+        except BaseException:
+            self.folder.release()
+            raise
 
     @classmethod
     def build(
@@ -179,12 +200,22 @@ class Trainer:
         """The trainer of the run `cfg` describes, into out_dir: the folder is checked (on every rank) before any
         model loads, then every part is built (opd_fast.run.build_run; `parts` passes its overrides, base= and
         teachers=). device: None = this rank's GPU when there is one, else the CPU."""
-        get_family(cfg.model.family)  # an unknown family fails before anything is done
+        model_family(cfg.model)  # an unknown family or preset fails before anything is done
+        check_trackers(cfg.logging)  # so does a tracker whose package is missing
         # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
         dist = distributed.setup(cfg.engine, device)
-        check_output_dir(cfg, Path(out_dir), resume)
-        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-        return cls(cfg, build_run(cfg, out_dir, dist, **parts), out_dir, resume=resume, hooks=hooks, timer=timer)
+        # rank 0 locks the folder before anything else; every rank has looked at it before rank 0 writes into it
+        folder = RunFolder(out_dir, dist).open(cfg, resume)
+        try:
+            built = build_run(cfg, out_dir, dist, **parts)
+        except BaseException:
+            folder.release()
+            raise
+        return cls(cfg, built, out_dir, resume=resume, hooks=hooks, timer=timer, folder=folder)
+
+    def close(self) -> None:
+        """Release the run folder's lock (the process's end does too): another process may then write it."""
+        self.folder.release()
 
     # -- data ------------------------------------------------------------------------------------------------------
     def batch_indices(self, round_idx: int, task_idx: int) -> torch.Tensor:
@@ -372,6 +403,8 @@ class Trainer:
         if grad_norm is not None and self.ema is not None:
             self.ema.update(self.round + 1)  # s = optimizer steps so far, this one included (Flow-GRPO's global_step)
         self.round += 1
+        self.streak = self.streak + 1 if grad_norm is None else 0
+        self.last_loss = loss
         return RoundResult(loss, values, grad_norm)
 
     # -- the run ---------------------------------------------------------------------------------------------------
@@ -383,7 +416,7 @@ class Trainer:
         stop = cfg.train.rounds if until is None else min(until, cfg.train.rounds)
         main = self.dist.is_main
         # Rank 0 alone touches the log: ranks truncating it at once on resume would race.
-        metrics = MetricsWriter(self.out_dir, cfg.logging.tensorboard, self.round) if main else None
+        metrics = MetricsWriter.for_run(cfg, self.out_dir, self.round) if main else None
         records = []
         bar = None
         if cfg.logging.progress and main:
@@ -418,14 +451,16 @@ class Trainer:
                 records.append(record)
                 for hook in self.hooks:
                     hook.after_record(self, record)
+                faults.point("round.done")
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.loss:.4g}")
                 if self.nonfinite_rounds > cfg.train.max_nonfinite_rounds:
                     raise TrainingError(
                         f"{self.nonfinite_rounds} rounds had a non-finite loss or gradient (more than "
-                        f"train.max_nonfinite_rounds={cfg.train.max_nonfinite_rounds}); stopping. The last good "
-                        f"checkpoint is {latest_checkpoint(self.out_dir)}"
+                        f"train.max_nonfinite_rounds={cfg.train.max_nonfinite_rounds}); stopping. "
+                        + self._set_aside_suspect()
+                        + self._last_good()
                     )
                 if self.round % cfg.checkpoint.every == 0 or self.round == stop:
                     self.save()
@@ -447,21 +482,104 @@ class Trainer:
             self.student.save_pretrained(folder)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
+    @property
+    def identity(self) -> dict:
+        """What every checkpoint of this run carries and a resume checks: the run and its recipe."""
+        return {"run_id": self.folder.run_id, "config_hash": config_hash(self.cfg)}
+
+    def _required_state(self) -> tuple[str, ...]:
+        return ("student", "optimizer") + (("ema",) if self.ema is not None else ())
+
     def save(self) -> Path | None:
+        """A checkpoint of the current state, unless it is not a good one: none while the run is in a streak of
+        non-finite rounds (the previous checkpoint holds the same weights and stays the last good one), none of
+        non-finite weights."""
+        if self.streak:
+            log.warning(
+                "round %d: no checkpoint during a streak of non-finite rounds (%d so far); the checkpoints stay as "
+                "they are",
+                self.round,
+                self.streak,
+            )
+            return None
         # Full tensors gathered to rank 0 (a collective under ZeRO: every rank takes part), one layout for all engines.
         opt_tensors, opt_rest = flatten_optimizer_state(self.engine.state_dict())
         tensors = {"student": self.engine.trainable_state(), "optimizer": opt_tensors}
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
-        meta = {"round": self.round, "nonfinite_rounds": self.nonfinite_rounds, "optimizer": opt_rest}
         if not self.dist.is_main:
             return None
-        return save_checkpoint(self.out_dir, self.round, tensors, meta, self.cfg.checkpoint.keep_last)
+        weights = [t for t in tensors["student"].values() if t.is_floating_point() and t.numel()]
+        max_abs = max((float(t.detach().abs().max()) for t in weights), default=0.0)
+        if not math.isfinite(max_abs):
+            log.warning("round %d: the student's weights are not finite: no checkpoint", self.round)
+            return None
+        meta = {
+            "round": self.round,
+            "nonfinite_rounds": self.nonfinite_rounds,
+            "loss": self.last_loss,
+            "max_abs_weight": max_abs,
+            "optimizer": opt_rest,
+        }
+        return save_checkpoint(
+            self.out_dir, self.round, tensors, meta, self.cfg.checkpoint.keep_last, identity=self.identity
+        )
+
+    def _last_good(self) -> str:
+        """The checkpoint the run can go on from, in words. Only good states are checkpointed (finite weights,
+        written after a round with a finite loss); during a streak of non-finite rounds, the checkpoint of the last
+        finite round is not one: the non-finite rounds were computed at its weights. Every older one is: a later
+        round's finite loss was computed at its weights."""
+        suspect = self.round - self.streak if self.streak else None
+        try:
+            good = [
+                p
+                for p in list_checkpoints(self.out_dir)
+                if suspect is None or checkpoint_step(p) < suspect
+                if self._verifies(p)
+            ]
+        except OSError:
+            good = []
+        if not good:
+            return "No checkpoint holds a state known to be good: start the run over (e.g. with a lower optimizer.lr)"
+        meta = json.loads((good[-1] / "state.json").read_text())
+        return (
+            f"The last good checkpoint is {good[-1]} (round {meta['round']}, loss {meta.get('loss'):.4g}, largest "
+            f"|weight| {meta.get('max_abs_weight', float('nan')):.3g}); --resume goes on from it"
+        )
+
+    def _verifies(self, path: Path) -> bool:
+        try:
+            verify_checkpoint(path, self.identity, self._required_state(), checksums=False)
+        except CheckpointError:
+            return False
+        return True
+
+    def _set_aside_suspect(self) -> str:
+        """The run stops in a streak of non-finite rounds: the checkpoint of the last finite round holds the weights
+        those rounds were computed at, so it is moved out of the way of --resume (kept, for a look at what went
+        wrong) and never named as the last good one. Rank 0; returns the sentence that says so."""
+        step = self.round - self.streak
+        path = checkpoint_path(self.out_dir, step)
+        if not (self.streak and self.dist.is_main and path.is_dir()):
+            return ""
+        aside = path.with_name(f"nonfinite_{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+        return f"The non-finite rounds were computed at the weights of round {step}: its checkpoint is set aside as {aside}. "
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.out_dir)
+        """Continue from the newest checkpoint that proves it holds this run's state (opd_fast.checkpoint); the
+        newer ones that do not are skipped with a warning naming each and why."""
+        error, path = None, None
+        try:
+            path = newest_verified(self.out_dir, self.identity, self._required_state())
+        except CheckpointError as e:
+            error = e
         # before the load, whose gathers and scatters (ZeRO-3) would pair up wrongly across ranks that disagree
-        self._check_ranks_agree(0 if path is None else checkpoint_step(path))
+        self._check_ranks_agree(-1 if error is not None else 0 if path is None else checkpoint_step(path))
+        if error is not None:
+            raise error
         if path is None:
             log.info("--resume: no checkpoint in %s, starting from round 0", self.out_dir)
             return
@@ -471,25 +589,30 @@ class Trainer:
             raise ConfigError(
                 f"{path}: its student parameters do not match this config's student (other LoRA targets or rank?)"
             )
-        self.engine.load_trainable_state(tensors["student"])
-        self.engine.load_state_dict(unflatten_optimizer_state(tensors["optimizer"], meta["optimizer"]))
-        if self.ema is not None and "ema" in tensors:
-            self.ema.load_state_dict(tensors["ema"])
+        try:
+            self.engine.load_trainable_state(tensors["student"])
+            self.engine.load_state_dict(unflatten_optimizer_state(tensors["optimizer"], meta["optimizer"]))
+            if self.ema is not None:
+                self.ema.load_state_dict(tensors["ema"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: its state does not fit this run's student ({_first_line(e)})") from None
         self.round = meta["round"]
         self.nonfinite_rounds = meta["nonfinite_rounds"]
+        self.last_loss = meta.get("loss")
         log.info("resumed from %s at round %d", path, self.round)
 
     def _check_ranks_agree(self, round_idx: int) -> None:
         """Every rank must resume the same checkpoint (OUT on a filesystem that not all nodes share would break
-        this; a rank that finds none takes part with round 0)."""
+        this; a rank that finds none takes part with round 0, one whose checkpoints all failed with -1)."""
         if self.cfg.engine.kind == "single":  # one process, no group
             return
         # (a world of one checks too: on one GPU, that is the NCCL group's own test of this collective)
         high, neg_low = distributed.all_reduce(torch.tensor([round_idx, -round_idx]), self.dist, "max").tolist()
         if high != -neg_low:
             raise OutputDirError(
-                f"ranks resumed different rounds ({-neg_low}..{high}): is "
-                f"{self.out_dir} on a filesystem that every node shares?"
+                f"ranks resumed different rounds ({-neg_low}..{high}): is {self.out_dir} on a filesystem that every "
+                "node shares? (-1: a rank none of whose checkpoints verified; each rank's log names the checkpoints "
+                "it skipped and why)"
             )
 
     def export(self) -> Path | None:

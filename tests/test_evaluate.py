@@ -211,7 +211,7 @@ def test_reward_modules_stand_alone_and_the_registry_knows_every_reward(module, 
     run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     sibling_loaded, known = run.stdout.splitlines()
     assert sibling_loaded == "False"
-    assert known == str(["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore"])
+    assert known == str(["aesthetic", "clipscore", "geneval", "hpsv2", "imagereward", "ocr", "pickscore", "remote"])
 
 
 def test_reward_errors(world, tmp_path):
@@ -275,7 +275,7 @@ def test_paddleocr_adapter():
         "det/rec models must be downloaded beforehand)",
     )
     with pytest.raises(RewardError, match="det_model_dir"):
-        build_reward("ocr")
+        build_reward("ocr", engine="paddleocr")
 
 
 # -- GenEval ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`opd-fast sample` and `opd-fast eval`: add_subcommands(subparsers) registers both on the main parser."""
+"""`opd-fast sample`, `opd-fast eval` and `opd-fast reward-server`: add_subcommands(subparsers) registers them on the
+main parser."""
 
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _reward_server(args) -> int:
+    from opd_fast.evaluate.server import parse_options, serve
+
+    serve(args.reward, parse_options(args.option), args.host, args.port, args.token, args.max_request_mb)
+    return 0
+
+
 def _reporting_reward_errors(func):
     """RewardError is this package's own error: report it like the main CLI reports config errors."""
 
@@ -132,3 +140,28 @@ def add_subcommands(subparsers) -> None:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--list", action="store_true", help="list the rewards and whether they can run here")
     ev.set_defaults(func=_reporting_reward_errors(_eval))
+
+    from opd_fast.evaluate.server import DEFAULT_PORT, TOKEN_ENV  # no fastapi import: the module loads it lazily
+
+    server = subparsers.add_parser(
+        "reward-server",
+        help="serve one reward over HTTP (FastAPI + uvicorn), for the `remote` reward of eval or training elsewhere",
+    )
+    server.add_argument("--reward", required=True, help="the reward to serve (opd-fast eval --list)")
+    server.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a reward option, the value read as YAML, e.g. --option model=/m/PickScore_v1 --option device=cuda:1",
+    )
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0: any free port")
+    server.add_argument(
+        "--token",
+        default=None,
+        help=f"shared secret clients send as 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, which is better: "
+        "other users of the machine can read a command line)",
+    )
+    server.add_argument("--max-request-mb", type=float, default=256, help="largest request body accepted (413 above)")
+    server.set_defaults(func=_reporting_reward_errors(_reward_server))

@@ -1,14 +1,15 @@
 """Every reward by name. Importing this module loads the modules that define rewards (each class registers itself
 there with @register), so `REWARDS` here is complete: `opd-fast eval --list` and the reward spec read it.
 
-Adding a reward: a class with @register("name") in rewards.py (or a new module, imported below).
+Adding a reward: a class with @register("name") in rewards.py (or a new module, imported below). remote.py's
+`remote` scores through an `opd-fast reward-server` (server.py) that serves any of the others.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from opd_fast.evaluate import geneval, rewards  # noqa: F401  (imported for their @register side effect)
+from opd_fast.evaluate import geneval, remote, rewards  # noqa: F401  (imported for their @register side effect)
 from opd_fast.evaluate.base import REWARDS, Reward, RewardError
 
 __all__ = ["REWARDS", "build_reward"]

@@ -9,7 +9,7 @@ when its package is not installed (`Reward.unavailable()`), so `opd-fast eval` f
     aesthetic    LAION improved aesthetic predictor: CLIP ViT-L/14 image embedding -> linear MLP head
     hpsv2        HPS v2.1: open_clip ViT-H-14 with the HPS checkpoint, cos(image, prompt)   [needs open_clip]
     imagereward  ImageReward v1.0 (BLIP)                                                    [needs image-reward]
-    ocr          1 - normalized edit distance between the quoted text and PaddleOCR's reading [needs paddleocr]
+    ocr          1 - normalized edit distance between the quoted text and the OCR reading [rapidocr or paddleocr]
     geneval      GenEval's object/count/color/position rules (opd_fast.evaluate.geneval)   [needs mmdet]
 
 The CLIP-based ones run on transformers' CLIPModel, so they are tested here on tiny random CLIPs built from config.
@@ -192,21 +192,45 @@ def ocr_reward(recognized: str, target: str) -> float:
     return 1.0 - min(edit_distance(recognized, target), len(target)) / len(target)
 
 
+# OCR engines: name -> (module to import, how to install). Both run PP-OCR's detection + recognition models.
+OCR_ENGINES = {
+    "rapidocr": ("rapidocr_onnxruntime", "pip install rapidocr-onnxruntime (its PP-OCRv4 models ship in the wheel)"),
+    "paddleocr": (
+        "paddleocr",
+        "pip install paddleocr paddlepaddle (or paddlepaddle-gpu), plus its det/rec model folders",
+    ),
+}
+
+
+def _installed(engine: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(OCR_ENGINES[engine][0]) is not None
+
+
 @register("ocr")
 class OCR(Reward):
     """Text rendering accuracy: the prompt's quoted text (datasets.ocr_target; metadata "text" when present) against
-    what PaddleOCR reads. PaddleOCR's models load from `det_model_dir` / `rec_model_dir` (local folders);
-    `recognizer` (a callable image -> text) replaces PaddleOCR, e.g. for another OCR engine."""
+    what an OCR engine reads, scored by Flow-GRPO's rule (ocr_reward).
 
-    requires = ("paddleocr",)
-    install_hint = "pip install paddleocr paddlepaddle (or paddlepaddle-gpu), plus its det/rec model folders"
+    engine: "paddleocr" (Flow-GRPO's engine: its models load from the local folders `det_model_dir` and
+    `rec_model_dir`), or "rapidocr" (rapidocr-onnxruntime: the same PP-OCR family on onnxruntime, models inside
+    the wheel, nothing to download). Default: paddleocr when its model folders are given, else rapidocr if it is
+    installed, else paddleocr (whose error then says what is missing). Numbers meant to compare with the paper's
+    come from paddleocr. `recognizer` (a callable image -> text) replaces both, e.g. for another OCR engine."""
 
     @classmethod
-    def unavailable(cls) -> str | None:
-        return None  # checked in __init__: a custom recognizer needs no paddleocr
+    def unavailable(cls, engine: str | None = None) -> str | None:
+        """Why `engine` (default: either engine) cannot run here, or None."""
+        engines = [engine] if engine else list(OCR_ENGINES)
+        if any(_installed(e) for e in engines):
+            return None
+        needs = " or ".join(f"{OCR_ENGINES[e][0]!r} ({OCR_ENGINES[e][1]})" for e in engines)
+        return f"reward 'ocr'{f' engine {engine!r}' if engine else ''} needs the Python package {needs}"
 
     def __init__(
         self,
+        engine: str | None = None,
         det_model_dir: str | None = None,
         rec_model_dir: str | None = None,
         recognizer=None,
@@ -217,14 +241,25 @@ class OCR(Reward):
         if recognizer is not None:
             self.recognize = recognizer
             return
-        reason = super().unavailable()
+        if engine is None:
+            paddle_dirs = det_model_dir is not None or rec_model_dir is not None
+            engine = "rapidocr" if not paddle_dirs and _installed("rapidocr") else "paddleocr"
+        if engine not in OCR_ENGINES:
+            raise RewardError(f"reward 'ocr': unknown engine {engine!r} (known: {', '.join(OCR_ENGINES)})")
+        reason = self.unavailable(engine)
         if reason:
             raise RewardError(reason)
-        self.recognize = _paddle_recognizer(
-            self._local("det_model_dir", det_model_dir, "dir"),
-            self._local("rec_model_dir", rec_model_dir, "dir"),
-            self.device,
-        )
+        self.engine = engine
+        if engine == "rapidocr":
+            if det_model_dir is not None or rec_model_dir is not None:
+                raise RewardError("reward 'ocr': det_model_dir/rec_model_dir are paddleocr's; rapidocr uses its own")
+            self.recognize = _rapid_recognizer(self.device)
+        else:
+            self.recognize = _paddle_recognizer(
+                self._local("det_model_dir", det_model_dir, "dir"),
+                self._local("rec_model_dir", rec_model_dir, "dir"),
+                self.device,
+            )
 
     def score(self, images, prompts, metadata):
         from opd_fast.datasets import ocr_target
@@ -236,6 +271,22 @@ class OCR(Reward):
                 raise RewardError(f"reward 'ocr': prompt {i} has no quoted text to read: {prompt!r}")
             scores.append(ocr_reward(self.recognize(image), target))
         return scores
+
+
+def _rapid_recognizer(device: torch.device):
+    """image -> the concatenated text RapidOCR reads, top to bottom, like the PaddleOCR adapter: no angle classifier
+    and every line with a positive confidence (RapidOCR drops lines under 0.5 by default; Flow-GRPO keeps them)."""
+    import onnxruntime
+    from rapidocr_onnxruntime import RapidOCR
+
+    cuda = device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    engine = RapidOCR(use_cls=False, text_score=0.0, det_use_cuda=cuda, rec_use_cuda=cuda, cls_use_cuda=cuda)
+
+    def recognize(image) -> str:
+        lines, _ = engine(image.convert("RGB"))  # a PIL image: RapidOCR converts it to its BGR itself
+        return "".join(text for _, text, conf in lines or [] if float(conf) > 0)
+
+    return recognize
 
 
 def _paddle_recognizer(det_dir: Path, rec_dir: Path, device: torch.device):

@@ -48,14 +48,26 @@ def get_family(name: str) -> Family:
         raise ConfigError(f"model.family: unknown family {name!r} (known: {', '.join(FAMILIES)})") from None
 
 
+def model_family(model) -> Family:
+    """The family of a run's `model` config section, with its preset checked (a ConfigError names the key): before
+    anything loads."""
+    family = get_family(model.family)
+    if model.path is None and model.preset not in family.presets:
+        raise ConfigError(
+            f"model.preset: {model.preset!r} is not a preset of model.family {family.name!r} "
+            f"(its presets: {', '.join(family.presets)})"
+        )
+    return family
+
+
 def preset_arch(preset: str, layers: int | None = None) -> tuple[Family, dict]:
     """A preset's family and constructor arguments. `layers` keeps the widths and the first `layers` blocks (the
     family's cut_blocks says which): the benchmarks' way to run the released widths on a CPU."""
     if preset not in PRESETS:
-        raise ValueError(f"model.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        raise ConfigError(f"model.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     family = PRESETS[preset]
     kwargs = family.presets[preset]
     return family, kwargs if layers is None else family.cut_blocks(kwargs, layers)
 
 
-__all__ = ["FAMILIES", "PRESETS", "Family", "get_family", "preset_arch"]
+__all__ = ["FAMILIES", "PRESETS", "Family", "get_family", "model_family", "preset_arch"]
