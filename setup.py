@@ -61,7 +61,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["opd_fast", "opd_fast.*"]),
     # the built-in configs and the tiny world (opd_fast.resources), a copy of configs/ that tests keep identical
-    package_data={"opd_fast": ["builtin/*.yaml", "builtin/tiny/*/*", "builtin/tiny/teachers/*/*"]},
+    package_data={"opd_fast": ["builtin/*.yaml", "builtin/tiny/*/*", "builtin/tiny/*/*/*"]},
     install_requires=[
         "torch>=2.5",
         "diffusers>=0.40",

@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from opd_fast import attention, distributed
 from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
-from opd_fast.families import get_family, preset_arch
+from opd_fast.families import PRESETS, preset_arch
 from opd_fast.hooks import Hook
 from opd_fast.models import student_forward_context
 from opd_fast.profiling import PHASES, PhaseTimer
@@ -118,6 +118,7 @@ class StudentSwapTeacher(Teacher):
 def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
     large = not args.preset.startswith("tiny")
     family, _ = preset_arch(args.preset)
+    targets = list(family.lora_targets)  # the family's attention projections (Wan: attn1 / attn2, Z-Image: attention)
     return config_from_dict(
         {
             "model": {
@@ -126,7 +127,10 @@ def make_config(args, tasks: list[dict], state: dict, cache_dir: Path):
                 "dtype": args.dtype,
                 "attention": state["attention"],
             },
-            "student": {"guidance": 4.5, "lora": {"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}},
+            "student": {
+                "guidance": 4.5,
+                "lora": {**({"rank": 32, "alpha": 64} if large else {"rank": 8, "alpha": 16}), "targets": targets},
+            },
             "tasks": tasks,
             "teacher_runtime": {
                 "precision": state["precision"],
@@ -464,7 +468,7 @@ def write_report(
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(get_family("sd3").presets))
+    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(PRESETS))  # every family's presets
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 512 otherwise)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -503,7 +507,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
         scratch = Path(tmp)
         tasks = write_world(
-            scratch / "world", pristine, rank=32 if large else 4, alpha=64 if large else 8, prompts=args.prompts
+            scratch / "world",
+            pristine,
+            rank=32 if large else 4,
+            alpha=64 if large else 8,
+            prompts=args.prompts,
+            lora_targets=preset_arch(args.preset)[0].lora_targets,
         )
         state, live = dict(START), {}
         plan = [(k, label, None, changes) for k, label, changes in LADDER] + list(ALTERNATIVES)

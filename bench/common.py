@@ -26,18 +26,21 @@ def build_random_transformer(
     torch.manual_seed(seed)
     with torch.device(device):
         model = family.transformer_class(**kwargs)
-    init_output_layer(model)
+    init_output_layer(family.output_layer(model))
     if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
         model = model.to(dtype)
     return model.requires_grad_(False).eval()
 
 
-def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompts: int) -> list[dict]:
-    """Prompt files and peft-layout LoRA teachers (B ~ N(0, 0.02^2): a teacher visibly off the base)."""
+def write_world(
+    root: Path, base: torch.nn.Module, rank: int, alpha: int, prompts: int, lora_targets=tuple(OFFICIAL_LORA_TARGETS)
+) -> list[dict]:
+    """Prompt files and peft-layout LoRA teachers on `lora_targets` (the family's: Family.lora_targets; B ~
+    N(0, 0.02^2): a teacher visibly off the base)."""
     targets = [
         name
         for name, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)
+        if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) for t in lora_targets)
     ]
     tasks = []
     for seed, (task, guidance) in enumerate(TASKS):
@@ -54,9 +57,7 @@ def write_world(root: Path, base: torch.nn.Module, rank: int, alpha: int, prompt
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / "adapter_model.safetensors"))
         (folder / "adapter_config.json").write_text(
-            json.dumps(
-                {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(OFFICIAL_LORA_TARGETS)}
-            )
+            json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(lora_targets)})
         )
         teacher = {"path": str(folder), "guidance": guidance}
         tasks.append({"name": task, "prompts": str(prompt_file), "teacher": teacher})

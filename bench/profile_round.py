@@ -30,7 +30,7 @@ import torch
 from common import TASKS, write_world
 
 from opd_fast.config import config_from_dict
-from opd_fast.families import get_family, preset_arch
+from opd_fast.families import PRESETS, preset_arch
 from opd_fast.trainer import Trainer
 
 EXPECTED = ("teacher", "student_forward", "loss", "backward", "optimizer")  # one-pass: no "rollout"
@@ -129,7 +129,7 @@ def write_trace(trace: Path, dest: Path, mode: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(get_family("sd3").presets))
+    ap.add_argument("--preset", default="tiny-sd3", choices=sorted(PRESETS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 512 otherwise)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -154,7 +154,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="profile_round_") as tmp:
         scratch = Path(tmp)
         tasks = write_world(
-            scratch / "world", shapes, rank=32 if large else 4, alpha=64 if large else 8, prompts=args.prompts
+            scratch / "world",
+            shapes,
+            rank=32 if large else 4,
+            alpha=64 if large else 8,
+            prompts=args.prompts,
+            lora_targets=family.lora_targets,
         )
         trainer = Trainer.build(make_config(args, tasks, scratch / "embeddings"), scratch / "run", device=args.device)
         built = time.perf_counter() - t0

@@ -25,6 +25,10 @@ def _train(args) -> int:
         from opd_fast.profiling import CaptureWindow
 
         hooks.append(CaptureWindow(*args.profile_steps))
+    if cfg.eval.enabled:  # the eval section: evaluations while it trains (opd_fast.evaluate.during)
+        from opd_fast.evaluate.during import EvalHook
+
+        hooks.append(EvalHook())
     trainer = Trainer.build(cfg, args.out, resume=args.resume, device=args.device, hooks=hooks)
     try:
         records = trainer.fit()
@@ -113,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     from opd_fast.demo.cli import add_subcommand as add_demo
 
     add_demo(sub)
+    from opd_fast.stage1.cli import add_subcommands as add_teach
+
+    add_teach(sub)
     return parser
 
 

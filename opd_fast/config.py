@@ -120,6 +120,7 @@ class SamplingConfig:
     noise_level: float = 0.0  # a: 0 = ODE rollout and L2 loss; > 0 = Flow-GRPO SDE and closed-form KL
     timestep_fraction: float = 0.99  # trained steps = int(num_steps * timestep_fraction), as the official code
     resolution: int = 512  # pixels; latent side = resolution // 8
+    num_frames: int | None = None  # video families: frames per sample (null: the family's default, Wan's 81)
 
 
 @dataclass(kw_only=True)
@@ -253,6 +254,35 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """In-training evaluation (opd_fast.evaluate.during.EvalHook): every `every` rounds (and after the last with
+    at_end), each model of `models` samples a fixed, seeded subset of every task's prompts (held out of training,
+    or from eval.prompts.TASK) through the family's pipeline, and each task's rewards score the images in the
+    background: OUT/eval.jsonl, metrics.jsonl and the trackers. Off unless `every` or `at_end` is set."""
+
+    every: int | None = None  # rounds between evaluations; null or 0: none (at_end may still evaluate once)
+    at_end: bool = False  # also after the run's last round (train.rounds)
+    models: list[Literal["ema", "student"]] = field(default_factory=lambda: ["ema"])  # ema: the EMA weights
+    prompts_per_task: int = 8  # each task's evaluation prompts: a seeded subset (held out of training)
+    seeds: int = 1  # images per prompt (the grid's columns)
+    num_steps: int = 40  # the paper's evaluation setting
+    guidance: float | None = None  # CFG scale; null: student.guidance (4.5 in the official recipe)
+    resolution: int | None = None  # pixels; null: sampling.resolution
+    batch_size: int = 8  # images per pipeline call
+    seed: int = 0  # the held-out subset and the evaluation's noise
+    pipeline: str | None = None  # pipeline folder whose VAE decodes (and scheduler samples); null: model.path
+    prompts: dict[str, str] = field(default_factory=dict)  # task -> its own evaluation prompt file (not held out)
+    # task (or "*": every task) -> [{name: REWARD, options...}], as `opd-fast eval`'s reward spec; every task's
+    # rewards score its prompts, "*" ones every task's: the in-domain and cross-task columns of the paper's table
+    rewards: dict[str, list[dict]] = field(default_factory=dict)
+    wait_s: float = 600.0  # the run's end waits this long at most for evaluations still being scored
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every) or self.at_end
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -267,6 +297,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def trained_steps(self, task: TaskConfig) -> int:
         """How many leading steps of `task`'s rollout are trained, with the task's own fraction if it sets one."""
@@ -297,6 +328,7 @@ class RunConfig:
             "student.lora.alpha": self.student.lora.alpha,
             "prompts.max_tokens": self.prompts.max_tokens,
             "prompts.encode_batch_size": self.prompts.encode_batch_size,
+            **({"sampling.num_frames": self.sampling.num_frames} if self.sampling.num_frames is not None else {}),
             **{f"tasks.{i}.loss_weight": t.loss_weight for i, t in enumerate(self.tasks)},
         }
         optional = {
@@ -356,7 +388,43 @@ class RunConfig:
                 "prompts.encoder: 'pipeline' needs model.path, the local pipeline folder whose text "
                 "encoders encode the prompts"
             )
+        self._validate_eval()
         return self
+
+    def _validate_eval(self) -> None:
+        ev = self.eval
+        for key in ("prompts_per_task", "seeds", "num_steps", "batch_size"):
+            if getattr(ev, key) <= 0:
+                raise ConfigError(f"eval.{key}: must be > 0, got {getattr(ev, key)}")
+        if ev.every is not None and ev.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0 (0 or null: no periodic evaluation), got {ev.every}")
+        if not (math.isfinite(ev.wait_s) and ev.wait_s >= 0):
+            raise ConfigError(f"eval.wait_s: must be a finite number >= 0, got {ev.wait_s}")
+        if ev.resolution is not None and (ev.resolution <= 0 or ev.resolution % 8):
+            raise ConfigError(f"eval.resolution: must be a positive multiple of 8, got {ev.resolution}")
+        if ev.guidance is not None and not (math.isfinite(ev.guidance) and 0 <= ev.guidance <= MAX_GUIDANCE):
+            raise ConfigError(
+                f"eval.guidance: a CFG scale must be a finite number in [0, {MAX_GUIDANCE:g}], got {ev.guidance}"
+            )
+        if not ev.models or len(set(ev.models)) != len(ev.models):
+            raise ConfigError(f"eval.models: one or both of ema, student, each once; got {ev.models}")
+        if ev.enabled and "ema" in ev.models and not self.ema.enabled:
+            raise ConfigError("eval.models: 'ema' needs ema.enabled: true (or evaluate [student])")
+        tasks = [t.name for t in self.tasks]
+        for task in ev.prompts:
+            if task not in tasks:
+                raise ConfigError(f"eval.prompts.{task}: no such task (tasks: {', '.join(tasks)})")
+        for task, entries in ev.rewards.items():
+            if task not in tasks and task != "*":
+                raise ConfigError(f"eval.rewards.{task}: no such task (tasks: {', '.join(tasks)}, or * for all)")
+            for i, entry in enumerate(entries):
+                if not isinstance(entry.get("name"), str):
+                    raise ConfigError(f"eval.rewards.{task}.{i}: needs name: REWARD (opd-fast eval --list)")
+        if ev.enabled and ev.pipeline is None and self.model.path is None:
+            raise ConfigError(
+                "eval.pipeline: evaluation decodes its images with a pipeline folder's VAE: set eval.pipeline (or "
+                "model.path)"
+            )
 
     def _validate_engine(self) -> None:
         engine = self.engine
@@ -425,6 +493,10 @@ def _convert(value, tp, key: str):
         if value not in args:
             raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
         return value
+    if tp is dict or origin is dict:  # eval.rewards' options are free-form: a bare dict is kept as it is
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {type(value).__name__} {value!r}")
+        return dict(value) if not args else {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -534,6 +606,18 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     for task in cfg.tasks:
         task.prompts = resolve(task.prompts)
         task.teacher.path = resolve(task.teacher.path)
+    cfg.eval.pipeline = resolve(cfg.eval.pipeline)
+    cfg.eval.prompts = {task: resolve(path) for task, path in cfg.eval.prompts.items()}
+    for entries in cfg.eval.rewards.values():  # a reward's option that names a file beside the config: resolved
+        for entry in entries:
+            for key, value in entry.items():
+                if (
+                    key != "name"
+                    and isinstance(value, str)
+                    and not Path(value).is_absolute()
+                    and (base / value).exists()
+                ):
+                    entry[key] = str(base / value)
 
 
 def config_from_dict(data: dict) -> RunConfig:

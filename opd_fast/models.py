@@ -51,16 +51,16 @@ def load_transformer(cfg: ModelConfig, family: Family) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = family.transformer_class(**family.presets[cfg.preset])
-            init_output_layer(model)
+            init_output_layer(family.output_layer(model))
         if dtype != torch.float32:  # a float32 .to() is a no-op that diffusers still warns about
             model = model.to(dtype)
     return freeze(model)
 
 
-def init_output_layer(model) -> None:
-    """The final projection of a preset's random weights: normal(0, 0.02) weights and a zero bias, so the velocity
-    is small, nonzero and free of a constant offset (diffusers 0.42.1 leaves both at nn.Linear's uniform init)."""
-    proj = model.proj_out
+def init_output_layer(proj: torch.nn.Linear) -> None:
+    """The final projection of a preset's random weights (the family's output_layer): normal(0, 0.02) weights and
+    a zero bias, so the velocity is small, nonzero and free of a constant offset (diffusers 0.42.1 leaves both at
+    nn.Linear's uniform init)."""
     torch.nn.init.normal_(proj.weight, std=0.02)
     torch.nn.init.zeros_(proj.bias)
 

@@ -28,10 +28,10 @@ from opd_fast.config import ConfigError, RunConfig
 from opd_fast.datasets import read_dataset
 from opd_fast.distributed import DistInfo
 from opd_fast.engine import EMA, Engine, make_engine
-from opd_fast.families import Family, get_family
+from opd_fast.families import Family, family_for_run
 from opd_fast.models import DTYPES, add_student_lora, load_transformer
 from opd_fast.ops import LossSpec
-from opd_fast.prompts import BuiltinTextEncoder, EncodedPrompts, encode_cached
+from opd_fast.prompts import EncodedPrompts, encode_cached
 from opd_fast.schedule import sigma_grid
 from opd_fast.teachers import Teacher, load_teachers
 
@@ -96,10 +96,7 @@ def encode_task_prompts(
     anything is written."""
     prompt_sets = {task.name: read_dataset(task.prompts, task.prompts_kind, task.name) for task in cfg.tasks}
     if cfg.prompts.encoder == "builtin":
-        enc = BuiltinTextEncoder(
-            student.config.joint_attention_dim, student.config.pooled_projection_dim, cfg.prompts.max_tokens
-        )
-        encode_fn, name = enc.encode, f"{enc.name}-{enc.dim}-{enc.pooled_dim}-{enc.max_tokens}"
+        encode_fn, name = family.builtin_text_encoder(student, cfg.prompts.max_tokens)
     else:
         from opd_fast.text_encoders import pipeline_encoder
 
@@ -164,7 +161,7 @@ def build_run(
     """Every part of the run `cfg` describes, on dist's device. `base`: this transformer instead of loading one
     (it becomes the student; a benchmark hands in a copy of a model it built once); `teachers`: these teachers
     instead of building them from the base (e.g. {} when the caller attaches its own later)."""
-    family = get_family(cfg.model.family)
+    family = family_for_run(cfg)
     attention.check(cfg.model.attention)
     loss = build_loss(cfg, dist.device)
     base = build_base(cfg, family, dist.device) if base is None else base.to(dist.device)

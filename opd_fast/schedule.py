@@ -5,6 +5,11 @@ config (scheduler/scheduler_config.json of the pipeline at model.path) and calle
 it (Family.set_timesteps), with the image-size dependent `mu` when the config shifts dynamically. Without a pipeline
 folder the family's released config stands in (Family.scheduler_config). A `sampling.shift` in the run config
 replaces the config's shift with that static one.
+
+The scheduler class is the config's own (`_class_name`): the flow-matching Euler scheduler of SD3, FLUX, Qwen-Image
+and Z-Image, or Wan's UniPC multistep scheduler with flow sigmas (its `flow_shift` is the shift). Only its sigmas
+are used: the rollout steps them with the OPD transition (Euler or the Flow-GRPO SDE), not with the scheduler's
+integrator.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from opd_fast.config import ConfigError
@@ -24,6 +29,8 @@ if TYPE_CHECKING:
     from opd_fast.families.base import Family
 
 log = logging.getLogger(__name__)
+# scheduler class -> the config key of its static shift
+SHIFT_KEYS = {FlowMatchEulerDiscreteScheduler: "shift", UniPCMultistepScheduler: "flow_shift"}
 
 
 def scheduler_config_file(path: str | Path) -> Path | None:
@@ -48,11 +55,19 @@ def make_scheduler(family: Family, shift: float | None = None, path: str | Path 
             config, source = json.loads(file.read_text()), str(file)
         except json.JSONDecodeError as e:
             raise ConfigError(f"model.path: {file} is not valid JSON ({e})") from e
+    name = config.get("_class_name", FlowMatchEulerDiscreteScheduler.__name__)
+    cls = next((c for c in SHIFT_KEYS if c.__name__ == name), None)
+    if cls is None or (cls is UniPCMultistepScheduler and not config.get("use_flow_sigmas")):
+        raise ConfigError(
+            f"model.path: the scheduler of {source} is {name}"
+            f"{' without flow sigmas' if cls is not None else ''}; the rollout needs flow-matching sigmas "
+            f"({' or '.join(c.__name__ for c in SHIFT_KEYS)} with use_flow_sigmas)"
+        )
     if shift is not None:
-        config.update(shift=shift, use_dynamic_shifting=False)
+        config.update({SHIFT_KEYS[cls]: shift, "use_dynamic_shifting": False})
         source += f", sampling.shift {shift}"
     log.info("sigma schedule: %s", source)
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return cls.from_config(config)
 
 
 def sigma_grid(
@@ -76,4 +91,4 @@ def sigma_grid(
             image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]
         )
     family.set_timesteps(scheduler, num_steps, **kwargs)
-    return scheduler.sigmas.float()
+    return family.rollout_grid(scheduler.sigmas.float())

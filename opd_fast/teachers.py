@@ -1,8 +1,10 @@
 """Task teachers: frozen transformers with their LoRA merged into the weights, and the runtime that runs them.
 
 A teacher comes as a LoRA on the student's base (peft adapter folder, or diffusers `pytorch_lora_weights` file) or
-as a full transformer folder. It must fit the base: a LoRA that targets modules the base lacks, or whose shapes
-differ, or a full model of another architecture, is a TeacherError naming the teacher and the mismatch.
+as a full transformer folder, which may be of another size (SD3.5-Large teaching SD3.5-Medium) when it shares the
+student's latent space, sigma schedule and text encoders. It must fit: a LoRA that targets modules the base lacks,
+or whose shapes differ, or a full model on another latent space, is a TeacherError naming the teacher and the
+mismatch.
 
 Runtime (cfg.teacher_runtime, see load_teachers and TeacherRunner at the end of this file):
 - mode "merged": one frozen copy per teacher with its LoRA merged (no LoRA work per forward); "adapter": one
@@ -30,6 +32,7 @@ from safetensors import safe_open
 
 from opd_fast import fp8
 from opd_fast.config import TaskConfig, TeacherConfig, TeacherRuntimeConfig
+from opd_fast.families.base import model_dtype
 from opd_fast.models import Conditioning, freeze, frozen_copy, transformer_folder
 from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
@@ -203,18 +206,86 @@ def merge_lora(model: torch.nn.Module, lora: LoraWeights, where: str) -> None:
         W.copy_((W.float() + delta.to(W.device)).to(W.dtype))
 
 
-def _check_architecture(base: torch.nn.Module, teacher: torch.nn.Module, family: Family, where: str) -> None:
-    diffs = []
-    for key in family.arch_keys:
-        a, b = base.config.get(key), teacher.config.get(key)
-        if isinstance(a, list):
-            a = tuple(a)
-        if isinstance(b, list):
-            b = tuple(b)
-        if a != b:
-            diffs.append(f"{key}: student {a} vs teacher {b}")
+def _config_value(config, key):
+    value = config.get(key)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _differences(student: dict, teacher: dict, keys) -> list[str]:
+    return [
+        f"{key}: student {_config_value(student, key)} vs teacher {_config_value(teacher, key)}"
+        for key in keys
+        if _config_value(student, key) != _config_value(teacher, key)
+    ]
+
+
+def _pipeline_of(folder: Path | None) -> Path | None:
+    """The pipeline folder a transformer folder sits in (None: a lone transformer folder, or a preset)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    for candidate in (folder, folder.parent):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return None
+
+
+def _component_config(pipeline: Path, component: str, file: str = "config.json") -> dict | None:
+    path = pipeline / component / file
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_name_or_path", "transformers_version")}
+
+
+def _text_files(pipeline: Path, family: Family) -> dict[str, str]:
+    """Each text component's config and tokenizer files, as text: two pipelines encode a prompt alike when they
+    are equal (weights are not hashed: the sizes stand in, as in the embedding cache's fingerprint)."""
+    files = {}
+    for component in family.text_components:
+        for file in sorted((pipeline / component).glob("*")) if (pipeline / component).is_dir() else []:
+            if file.suffix in (".json", ".txt", ".model") and file.name != "config.json":
+                files[f"{component}/{file.name}"] = file.read_text()
+            elif file.name == "config.json":
+                files[f"{component}/config.json"] = json.dumps(_component_config(pipeline, component), sort_keys=True)
+            elif file.is_file():
+                files[f"{component}/{file.name}"] = str(file.stat().st_size)
+    return files
+
+
+def _check_latent_space(base: torch.nn.Module, teacher_config: dict, family: Family, folder: Path, where: str) -> None:
+    """A full-model teacher must speak the student's latent space; its size may differ (SD3.5-Large teaching
+    SD3.5-Medium, Wan 14B teaching Wan 1.3B). The transformer's latent keys always; where both sit in pipeline
+    folders, the VAE's latent keys, the sigma schedule (scheduler config) and the text encoders (one set of prompt
+    embeddings serves the student and its teachers). A mismatch is a TeacherError naming what differs."""
+    diffs = _differences(base.config, teacher_config, family.latent_keys)
+    student_pipeline = _pipeline_of(base.config.get("_name_or_path"))
+    teacher_pipeline = _pipeline_of(folder)
+    if student_pipeline is not None and teacher_pipeline is not None and student_pipeline != teacher_pipeline:
+        vae = [_component_config(p, "vae") for p in (student_pipeline, teacher_pipeline)]
+        if None not in vae:
+            diffs += [f"vae {d}" for d in _differences(*vae, family.vae_keys)]
+        schedulers = [
+            _component_config(p, "scheduler", "scheduler_config.json") for p in (student_pipeline, teacher_pipeline)
+        ]
+        if schedulers[0] != schedulers[1]:
+            keys = sorted(k for k in set(schedulers[0] or {}) | set(schedulers[1] or {}) if not k.startswith("_"))
+            diffs += [f"scheduler {d}" for d in _differences(schedulers[0] or {}, schedulers[1] or {}, keys)] or [
+                "scheduler: another class"
+            ]
+        text = [_text_files(p, family) for p in (student_pipeline, teacher_pipeline)]
+        changed = sorted(k for k in set(text[0]) | set(text[1]) if text[0].get(k) != text[1].get(k))
+        if changed:
+            raise TeacherError(
+                f"{where}: its text encoders differ from the student's ({', '.join(changed[:4])}): a teacher with "
+                "text encoders of its own needs prompt embeddings of its own, which this version does not build yet "
+                "(a teacher of another size must share the student's text encoders, as SD3.5-Large and -Medium do)"
+            )
     if diffs:
-        raise TeacherError(f"{where}: its architecture differs from the student's: {'; '.join(diffs)}")
+        raise TeacherError(f"{where}: it does not share the student's latent space: {'; '.join(diffs)}")
+    size = _differences(base.config, teacher_config, family.arch_keys)
+    if size:
+        log.info("%s: a teacher of another size on the student's latent space (%s)", where, "; ".join(size))
 
 
 def _locate(name: str, cfg: TeacherConfig) -> tuple[str, Path, str]:
@@ -241,9 +312,8 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: F
             raise TeacherError(f"{where}: {e}") from None
         with open(folder / "config.json") as f:
             arch = json.load(f)
-        probe = type("Probe", (), {"config": arch})
-        _check_architecture(base, probe, family, where)
-        dtype = next(base.parameters()).dtype
+        _check_latent_space(base, arch, family, folder, where)
+        dtype = model_dtype(base)  # not the first parameter's: a kept-fp32 table (Wan) would load it all in fp32
         try:
             model = freeze(family.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True))
         except (OSError, ValueError, RuntimeError) as e:  # a tensor of another shape, a damaged file, ...
@@ -313,13 +383,15 @@ def activate_adapter(model: torch.nn.Module, adapter: str) -> None:
     model._opd_active_adapter = adapter
 
 
-def apply_precision(model: torch.nn.Module, runtime: TeacherRuntimeConfig) -> torch.nn.Module:
-    """Cast or quantize a frozen teacher model in place, as runtime.precision says."""
+def apply_precision(model: torch.nn.Module, runtime: TeacherRuntimeConfig, family: Family) -> torch.nn.Module:
+    """Cast or quantize a frozen teacher model in place, as runtime.precision says (FP8: the family's own
+    high-precision layers kept, unless teacher_runtime.fp8_skip lists every kept pattern itself)."""
     if runtime.precision in PRECISION_DTYPES:  # nn.Module.to: diffusers' override warns on every cast
         torch.nn.Module.to(model, PRECISION_DTYPES[runtime.precision])
     elif runtime.precision == "fp8":
+        skip = runtime.fp8_skip if runtime.fp8_skip is not None else fp8.DEFAULT_SKIP + family.fp8_keep
         try:
-            fp8.quantize_model(model, runtime.fp8_backend, runtime.fp8_scaling, runtime.fp8_skip)
+            fp8.quantize_model(model, runtime.fp8_backend, runtime.fp8_scaling, skip)
         except fp8.Fp8Unavailable as e:
             raise TeacherError(f"teacher_runtime.precision fp8: {e}") from None
     return model
@@ -333,21 +405,21 @@ def load_teachers(
     if runtime.mode == "merged":
         teachers = {t.name: load_teacher(t.name, t.teacher, base, family) for t in tasks}
         for teacher in teachers.values():
-            apply_precision(teacher.model, runtime)
+            apply_precision(teacher.model, runtime, family)
         return teachers
     teachers, shared = {}, None
     for task in tasks:
         lora = _lora_or_none(task.name, task.teacher)
         if lora is None:  # a full model cannot share the base
             teachers[task.name] = load_teacher(task.name, task.teacher, base, family)
-            apply_precision(teachers[task.name].model, runtime)
+            apply_precision(teachers[task.name].model, runtime, family)
             log.info("teacher of task %r: a full model, kept as its own copy in adapter mode", task.name)
             continue
         shared = frozen_copy(base) if shared is None else shared
         add_lora_adapter(shared, task.name, lora, f"teacher of task {task.name!r}")
         teachers[task.name] = Teacher(task.name, shared, task.teacher.guidance, adapter=task.name)
     if shared is not None:
-        apply_precision(shared, runtime)  # FP8 wraps the base layers; the LoRA factors stay high
+        apply_precision(shared, runtime, family)  # FP8 wraps the base layers; the LoRA factors stay high
     return teachers
 
 

@@ -1,5 +1,5 @@
 """Prompt encoding with the real text encoders of a local diffusers pipeline folder (SD3: CLIP-L, CLIP-G, T5;
-FLUX: CLIP-L, T5), for the embedding cache.
+FLUX: CLIP-L, T5; Qwen-Image: Qwen2.5-VL; Wan: UMT5; Z-Image: Qwen3), for the embedding cache.
 
 Only the text encoders and tokenizers are loaded (no transformer, no VAE), and only when a prompt actually has to be
 encoded: a run whose cache is complete never loads them. The embeddings come from the pipeline's own
@@ -46,6 +46,7 @@ def check_pipeline_folder(path: str | Path, family: Family) -> Path:
             f"model.path: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
             f"{family.name!r} (expects {family.pipeline_class_name})"
         )
+    family.check_pipeline_folder(path)  # a layout of the family's class it does not support (Wan 2.2's two experts)
     return path
 
 

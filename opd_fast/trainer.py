@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +41,8 @@ from opd_fast.checkpoint import (
 )
 from opd_fast.config import ConfigError, RunConfig
 from opd_fast.engine import lr_at, values_swapped_in
-from opd_fast.families import model_family
+from opd_fast.evaluate.during import training_pools
+from opd_fast.families import family_for_run
 from opd_fast.hooks import Hook
 from opd_fast.metrics import MetricsWriter
 from opd_fast.models import Conditioning, autocast_dtype, student_forward_context
@@ -125,6 +126,9 @@ class RoundResult:
     loss: float
     task_losses: dict[str, float]
     grad_norm: float | None  # None: the round was skipped (non-finite loss or gradient)
+    # more of the round's numbers for its record (metrics.jsonl and the trackers): a subclass's own statistics, such
+    # as stage 1's reward; a key may not shadow one of the record's own
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _seed(*parts: int) -> int:
@@ -173,11 +177,14 @@ class Trainer:
         self._sigma_tables: dict[int, torch.Tensor] = {}  # batch -> (num_steps + 1, batch) sigmas on the device
         self._coef_tables: dict[tuple[int, int], torch.Tensor] = {}  # (batch, latent numel) -> coefficient table
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
+        self.metrics: MetricsWriter | None = None  # rank 0's writer while fit() runs (hooks log through it)
         self.round = 0
         self.nonfinite_rounds = 0
         self.streak = 0  # rounds skipped in a row just now: no checkpoint is written while it is > 0
         self.last_loss: float | None = None  # the latest round's loss (recorded in its checkpoint)
         try:
+            # each task's prompt indices training draws from; None: the whole set (eval holds none out of it)
+            self.train_pools = training_pools(cfg, {name: len(p.prompts) for name, p in self.prompts.items()})
             if resume:
                 self._resume()
             self.folder.claim(cfg)
@@ -200,7 +207,7 @@ class Trainer:
         """The trainer of the run `cfg` describes, into out_dir: the folder is checked (on every rank) before any
         model loads, then every part is built (opd_fast.run.build_run; `parts` passes its overrides, base= and
         teachers=). device: None = this rank's GPU when there is one, else the CPU."""
-        model_family(cfg.model)  # an unknown family or preset fails before anything is done
+        family_for_run(cfg)  # an unknown family or preset, a bad video length, fail before anything is done
         check_trackers(cfg.logging)  # so does a tracker whose package is missing
         # The process group (DDP / DeepSpeed) and this rank's device: cuda:LOCAL_RANK, or the CPU.
         dist = distributed.setup(cfg.engine, device)
@@ -223,11 +230,14 @@ class Trainer:
         set is large enough) and split into contiguous, non-overlapping slices per rank."""
         per_rank = self.cfg.train.micro_batch_size * self.cfg.train.micro_batches_per_task
         world, rank = self.dist.world_size, self.dist.rank
-        n = len(self.prompts[self.cfg.tasks[task_idx].name].prompts)
+        name = self.cfg.tasks[task_idx].name
+        pool = self.train_pools.get(name)
+        n = len(self.prompts[name].prompts) if pool is None else len(pool)
         g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, round_idx, task_idx, 0))
         total = per_rank * world
         idx = torch.randperm(n, generator=g)[:total] if total <= n else torch.randint(n, (total,), generator=g)
-        return idx[rank * per_rank : (rank + 1) * per_rank]
+        idx = idx[rank * per_rank : (rank + 1) * per_rank]
+        return idx if pool is None else pool[idx]
 
     def sample_noise(self, round_idx: int, task_idx: int, first: int, shape: tuple[int, ...]) -> torch.Tensor:
         """(trained steps + 1, B, ...) noise: initial latent then one per trained step of the task; seeded per global
@@ -391,12 +401,19 @@ class Trainer:
         averaged = self.engine.average(torch.stack(list(task_losses.values())))
         values = {name: float(v) for name, v in zip(task_losses, averaged)}
         loss = sum(values.values()) / len(values)
+        return RoundResult(loss, values, self._finish_round(loss, step))
+
+    def _finish_round(self, loss: float, step: bool) -> float | None:
+        """The end of every round, whatever its loss (OPD's, stage 1's): the after_gradients hooks, then ONE optimizer
+        step (or, with step=False or a non-finite loss, the gradient dropped), the EMA, the round counter. `loss` is
+        the round's loss averaged over ranks, so every rank takes the same step-or-skip decision. Returns the
+        gradient norm; None: the round was skipped."""
         for hook in self.hooks:
             hook.after_gradients(self, self.round)
         grad_norm = None
         with self._phase("optimizer"):
             if step and math.isfinite(loss):
-                self.engine.lr = lr_at(cfg.optimizer, self.round, cfg.train.rounds)
+                self.engine.lr = lr_at(self.cfg.optimizer, self.round, self.cfg.train.rounds)
                 grad_norm = self.engine.step()
             else:
                 self.engine.zero_grad()
@@ -405,7 +422,7 @@ class Trainer:
         self.round += 1
         self.streak = self.streak + 1 if grad_norm is None else 0
         self.last_loss = loss
-        return RoundResult(loss, values, grad_norm)
+        return grad_norm
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> list[dict]:
@@ -417,6 +434,7 @@ class Trainer:
         main = self.dist.is_main
         # Rank 0 alone touches the log: ranks truncating it at once on resume would race.
         metrics = MetricsWriter.for_run(cfg, self.out_dir, self.round) if main else None
+        self.metrics = metrics
         records = []
         bar = None
         if cfg.logging.progress and main:
@@ -438,6 +456,10 @@ class Trainer:
                     "seconds": time.perf_counter() - t0,
                     "backend": self.backend,
                 }
+                shadowed = sorted(record.keys() & result.extra.keys())
+                if shadowed:
+                    raise ValueError(f"RoundResult.extra: {shadowed} are the record's own keys")
+                record.update(result.extra)
                 if result.grad_norm is None:
                     self.nonfinite_rounds += 1
                     log.warning(
@@ -471,6 +493,7 @@ class Trainer:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+            self.metrics = None
         self.export()
         return records
 

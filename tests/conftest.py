@@ -18,8 +18,29 @@ from opd_fast.hooks import Hook
 _CPU_ROWWISE, _WHY_NOT = fp8.scaling_supported("rowwise", "cpu")
 needs_cpu_rowwise = pytest.mark.skipif(not _CPU_ROWWISE, reason=_WHY_NOT)
 
+# Video families render few frames in the tests: Wan's 81 (21 latent frames) cost seconds per tiny sample; 5 keep
+# two latent frames, so every per-frame path still runs. A config of a video family gets them with
+# video_overrides(family); a family object with run_family(family), as a run's sampling section would set it up.
+TEST_FRAMES = 5
+
+
+def is_video(family) -> bool:
+    return hasattr(family, "num_frames")
+
+
+def run_family(family):
+    from opd_fast.config import SamplingConfig
+
+    return family.for_run(SamplingConfig(num_frames=TEST_FRAMES if is_video(family) else None))
+
+
+def video_overrides(family) -> dict:
+    """The config keys that give a video family's tests TEST_FRAMES frames (nothing for an image family)."""
+    return {"num_frames": TEST_FRAMES} if is_video(family) else {}
+
+
 # Family-generic tests run for every registered model family: a new family module is tested without editing them.
-every_family = pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+every_family = pytest.mark.parametrize("family", [run_family(f) for f in FAMILIES.values()], ids=list(FAMILIES))
 
 # Tiny models are dispatch-bound: one intra-op thread is faster on a 2-core machine and immune to a busy neighbour.
 torch.set_num_threads(1)

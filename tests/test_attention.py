@@ -39,13 +39,7 @@ def forward_and_grad(model, family, device="cpu"):
     """The velocity (CFG for SD3) at a fixed input, and the gradient of a fixed projection of it w.r.t. the input."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(family.latent_shape(model, 2, 64), generator=g).to(device).requires_grad_(True)
-    dim, pooled = model.config.joint_attention_dim, model.config.pooled_projection_dim  # 32 and 32 in both tiny presets
-    cond = Conditioning(
-        torch.randn(2, 16, dim, generator=g),
-        torch.randn(2, pooled, generator=g),
-        torch.randn(1, 16, dim, generator=g),
-        torch.randn(1, pooled, generator=g),
-    )
+    cond = family.random_conditioning(model, 2, 16, g)
     cond = Conditioning(
         *(t.to(device) for t in (cond.prompt_embeds, cond.pooled, cond.negative_embeds, cond.negative_pooled))
     )
@@ -64,10 +58,13 @@ def test_flash_routing_keeps_output_and_gradient(family):
     model = tiny(family)
     ref_v, ref_grad = forward_and_grad(model, family)
     hooked = attention.use_backend(model, "flash", flash_kernel=sdpa_bshd)
-    # one attention per block: tiny-sd3, 2 joint blocks; tiny-flux, 1 double + 1 single block
-    assert hooked == len(model.transformer_blocks) + len(getattr(model, "single_transformer_blocks", ()))
+    # every attention module: tiny-sd3, 2 joint blocks; tiny-flux, 1 double + 1 single block; tiny-wan, self and
+    # cross attention in 2 blocks; tiny-z-image, its refiners' and main layers'
+    assert hooked == len(attention._attention_modules(model)) > 0
     v, grad = forward_and_grad(model, family)
-    assert model._opd_flash.calls == hooked  # every attention call went through the kernel, once per forward
+    # every attention call went through the kernel, once per forward; a call with a padding mask (Qwen-Image's
+    # negative prompt, Z-Image's padded captions) is left to SDPA, which flash-attn's dense kernel cannot replace
+    assert model._opd_flash.calls == hooked or (family.text_widths(model)[1] == 0 and model._opd_flash.calls < hooked)
     # the same math in another layout: bf16 rounding apart; a layout error (heads <-> tokens) is O(1)
     assert rel(v, ref_v) < 1e-2 and rel(grad, ref_grad) < 2e-2
 

@@ -88,14 +88,14 @@ def test_teacher_for_another_base_is_refused(tiny_config, tmp_path):
         Trainer.build(
             tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "flux_lora")}), tmp_path / "a", device="cpu"
         )
-    # a full model folder of another architecture
+    # a full model folder on another latent space (another size alone is a teacher: tests/test_families.py)
     other = load_transformer(ModelConfig(family="sd3", preset="tiny-sd3"), get_family("sd3"))
-    other.register_to_config(num_layers=3)
+    other.register_to_config(in_channels=8)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(
         TeacherError,
-        match=r"teacher of task 'ocr': its architecture differs .*num_layers: student 2 "
-        r"vs teacher 3",
+        match=r"teacher of task 'ocr': it does not share the student's latent space: in_channels: student 4 "
+        r"vs teacher 8",
     ):
         Trainer.build(tiny_config(**{"tasks.1.teacher.path": str(tmp_path / "other")}), tmp_path / "b", device="cpu")
 

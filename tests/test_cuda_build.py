@@ -127,25 +127,30 @@ from opd_fast.ops.opd_step import triton as K
 
 aligned = ["x_ptr", "v_student_ptr", "v_teacher_ptr", "noise_ptr", "coef_ptr", "x_next_ptr", "partial_ptr", "N"]
 fwd = {"x_ptr": "*bf16", "v_student_ptr": "*bf16", "v_teacher_ptr": "*bf16", "noise_ptr": "*bf16", "coef_ptr": "*fp32",
-       "x_next_ptr": "*bf16", "partial_ptr": "*fp32", "B": "i32", "N": "i32", "num_chunks": "i32",
-       "student_guidance": "fp32", "teacher_guidance": "fp32", "STUDENT_CFG": "constexpr", "TEACHER_CFG": "constexpr",
-       "HAS_NOISE": "constexpr", "BLOCK": "constexpr"}
+       "x_next_ptr": "*bf16", "partial_ptr": "*fp32", "sample_ptr": "*bf16", "sq_partial_ptr": "*fp32", "B": "i32",
+       "N": "i32", "num_chunks": "i32", "student_guidance": "fp32", "teacher_guidance": "fp32",
+       "STUDENT_CFG": "constexpr", "TEACHER_CFG": "constexpr", "HAS_NOISE": "constexpr", "LOG_PROB": "constexpr",
+       "OWN_SAMPLE": "constexpr", "BLOCK": "constexpr"}
 bwd = {"v_student_ptr": "*fp16", "v_teacher_ptr": "*fp16", "coef_ptr": "*fp32", "grad_loss_ptr": "*fp32",
-       "grad_loss_stride": "i32", "grad_ptr": "*fp16", "B": "i32", "N": "i32", "student_guidance": "fp32",
-       "teacher_guidance": "fp32", "STUDENT_CFG": "constexpr", "TEACHER_CFG": "constexpr", "BLOCK": "constexpr"}
-loss = {"partial_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "num_chunks": "i32",
-        "BLOCK_C": "constexpr"}
+       "grad_loss_stride": "i32", "grad_ptr": "*fp16", "x_ptr": "*fp16", "sample_ptr": "*fp16", "grad_sq_ptr": "*fp32",
+       "B": "i32", "N": "i32", "student_guidance": "fp32", "teacher_guidance": "fp32", "STUDENT_CFG": "constexpr",
+       "TEACHER_CFG": "constexpr", "LOG_PROB": "constexpr", "BLOCK": "constexpr"}
+loss = {"partial_ptr": "*fp32", "coef_ptr": "*fp32", "loss_ptr": "*fp32", "sq_partial_ptr": "*fp32", "sq_ptr": "*fp32",
+        "B": "i32", "num_chunks": "i32", "LOG_PROB": "constexpr", "BLOCK_C": "constexpr"}
 target = GPUTarget("cuda", 90, 32)
 # the divisibility the JIT specialises on at run time when N % 16 == 0 and the tensors are 16-byte aligned
 attrs = {(list(fwd).index(n),): [["tt.divisibility", 16]] for n in aligned}
-fwd_consts = {"STUDENT_CFG": True, "TEACHER_CFG": True, "HAS_NOISE": True, "BLOCK": 4096}
-ptx = triton.compile(ASTSource(K.opd_step_fwd_kernel, fwd, fwd_consts, attrs), target=target).asm["ptx"]
-assert "ld.global.v4" in ptx and "st.global.v4" in ptx, "forward: no 16-byte loads/stores"
-assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx), "forward: bf16 store does not round to nearest even"
-for cfg in (False, True):
-    consts = {"STUDENT_CFG": cfg, "TEACHER_CFG": not cfg, "BLOCK": 1024}
-    triton.compile(ASTSource(K.opd_step_bwd_kernel, bwd, consts), target=target)
-triton.compile(ASTSource(K.opd_step_loss_kernel, loss, {"BLOCK_C": 64}), target=target)
+for log_prob in (False, True):  # OPD's step, and the stage-1 step with its log-density (stored sample and own)
+    for own in ((False, True) if log_prob else (False,)):
+        fwd_consts = {"STUDENT_CFG": True, "TEACHER_CFG": True, "HAS_NOISE": True, "LOG_PROB": log_prob,
+                      "OWN_SAMPLE": own, "BLOCK": 4096}
+        ptx = triton.compile(ASTSource(K.opd_step_fwd_kernel, fwd, fwd_consts, attrs), target=target).asm["ptx"]
+        assert "ld.global.v4" in ptx and "st.global.v4" in ptx, f"forward (log_prob {log_prob}): no 16-byte loads/stores"
+        assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx), "forward: bf16 store does not round to nearest even"
+    for cfg in (False, True):
+        consts = {"STUDENT_CFG": cfg, "TEACHER_CFG": not cfg, "LOG_PROB": log_prob, "BLOCK": 1024}
+        triton.compile(ASTSource(K.opd_step_bwd_kernel, bwd, consts), target=target)
+    triton.compile(ASTSource(K.opd_step_loss_kernel, loss, {"LOG_PROB": log_prob, "BLOCK_C": 64}), target=target)
 print("triton kernels compiled for sm_90 with triton", triton.__version__)
 """
 

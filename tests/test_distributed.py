@@ -164,7 +164,11 @@ def test_two_ranks_train_like_one_process(runs, single, job):
         json.loads((f / "checkpoints" / f"step_{rounds:08d}" / "state.json").read_text())
         for f in (runs[job], reference)
     ]
-    assert meta[0] == meta[1]
+    measured = ("loss", "max_abs_weight")  # floats of the run, to the rounding of another reduction order
+    assert {k: v for k, v in meta[0].items() if k not in measured} == {
+        k: v for k, v in meta[1].items() if k not in measured
+    }
+    torch.testing.assert_close([meta[0][k] for k in measured], [meta[1][k] for k in measured], rtol=1e-5, atol=0)
     torch.testing.assert_close(losses(runs[job]), losses(reference), rtol=1e-5, atol=0, equal_nan=True)
     assert probe(runs[job], 0)["rounds_trained"] == rounds - (ROUNDS // 2 if job.endswith("_resumed") else 0)
 

@@ -29,9 +29,12 @@ def pipeline_sigmas(family, folder, resolution: int) -> tuple[torch.Tensor, int]
         max_sequence_length=8,
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
+        **({"num_frames": family.num_frames} if hasattr(family, "num_frames") else {}),  # a video family
     )
-    assert out.images.shape[1:] == family.latent_shape(pipe.transformer, 1, resolution)[1:]
-    return pipe.scheduler.sigmas.float(), family.image_tokens(pipe.transformer, resolution)
+    latents = out.frames if hasattr(out, "frames") else out.images  # a video pipeline's output holds frames
+    assert latents.shape[1:] == family.latent_shape(pipe.transformer, 1, resolution)[1:]
+    # (Wan: UniPC's first sigma 1 - 1e-6, which the rollout puts back to 1; Family.rollout_grid)
+    return family.rollout_grid(pipe.scheduler.sigmas.float()), family.image_tokens(pipe.transformer, resolution)
 
 
 def with_scheduler_config(src, dst, **changes):

@@ -139,11 +139,10 @@ def test_exported_lora_merges_as_the_familys_pipeline_fuses_it(family, tmp_path)
     """Any family: the student's LoRA exported for the family's pipeline (opd_fast.checkpoint), read back as a teacher,
     gives the velocity of the pipeline's own load_lora_weights + fuse_lora; alpha / r = 2 kept."""
     from opd_fast.checkpoint import export_diffusers_lora
-    from opd_fast.models import Conditioning
 
     base = load_transformer(ModelConfig(family=family.name, preset=family.tiny_preset), family)
     student = copy.deepcopy(base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(OFFICIAL_LORA_TARGETS))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(family.lora_targets))
     student.add_adapter(config)
     randomize_lora(student, seed=4)
     export_diffusers_lora(student, config, family, tmp_path / "lora")
@@ -159,14 +158,8 @@ def test_exported_lora_merges_as_the_familys_pipeline_fuses_it(family, tmp_path)
     teacher = load_teacher("ocr", TeacherConfig(path=str(tmp_path / "lora")), base, family).model
 
     g = torch.Generator().manual_seed(0)
-    dim, pooled = base.config.joint_attention_dim, base.config.pooled_projection_dim
     x = torch.randn(family.latent_shape(base, 2, 64), generator=g)
-    cond = Conditioning(
-        torch.randn(2, 5, dim, generator=g),
-        torch.randn(2, pooled, generator=g),
-        torch.randn(1, 5, dim, generator=g),
-        torch.randn(1, pooled, generator=g),
-    )
+    cond = family.random_conditioning(base, 2, 5, g)
     sigma = torch.tensor([0.8, 0.3])
     with torch.no_grad():
         expected, _ = family.velocity(pipe.transformer, x, sigma, cond, 4.5)
@@ -232,9 +225,12 @@ def test_lora_with_other_targets_names_the_teacher(base, tmp_path):
         load_teacher("aesthetic", TeacherConfig(path=str(tmp_path / "t")), base, SD3)
 
 
-def test_full_model_of_another_architecture_names_the_teacher(base, tmp_path):
-    other_base(num_layers=3).save_pretrained(tmp_path / "full")
-    with pytest.raises(TeacherError, match=r"teacher of task 'geneval'.*num_layers: student 2 vs teacher 3"):
+def test_full_model_of_another_latent_space_names_the_teacher(base, tmp_path):
+    """Another size is a teacher (tests/test_families.py); another latent space is not."""
+    other_base(in_channels=8, out_channels=8).save_pretrained(tmp_path / "full")
+    with pytest.raises(
+        TeacherError, match=r"teacher of task 'geneval'.*latent space.*in_channels: student 4 vs teacher 8"
+    ):
         load_teacher("geneval", TeacherConfig(path=str(tmp_path / "full")), base, SD3)
 
 

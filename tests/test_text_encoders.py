@@ -27,21 +27,42 @@ MSL = 16  # T5 tokens; the pipelines' defaults (256 / 512) work too but cost mor
 
 def reference_encode(family, folder, prompts: list[str]):
     """The text conditioning the whole pipeline (loaded in full) gives its transformer when it samples the whole list
-    at once, without CFG: its own encode_prompt, called its own way, with no batching."""
+    at once, without CFG: its own encode_prompt, called its own way, with no batching. (embeds, pooled) for a family
+    with a pooled input; for a mask family (Qwen-Image, Wan, Z-Image), each prompt's tokens as its transformer sees
+    them (trimmed, masked or listed) and None."""
     pipe = family.pipeline_class.from_pretrained(folder, local_files_only=True)
     seen = []
-    pipe.transformer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(lambda _, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     with torch.no_grad():
         pipe(
             prompt=prompts,
             num_inference_steps=1,
-            guidance_scale=1.0,
+            guidance_scale=family.no_guidance,
             height=64,
             width=64,
             output_type="latent",
             max_sequence_length=MSL,
         )
-    return seen[0]["encoder_hidden_states"], seen[0]["pooled_projections"]
+    args, kwargs = seen[0]
+    if "pooled_projections" in kwargs:
+        return kwargs["encoder_hidden_states"], kwargs["pooled_projections"]
+    if args:  # Z-Image: (latents, timestep, a list of each prompt's tokens)
+        return list(args[2][: len(prompts)]), None
+    embeds, mask = kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")
+    if mask is None:  # Qwen-Image drops an all-ones mask; Wan feeds the zero padding (rows of zeros) unmasked
+        mask = embeds.abs().sum(-1) > 0 if "img_shapes" not in kwargs else torch.ones(embeds.shape[:2], dtype=bool)
+    return [e[m.bool()] for e, m in zip(embeds, mask)], None
+
+
+def assert_same_text(stored_embeds, stored_second, ref_embeds, ref_pooled):
+    if ref_pooled is not None:
+        torch.testing.assert_close(stored_embeds, ref_embeds)
+        torch.testing.assert_close(stored_second, ref_pooled)
+        return
+    assert len(ref_embeds) == len(stored_embeds)
+    for e, m, ref in zip(stored_embeds, stored_second, ref_embeds):
+        torch.testing.assert_close(e[m > 0.5], ref)
+        assert not e[m <= 0.5].any()  # padding is zeros
 
 
 @every_family
@@ -62,10 +83,10 @@ def test_cache_equals_pipeline_encode_prompt(family, tiny_pipelines, tmp_path):
     assert stored["embeds"].shape == (len(PROMPTS), family.text_tokens(MSL), 32)  # SD3: CLIP's 77 before T5's
     assert stored["embeds"].dtype == torch.float32
     # Batches of 3 vs one batch of 5: the same up to float32 summation order.
-    torch.testing.assert_close(stored["embeds"], ref_embeds[:-1])
-    torch.testing.assert_close(stored["pooled"], ref_pooled[:-1])
-    torch.testing.assert_close(stored["negative_embeds"], ref_embeds[-1:])
-    torch.testing.assert_close(stored["negative_pooled"], ref_pooled[-1:])
+    last = None if ref_pooled is None else ref_pooled[:-1]
+    assert_same_text(stored["embeds"], stored["pooled"], ref_embeds[:-1], last)
+    last = None if ref_pooled is None else ref_pooled[-1:]
+    assert_same_text(stored["negative_embeds"], stored["negative_pooled"], ref_embeds[-1:], last)
     torch.testing.assert_close(encoded.embeds, stored["embeds"])
 
     # A cache hit never loads the encoders.
@@ -185,5 +206,8 @@ def test_every_from_pretrained_loads_at_model_dtype(family, tiny_pipelines):
         transformer = load_transformer(model_cfg, family)
         teacher = load_teacher("t", TeacherConfig(path=str(folder), format="full"), transformer, family).model
         pipe = PipelineTextEncoder(folder, family, torch.bfloat16, "cpu").load()
-    modules = [transformer, teacher, pipe.text_encoder, pipe.text_encoder_2]
-    assert {p.dtype for m in modules for p in m.parameters()} == {torch.bfloat16}
+    modules = [transformer, teacher] + [getattr(pipe, c) for c in family.text_components if "encoder" in c]
+    # (a model's _keep_in_fp32_modules stay fp32 by design: Wan's time embedder, norms and modulation tables)
+    kept = [(m, set(getattr(m, "_keep_in_fp32_modules", None) or ())) for m in modules]
+    dtypes = {p.dtype for m, keep in kept for n, p in m.named_parameters() if not keep & set(n.split("."))}
+    assert dtypes == {torch.bfloat16}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import capture_round_gradient, every_family, sd3_pipeline_output, tiny_sd3_inputs
+from conftest import capture_round_gradient, every_family, sd3_pipeline_output, tiny_sd3_inputs, video_overrides
 
 from opd_fast.checkpoint import list_checkpoints
 from opd_fast.config import ConfigError, EMAConfig
@@ -227,7 +227,8 @@ def test_student_trains_from_a_local_folder(family, tmp_path):
     tiny = ModelConfig(family=family.name, preset=family.tiny_preset)
     base = load_transformer(tiny, family)
     base.save_pretrained(tmp_path / family.name / "transformer")
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v"], init_lora_weights="gaussian")
+    targets = list(family.lora_targets)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian")
     teacher = get_peft_model(load_transformer(tiny, family), lora)
     with torch.no_grad():
         for n, p in teacher.named_parameters():
@@ -241,7 +242,7 @@ def test_student_trains_from_a_local_folder(family, tmp_path):
     cfg = config_from_dict(
         {
             "model": {"family": family.name, "path": str(tmp_path / family.name), "preset": None},
-            "student": {"guidance": 3.5, "lora": {"rank": 4, "alpha": 8}},
+            "student": {"guidance": 3.5, "lora": {"rank": 4, "alpha": 8, "targets": targets}},
             "tasks": [
                 {
                     "name": "t",
@@ -249,7 +250,7 @@ def test_student_trains_from_a_local_folder(family, tmp_path):
                     "teacher": {"path": str(tmp_path / "teacher"), "guidance": 3.5},
                 }
             ],
-            "sampling": {"num_steps": 3, "resolution": 64},
+            "sampling": {"num_steps": 3, "resolution": 64, **video_overrides(family)},
             "train": {"rounds": 2, "micro_batch_size": 2},
             "logging": {"progress": False, "tensorboard": False},
         }

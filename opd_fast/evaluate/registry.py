@@ -11,6 +11,7 @@ import inspect
 
 from opd_fast.evaluate import geneval, remote, rewards  # noqa: F401  (imported for their @register side effect)
 from opd_fast.evaluate.base import REWARDS, Reward, RewardError
+from opd_fast.stage1 import rewards as stage1_rewards  # noqa: F401  (`demo`: the demo world's rewards)
 
 __all__ = ["REWARDS", "build_reward"]
 

@@ -2,8 +2,12 @@
 student (the run's exported LoRA, through `load_lora_weights`), its EMA, the base model, or any task's teacher.
 
 Order of work, so that no two large models need to be resident at once: the prompts (and the negative prompt) are
-encoded with the pipeline's own text encoders (opd_fast.text_encoders), which are then freed; the pipeline is
-loaded without text encoders, given the model's weights, and run on the cached embeddings.
+encoded as training encodes them (prompts.encoder: the pipeline's own text encoders, opd_fast.text_encoders, which
+are then freed; or the built-in encoder), so the student sees what it was trained on; the pipeline is loaded
+without text encoders, given the model's weights, and run on the cached embeddings.
+
+The pipeline folder is model.path, or eval.pipeline where the model is a preset (the tiny default: its folder
+holds the VAE and scheduler, and the transformer is the preset's seeded one, as in training).
 
 Seeds are per prompt index (seed + index, drawn on a CPU generator): image i is the same whatever the batch size,
 the device or which other prompts are sampled with it.
@@ -24,7 +28,7 @@ import torch
 
 from opd_fast import attention
 from opd_fast.config import ConfigError, RunConfig
-from opd_fast.families import Family, get_family
+from opd_fast.families import Family, family_for_run
 from opd_fast.models import DTYPES
 from opd_fast.prompts import PromptSet
 from opd_fast.text_encoders import PipelineTextEncoder, check_pipeline_folder
@@ -99,8 +103,14 @@ def make_grid(images: list, columns: int | None = None):
     return grid
 
 
-def _encode(cfg: RunConfig, family: Family, prompts: list[str], device) -> tuple[torch.Tensor, ...]:
-    """(embeds, pooled, negative_embeds, negative_pooled) with the pipeline's text encoders, which are then freed."""
+def _encode(cfg: RunConfig, family: Family, prompts: list[str], device, transformer) -> tuple[torch.Tensor, ...]:
+    """(embeds, pooled, negative_embeds, negative_pooled) as training encodes them: the built-in encoder at the
+    transformer's widths, or the pipeline's text encoders, which are then freed."""
+    if cfg.prompts.encoder == "builtin":
+        encode, _ = family.builtin_text_encoder(transformer, cfg.prompts.max_tokens)
+        embeds, pooled = encode(prompts)
+        negative, negative_pooled = encode([cfg.prompts.negative_prompt])
+        return embeds, pooled, negative, negative_pooled
     encoder = PipelineTextEncoder(
         cfg.model.path,
         family,
@@ -124,10 +134,13 @@ def sample(
     device: str | None = None,
 ) -> Path:
     """Generate one image per prompt of `prompt_set` into `out_dir`; returns out_dir."""
-    if cfg.model.path is None:
-        raise ConfigError("sample: needs model.path, a local diffusers pipeline folder (its VAE decodes the images)")
-    family = get_family(cfg.model.family)
-    folder = check_pipeline_folder(cfg.model.path, family)
+    if cfg.model.path is None and cfg.eval.pipeline is None:
+        raise ConfigError(
+            "sample: needs model.path, a local diffusers pipeline folder (its VAE decodes the images), or "
+            "eval.pipeline (such a folder) beside model.preset"
+        )
+    family = family_for_run(cfg)
+    folder = check_pipeline_folder(cfg.model.path or cfg.eval.pipeline, family)
     attention.check(cfg.model.attention)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.model.dtype]
@@ -136,13 +149,17 @@ def sample(
     resolution = settings.resolution or cfg.sampling.resolution
     run_dir = Path(run_dir) if run_dir is not None else None
 
-    embeds, pooled, negative, negative_pooled = _encode(cfg, family, prompt_set.prompts, device)
-    without_text = dict.fromkeys(family.text_components)  # the embeddings above stand in for the encoders
+    without_text = dict.fromkeys(family.text_components)  # the embeddings below stand in for the encoders
+    if cfg.model.path is None:  # a preset: its seeded transformer, as training builds it
+        from opd_fast.models import load_transformer
+
+        without_text["transformer"] = load_transformer(cfg.model, family)
     pipe = family.pipeline_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **without_text)
+    embeds, pooled, negative, negative_pooled = _encode(cfg, family, prompt_set.prompts, device, pipe.transformer)
     weights, own_guidance = load_model_into(pipe, cfg, family, settings.model, run_dir)
     attention.use_backend(pipe.transformer, cfg.model.attention)
     guidance = settings.guidance if settings.guidance is not None else own_guidance
-    guidance = 1.0 if guidance is None else guidance  # no CFG, or a guidance embedding of 1.0
+    guidance = family.no_guidance if guidance is None else guidance  # no CFG, or a guidance embedding of 1.0
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -158,17 +175,19 @@ def sample(
             pooled[idx].to(device, dtype),
             negative.to(device, dtype),
             negative_pooled.to(device, dtype),
+            guidance,
         )
         with torch.no_grad():
-            images = pipe(
-                **text,
-                num_inference_steps=settings.num_steps,
-                guidance_scale=guidance,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type="pil",
-            ).images
+            images = family.output_images(
+                pipe(
+                    **text,
+                    num_inference_steps=settings.num_steps,
+                    height=resolution,
+                    width=resolution,
+                    generator=generators,
+                    output_type="pil",
+                )
+            )
         for i, image in zip(idx, images):
             file = f"images/{i:05d}.png"
             image.save(out_dir / file)

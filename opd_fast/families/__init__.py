@@ -57,7 +57,13 @@ def model_family(model) -> Family:
             f"model.preset: {model.preset!r} is not a preset of model.family {family.name!r} "
             f"(its presets: {', '.join(family.presets)})"
         )
+    family.check_model(model)  # a pipeline folder in a layout the family cannot train yet (Wan 2.2's two experts)
     return family
+
+
+def family_for_run(cfg) -> Family:
+    """The family of a run config, checked (model_family) and set up by its sampling section (a video's length)."""
+    return model_family(cfg.model).for_run(cfg.sampling)
 
 
 def preset_arch(preset: str, layers: int | None = None) -> tuple[Family, dict]:
@@ -70,4 +76,4 @@ def preset_arch(preset: str, layers: int | None = None) -> tuple[Family, dict]:
     return family, kwargs if layers is None else family.cut_blocks(kwargs, layers)
 
 
-__all__ = ["FAMILIES", "PRESETS", "Family", "get_family", "model_family", "preset_arch"]
+__all__ = ["FAMILIES", "PRESETS", "Family", "family_for_run", "get_family", "model_family", "preset_arch"]

@@ -117,8 +117,9 @@ class Flux(Family):
     def text_tokens(self, max_sequence_length: int | None = None) -> int:
         return max_sequence_length or self.default_max_sequence_length  # T5's alone (CLIP gives only the pooled)
 
-    def sampling_inputs(self, embeds, pooled, negative_embeds, negative_pooled) -> dict:
-        return dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)  # guidance-distilled: no negative branch
+    def sampling_inputs(self, embeds, pooled, negative_embeds, negative_pooled, guidance) -> dict:
+        # guidance-distilled: no negative branch, the scale goes into the guidance embedding
+        return dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=guidance)
 
     def tiny_pipeline(self, transformer, parts):
         """CLIP-L hidden 32 = pooled_projection_dim (FLUX pools CLIP's hidden state, no projection); T5's d_model

@@ -118,13 +118,14 @@ class SD3(Family):
     def text_tokens(self, max_sequence_length: int | None = None) -> int:
         return CLIP_TOKENS + (max_sequence_length or self.default_max_sequence_length)
 
-    def sampling_inputs(self, embeds, pooled, negative_embeds, negative_pooled) -> dict:
+    def sampling_inputs(self, embeds, pooled, negative_embeds, negative_pooled, guidance) -> dict:
         batch = embeds.shape[0]
         return dict(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
             negative_prompt_embeds=negative_embeds.expand(batch, -1, -1),
             negative_pooled_prompt_embeds=negative_pooled.expand(batch, -1),
+            guidance_scale=guidance,
         )
 
     def tiny_pipeline(self, transformer, parts):

@@ -6,7 +6,10 @@
                 (opd_fast._C_cuda) and "cpp" (opd_fast._C), the last two built from csrc/
     triton.py   the Triton kernels
 
-"auto" picks the fastest backend available for the tensors' device. The loss's modes (noise level, KL
+"auto" picks the fastest backend available for the tensors' device. log_prob=True also returns the log-density of the
+next state under the student's transition (naive.py has the math; Flow-GRPO's rollouts and ratios use it): the
+reference and triton compute it, cpp and cuda refuse it by name, and "auto" for a spec that needs it
+(LossSpec.log_prob) picks among the backends that have it. The loss's modes (noise level, KL
 normalization, reduction, estimator, backend) travel as one frozen LossSpec, built once per run from the config
 (`LossSpec.from_config`) or once per call by `opd_step`; the tensors and the guidance stay per call.
 """
@@ -31,15 +34,24 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [name for name in fused.backend_order(device) if fused.backend_available(name, device)] + ["reference"]
 
 
-def resolve_backend(backend: str, device: torch.device | str, estimator: str = "closed_form") -> str:
+def resolve_backend(
+    backend: str, device: torch.device | str, estimator: str = "closed_form", log_prob: bool = False
+) -> str:
+    """The backend that runs: `backend` checked, or for "auto" the fastest available on `device` that computes what
+    is asked (log_prob: the log-density too)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if estimator != "closed_form":
         if backend not in ("auto", "reference"):
             raise ValueError(f"estimator={estimator!r} runs on the reference backend only, not {backend!r}")
         return "reference"
+    if log_prob and backend not in ("auto", "reference", *fused.LOG_PROB_BACKENDS):
+        raise ValueError(_no_log_prob(backend))
     if backend == "auto":
-        return available_backends(device)[0]
+        usable = available_backends(device)
+        if log_prob:
+            usable = [name for name in usable if name in ("reference", *fused.LOG_PROB_BACKENDS)]
+        return usable[0]
     # checked directly, not via available_backends: an explicit request may name a backend that "auto" never picks
     # on this device (triton on CPU tensors under TRITON_INTERPRET=1, for tests)
     if backend != "reference" and not fused.backend_available(backend, device):
@@ -58,6 +70,7 @@ class LossSpec:
     reduction: str = "sum"
     estimator: str = "closed_form"
     backend: str = "reference"  # resolved: never "auto"
+    log_prob: bool = False  # the caller asks for log-probabilities: the backend must compute them
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -68,6 +81,8 @@ class LossSpec:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.log_prob and self.backend not in ("reference", *fused.LOG_PROB_BACKENDS):
+            raise ValueError(_no_log_prob(self.backend))
 
     @classmethod
     def resolve(
@@ -79,10 +94,10 @@ class LossSpec:
         reduction="sum",
         estimator="closed_form",
         backend="auto",
+        log_prob=False,
     ) -> LossSpec:
-        return cls(
-            float(noise_level), kl_normalization, reduction, estimator, resolve_backend(backend, device, estimator)
-        )
+        backend = resolve_backend(backend, device, estimator, log_prob)
+        return cls(float(noise_level), kl_normalization, reduction, estimator, backend, log_prob)
 
     @classmethod
     def from_config(cls, loss, sampling, device) -> LossSpec:
@@ -118,10 +133,17 @@ class LossSpec:
         student_guidance=None,
         teacher_guidance=None,
         coef: torch.Tensor | None = None,
+        log_prob: bool = False,
+        sample: torch.Tensor | None = None,
     ):
         """opd_step with this spec's modes. coef: this step's rows of coefficient_table, (4, B), for the fused
-        backends (the reference computes from sigma, the values the table was made from)."""
-        _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance)
+        backends (the reference computes from sigma, the values the table was made from). log_prob, sample: as
+        opd_step's."""
+        _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance, sample)
+        if log_prob and self.backend not in ("reference", *fused.LOG_PROB_BACKENDS):
+            raise ValueError(_no_log_prob(self.backend))
+        if sample is not None and not log_prob:
+            raise ValueError("opd_step: `sample` is the state whose log-density is asked: pass log_prob=True with it")
         guidance = dict(student_guidance=student_guidance, teacher_guidance=teacher_guidance)
         if self.backend == "reference":
             return naive.opd_step_reference(
@@ -135,9 +157,23 @@ class LossSpec:
                 kl_normalization=self.kl_normalization,
                 reduction=self.reduction,
                 estimator=self.estimator,
+                log_prob=log_prob,
+                sample=sample,
                 **guidance,
             )
-        return fused.opd_step_fused(self, x, v_student, v_teacher, noise, sigma, sigma_next, coef=coef, **guidance)
+        return fused.opd_step_fused(
+            self,
+            x,
+            v_student,
+            v_teacher,
+            noise,
+            sigma,
+            sigma_next,
+            coef=coef,
+            log_prob=log_prob,
+            sample=sample,
+            **guidance,
+        )
 
 
 def opd_step(
@@ -155,13 +191,21 @@ def opd_step(
     student_guidance: float | None = None,
     teacher_guidance: float | None = None,
     estimator: str = "closed_form",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    log_prob: bool = False,
+    sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """One student transition x -> x_next and the per-sample OPD loss against the teacher.
 
     x, noise: (B, ...) latents, (B, C, H, W) or packed (B, tokens, D). v_student, v_teacher: the same shape, or
     (2B, ...) = [unconditional; conditional] when the matching *_guidance is given (CFG fused into the op).
     sigma, sigma_next: (B,) so each sample may sit at its own step. Returns x_next (detached, x.dtype) and loss
     (B,) float32 whose gradient reaches v_student only. See opd_fast/ops/opd_step/naive.py for the math.
+
+    v_teacher=None: no teacher (a stage-1 rollout); the loss is 0. log_prob=True: returns (x_next, loss, log_prob),
+    log_prob (B,) float32 = log p(x' | x) under the student's Gaussian transition, gradient to v_student, x' =
+    `sample` (B, ...) when given (a stored state: the recompute of a ratio), else x_next as returned; summed over
+    the latent elements, or averaged with reduction="mean" (Flow-GRPO's); 0 for an ODE step. Backends reference and
+    triton; cpp and cuda refuse it.
     """
     spec = LossSpec.resolve(
         noise_level,
@@ -170,6 +214,7 @@ def opd_step(
         reduction=reduction,
         estimator=estimator,
         backend=backend,
+        log_prob=log_prob,
     )
     key = (spec.backend, str(x.device))
     if key not in _announced:
@@ -184,18 +229,30 @@ def opd_step(
         sigma_next,
         student_guidance=student_guidance,
         teacher_guidance=teacher_guidance,
+        log_prob=log_prob,
+        sample=sample,
     )
 
 
-def _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance):
+def _no_log_prob(backend: str) -> str:
+    return (
+        f"opd_step: the {backend} backend does not compute log_prob; use backend 'triton' (CUDA tensors, or CPU ones "
+        "under TRITON_INTERPRET=1) or 'reference' (or 'auto', which picks one of them)"
+    )
+
+
+def _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance, sample=None):
     B = x.shape[0]
     for name, v, guided in (("v_student", v_student, student_guidance), ("v_teacher", v_teacher, teacher_guidance)):
+        if v is None and name == "v_teacher":
+            continue
         want = (2 * B,) + tuple(x.shape[1:]) if guided is not None else tuple(x.shape)
         if tuple(v.shape) != want:
             extra = " ([uncond; cond] stacked, since its guidance is set)" if guided is not None else ""
             raise ValueError(f"opd_step: {name} has shape {tuple(v.shape)}, expected {want}{extra}")
-    if noise.shape != x.shape:
-        raise ValueError(f"opd_step: noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    for name, t in (("noise", noise), ("sample", sample)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"opd_step: {name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
     for name, s in (("sigma", sigma), ("sigma_next", sigma_next)):
         if tuple(s.shape) != (B,):
             raise ValueError(f"opd_step: {name} has shape {tuple(s.shape)}, expected ({B},)")

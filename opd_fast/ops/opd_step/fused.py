@@ -25,6 +25,9 @@ from opd_fast.ops.opd_step import naive
 # backend -> the module of its kernels; each has forward(...) and backward(...) as documented at `launchers`
 KERNEL_MODULES = {"triton": "opd_fast.ops.opd_step.triton", "cuda": "opd_fast._C_cuda", "cpp": "opd_fast._C"}
 FUSED_BACKENDS = tuple(KERNEL_MODULES)
+# Fused backends whose launchers also compute the log-density (sq, sq_partial, sample / x, sample, grad_sq keywords).
+# cpp and cuda do not: opd_step refuses log_prob there by name (the csrc kernels keep their calling convention).
+LOG_PROB_BACKENDS = ("triton",)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` in the repository"
 
@@ -181,10 +184,27 @@ class OpdStep(torch.autograd.Function):
 
     All arithmetic in fp32 whatever the storage dtype. noise=None means it is not read (ODE: every sbar is 0).
     Only v_student gets a gradient (the teacher is a constant; x's terms cancel in mu_S - mu_T).
+
+    With log_prob_scalars = (scale, const) (B,) float32 (naive.log_prob_scalars) a third output is returned:
+
+        log_prob[b] = scale[b] sum_n (x'[b] - mu_S[b])^2 + const[b]        x' = sample, or x_next as stored
+        dL/dv_s    += g_lp[b] scale[b] (-2 v_coef[b]) (x'[b] - mu_S[b])
     """
 
     @staticmethod
-    def forward(ctx, x, v_student, v_teacher, noise, coef, backend, student_guidance, teacher_guidance):
+    def forward(
+        ctx,
+        x,
+        v_student,
+        v_teacher,
+        noise,
+        coef,
+        backend,
+        student_guidance,
+        teacher_guidance,
+        log_prob_scalars=None,
+        sample=None,
+    ):
         chunk_fn, forward, _ = launchers(backend)
         B, device = x.shape[0], x.device
         x_dtype = _kernel_dtype(x.dtype, x.dtype if noise is None else noise.dtype)
@@ -196,9 +216,21 @@ class OpdStep(torch.autograd.Function):
         noise_rows = None if noise is None else _as_rows(noise, B, x_dtype)
         chunk = chunk_fn(B, N, device)
 
-        x_next = _empty((B, N), x_dtype, device)
+        log_prob = log_prob_scalars is not None
+        # log_prob: x_next is written in the dtype it is returned in (triton stores any dtype), so the residual of
+        # the log-density is taken against exactly the state a caller keeps and later passes back as `sample`
+        out_dtype = x.dtype if log_prob and x.dtype in _KERNEL_DTYPES else x_dtype
+        x_next = _empty((B, N), out_dtype, device)
         partial = _empty((B, -(-N // chunk)), torch.float32, device)
         loss = _empty((B,), torch.float32, device)
+        extra = {}
+        if log_prob:
+            # x' as stored: the sample in x's storage dtype, as a rollout would have stored it
+            sample_rows = None if sample is None else _as_rows(sample, B, x_dtype)
+            extra = dict(
+                sq=_empty((B,), torch.float32, device), sq_partial=_empty(partial.shape, torch.float32, device)
+            )
+            extra["sample"] = sample_rows
         forward(
             x_rows,
             v_student_rows,
@@ -211,28 +243,42 @@ class OpdStep(torch.autograd.Function):
             partial,
             loss,
             chunk,
+            **extra,
         )
 
-        ctx.save_for_backward(v_student_rows, v_teacher_rows, coef)  # the backward re-reads the velocities
-        ctx.backend, ctx.chunk = backend, chunk
+        saved = [v_student_rows, v_teacher_rows, coef]  # the backward re-reads the velocities
+        if log_prob:  # ... and for the log-density the state, x' and the scale
+            saved += [x_rows, x_next if sample_rows is None else sample_rows, log_prob_scalars[0]]
+        ctx.save_for_backward(*saved)
+        ctx.backend, ctx.chunk, ctx.log_prob = backend, chunk, log_prob
         ctx.guidance = (student_guidance, teacher_guidance)
         ctx.v_student_meta = (v_student.shape, v_student.dtype)
         ctx.set_materialize_grads(False)
         x_next = x_next.view(x.shape).to(x.dtype)
         ctx.mark_non_differentiable(x_next)
-        return x_next, loss
+        if not log_prob:
+            return x_next, loss
+        scale, const = log_prob_scalars
+        return x_next, loss, scale * extra["sq"] + const
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_x_next, grad_loss):
-        none = (None,) * 8
-        if grad_loss is None or not ctx.needs_input_grad[1]:
+    def backward(ctx, grad_x_next, grad_loss, grad_log_prob=None):
+        none = (None,) * 10
+        if (grad_loss is None and grad_log_prob is None) or not ctx.needs_input_grad[1]:
             return none
         _, _, backward = launchers(ctx.backend)
-        v_student_rows, v_teacher_rows, coef = ctx.saved_tensors
+        v_student_rows, v_teacher_rows, coef = ctx.saved_tensors[:3]
+        B = coef.shape[1]
+        if grad_loss is None:
+            grad_loss = torch.zeros(B, device=coef.device)
+        extra = {}
+        if ctx.log_prob and grad_log_prob is not None:
+            x_rows, sample_rows, scale = ctx.saved_tensors[3:]
+            extra = dict(x=x_rows, sample=sample_rows, grad_sq=(grad_log_prob.float() * scale).contiguous())
         grad = _empty(v_student_rows.shape, v_student_rows.dtype, v_student_rows.device)
         # grad_loss keeps its strides: loss.sum() gives a stride-0 expand of ones, which the kernels read as is.
-        backward(v_student_rows, v_teacher_rows, coef, grad_loss.float(), *ctx.guidance, grad, ctx.chunk)
+        backward(v_student_rows, v_teacher_rows, coef, grad_loss.float(), *ctx.guidance, grad, ctx.chunk, **extra)
         shape, dtype = ctx.v_student_meta
         return (None, grad.view(shape).to(dtype)) + none[2:]
 
@@ -266,15 +312,34 @@ def step_coefficients(spec, sigma, sigma_next, numel, cache=True):
 
 
 def opd_step_fused(
-    spec, x, v_student, v_teacher, noise, sigma, sigma_next, *, student_guidance=None, teacher_guidance=None, coef=None
+    spec,
+    x,
+    v_student,
+    v_teacher,
+    noise,
+    sigma,
+    sigma_next,
+    *,
+    student_guidance=None,
+    teacher_guidance=None,
+    coef=None,
+    log_prob=False,
+    sample=None,
 ):
     """opd_step on the fused backend and with the modes of `spec` (a LossSpec whose backend opd_step's dispatch
     resolved, availability checked). coef: the (4, B) per-sample scalars when the caller has them
-    (LossSpec.coefficient_table); else computed here."""
+    (LossSpec.coefficient_table); else computed here. v_teacher None: the student's own velocity stands in (the
+    loss is then exactly 0). log_prob: a third output, the log-density (OpdStep)."""
     if spec.backend not in KERNEL_MODULES:
         raise ValueError(f"unknown fused backend {spec.backend!r}; fused backends are {FUSED_BACKENDS}")
     if coef is None:
         coef = step_coefficients(spec, sigma.to(x.device), sigma_next.to(x.device), x[0].numel())
+    if v_teacher is None:
+        v_teacher, teacher_guidance = v_student.detach(), student_guidance
     # noise_level == 0 makes every sbar exactly 0: skip reading noise (a fifth of the forward's traffic)
     noise = noise if float(spec.noise_level) != 0 else None
-    return OpdStep.apply(x, v_student, v_teacher, noise, coef, spec.backend, student_guidance, teacher_guidance)
+    scalars = naive.log_prob_scalars(coef[2], x[0].numel(), spec.reduction) if log_prob else None
+    args = (x, v_student, v_teacher, noise, coef, spec.backend, student_guidance, teacher_guidance)
+    if not log_prob:
+        return OpdStep.apply(*args)
+    return OpdStep.apply(*args, scalars, sample)

@@ -19,9 +19,21 @@ Loss per sample (mu_S - mu_T = v_coef (v_S - v_T), the x terms cancel):
     SDE official  ||mu_S - mu_T||^2 / (2 std_t^2)      the released code's denominator (= KL * |dt|)
     ODE           0.5 ||mu_S - mu_T||^2                chosen per sample by sbar == 0, never by a flag
 reduction "mean" divides by the number of latent elements per sample (the released code's mean over C, H, W).
+
+Log-probability (log_prob=True; Flow-GRPO's per-step log-likelihood, the PPO-style estimator's rho), per sample:
+    log p   = -||x' - mu_S||^2 / (2 sbar^2) - N log sbar - N/2 log(2 pi)     N = latent elements, "sum"
+    x'      = `sample` when given (a stored rollout state, under a policy that may since have moved), else the
+              op's own x_next AS STORED (rounded to x.dtype): the rollout's value and a later recompute against the
+              stored state then agree exactly, so the importance ratio is exactly 1 on-policy in bf16 too (the
+              official code compared a bf16-rounded state with an fp32 one and drifted off 1)
+    "mean"  divides the whole sum, constants included, by N: Flow-GRPO's mean over C, H, W
+    ODE     sbar == 0: log p = 0 and no gradient (a deterministic step carries no likelihood; its ratio is 1)
+Gradient (x' is a constant): d log p / d v_S = v_coef (x' - mu_S) / sbar^2 (/ N for "mean"), through CFG as the KL's.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -56,6 +68,18 @@ def loss_weight(v_coef, sbar, std_t, numel: int, kl_normalization: str = "exact"
     return w / numel if reduction == "mean" else w
 
 
+def log_prob_scalars(sbar: torch.Tensor, numel: int, reduction: str = "sum"):
+    """(scale, const) (B,) float32 with log p = scale * ||x' - mu_S||^2 + const; both 0 where sbar == 0 (ODE)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    sde = sbar > 0
+    safe = torch.where(sde, sbar, torch.ones_like(sbar))
+    per = 1.0 / numel if reduction == "mean" else 1.0
+    scale = torch.where(sde, -0.5 / safe**2 * per, torch.zeros_like(sbar))
+    const = torch.where(sde, -(torch.log(safe) + 0.5 * math.log(2 * math.pi)) * (numel * per), torch.zeros_like(sbar))
+    return scale, const
+
+
 def apply_cfg(v: torch.Tensor, guidance: float | None) -> torch.Tensor:
     """v is (2B, ...) = [unconditional; conditional] when guidance is set: v_u + w (v_c - v_u)."""
     if guidance is None:
@@ -78,11 +102,20 @@ def opd_step_reference(
     student_guidance: float | None = None,
     teacher_guidance: float | None = None,
     estimator: str = "closed_form",
+    log_prob: bool = False,
+    sample: torch.Tensor | None = None,
 ):
-    """Reference opd_step: returns (x_next detached in x.dtype, loss (B,) float32 with grad to v_student)."""
+    """Reference opd_step: returns (x_next detached in x.dtype, loss (B,) float32 with grad to v_student), and with
+    log_prob=True also log p(x' | x) (B,) float32 with grad to v_student (module docstring). v_teacher=None: no
+    teacher (a stage-1 rollout): the loss is 0."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     v_s = apply_cfg(v_student, student_guidance).float()
+    no_teacher = v_teacher is None
+    if no_teacher:
+        if estimator != "closed_form":
+            raise ValueError(f"estimator={estimator!r} needs a teacher (v_teacher is None)")
+        v_teacher, teacher_guidance = v_s, None
     v_t = apply_cfg(v_teacher, teacher_guidance).float().detach()
     xf = x.float()
     B = x.shape[0]
@@ -107,7 +140,14 @@ def opd_step_reference(
         # the surrogate rho * KL adds the score-function term KL * grad log p to the closed-form gradient.
         if bool((sbar <= 0).any()):
             raise ValueError("estimator='ppo' needs an SDE step (noise_level > 0): log p is undefined for the ODE")
-        log_prob = -(x_next.flatten(1) - student_mean.flatten(1)).pow(2).sum(1) / (2 * sbar**2)
-        ratio = torch.exp(log_prob - log_prob.detach())
+        ppo_log_prob = -(x_next.flatten(1) - student_mean.flatten(1)).pow(2).sum(1) / (2 * sbar**2)
+        ratio = torch.exp(ppo_log_prob - ppo_log_prob.detach())
         kl = ratio * kl
-    return x_next.to(x.dtype), kl
+    if no_teacher:
+        kl = torch.zeros_like(sbar)
+    if not log_prob:
+        return x_next.to(x.dtype), kl
+    stored = x_next.to(x.dtype) if sample is None else sample.detach()
+    scale, const = log_prob_scalars(sbar, numel, reduction)
+    residual = (stored.float() - student_mean).flatten(1)
+    return x_next.to(x.dtype), kl, scale * residual.pow(2).sum(1) + const

@@ -9,6 +9,10 @@ shares the same scalar math. With v_s, v_t the (optionally CFG-guided) velocitie
               loss[b]    = w[b] * sum_n (v_s - v_t)^2                                (float32)
     backward  dv_s[b]    = 2 w[b] g[b] (v_s - v_t)                                   (v_student's dtype)
     CFG       v = v_u + gw (v_c - v_u), v given as (2B, N) = [uncond; cond]; dv_u = (1 - gw) dv, dv_c = gw dv
+    log-prob  sq[b]      = sum_n (x' - mu_S)^2, mu_S = x_coef x + v_coef v_s         (LOG_PROB; float32)
+              x' = the given sample, or x_next as stored (rounded to its dtype): a recompute against the stored
+              state then sees the very residual the rollout saw; the host turns sq into log p (naive.py)
+              dv_s[b] += gq[b] * (-2 v_coef[b]) (x' - mu_S)                          gq: the gradient of sq
 
 The per-sample sum runs in two deterministic stages: the forward grid (chunks, B) writes one fp32 partial sum per
 (sample, chunk), then a (B,) grid sums each row of partials in a fixed order. fp32 atomic_add into `loss` would
@@ -47,6 +51,8 @@ def opd_step_fwd_kernel(
     coef_ptr,  # (4, B) float32: x_coef, v_coef, sbar, w
     x_next_ptr,  # (B, N) out
     partial_ptr,  # (B, num_chunks) float32 out: sum over the chunk of (v_s - v_t)^2
+    sample_ptr,  # (B, N) x' of the log-density when LOG_PROB and not OWN_SAMPLE; else never read
+    sq_partial_ptr,  # (B, num_chunks) float32 out when LOG_PROB: sum over the chunk of (x' - mu_S)^2
     B,
     N,
     num_chunks,
@@ -55,6 +61,8 @@ def opd_step_fwd_kernel(
     STUDENT_CFG: tl.constexpr,
     TEACHER_CFG: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    LOG_PROB: tl.constexpr,
+    OWN_SAMPLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
@@ -70,26 +78,50 @@ def opd_step_fwd_kernel(
     v_s = _load_velocity(v_student_ptr, row, cond_row, offs, mask, student_guidance, STUDENT_CFG)
     v_t = _load_velocity(v_teacher_ptr, row, cond_row, offs, mask, teacher_guidance, TEACHER_CFG)
 
-    x_next = x_coef * x + v_coef * v_s
+    mean = x_coef * x + v_coef * v_s
+    x_next = mean
     if HAS_NOISE:
         sbar = tl.load(coef_ptr + 2 * B + b)
         x_next += sbar * tl.load(noise_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x_next_ptr + row + offs, x_next.to(x_next_ptr.dtype.element_ty), mask=mask)
+    stored = x_next.to(x_next_ptr.dtype.element_ty)
+    tl.store(x_next_ptr + row + offs, stored, mask=mask)
 
     gap = v_s - v_t  # masked lanes load 0 for both: they add nothing
     tl.store(partial_ptr + b * num_chunks + chunk, tl.sum(gap * gap, axis=0))
+    if LOG_PROB:
+        if OWN_SAMPLE:
+            target = stored.to(tl.float32)
+        else:
+            target = tl.load(sample_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
+        residual = target - mean  # masked lanes: 0 - 0
+        tl.store(sq_partial_ptr + b * num_chunks + chunk, tl.sum(residual * residual, axis=0))
 
 
 @triton.jit
-def opd_step_loss_kernel(partial_ptr, coef_ptr, loss_ptr, B, num_chunks, BLOCK_C: tl.constexpr):
-    """loss[b] = w[b] * sum_c partial[b, c], summed in a fixed order."""
+def opd_step_loss_kernel(
+    partial_ptr,
+    coef_ptr,
+    loss_ptr,
+    sq_partial_ptr,
+    sq_ptr,
+    B,
+    num_chunks,
+    LOG_PROB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """loss[b] = w[b] * sum_c partial[b, c] (and sq[b] = sum_c sq_partial[b, c]), summed in a fixed order."""
     b = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, num_chunks, BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
         acc += tl.load(partial_ptr + b * num_chunks + offs, mask=offs < num_chunks, other=0.0)
+        if LOG_PROB:
+            acc_sq += tl.load(sq_partial_ptr + b * num_chunks + offs, mask=offs < num_chunks, other=0.0)
     w = tl.load(coef_ptr + 3 * B + b)
     tl.store(loss_ptr + b, w * tl.sum(acc, axis=0))
+    if LOG_PROB:
+        tl.store(sq_ptr + b, tl.sum(acc_sq, axis=0))
 
 
 @triton.jit
@@ -100,12 +132,16 @@ def opd_step_bwd_kernel(
     grad_loss_ptr,  # (B,) float32 upstream gradient, any stride (stride 0 when it came from loss.sum())
     grad_loss_stride,
     grad_ptr,  # out, shaped like v_student: (B, N) or (2B, N) when STUDENT_CFG
+    x_ptr,  # (B, N) the step's state, read when LOG_PROB
+    sample_ptr,  # (B, N) x' of the log-density, read when LOG_PROB
+    grad_sq_ptr,  # (B,) float32 contiguous: the gradient of sq (LOG_PROB)
     B,
     N,
     student_guidance,
     teacher_guidance,
     STUDENT_CFG: tl.constexpr,
     TEACHER_CFG: tl.constexpr,
+    LOG_PROB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
@@ -121,6 +157,13 @@ def opd_step_bwd_kernel(
     v_s = _load_velocity(v_student_ptr, row, cond_row, offs, mask, student_guidance, STUDENT_CFG)
     v_t = _load_velocity(v_teacher_ptr, row, cond_row, offs, mask, teacher_guidance, TEACHER_CFG)
     grad = scale * (v_s - v_t)
+    if LOG_PROB:
+        x_coef = tl.load(coef_ptr + b)
+        v_coef = tl.load(coef_ptr + B + b)
+        x = tl.load(x_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
+        target = tl.load(sample_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
+        residual = target - (x_coef * x + v_coef * v_s)
+        grad += (-2.0 * v_coef * tl.load(grad_sq_ptr + b)) * residual
     out_ty = grad_ptr.dtype.element_ty
     if STUDENT_CFG:
         tl.store(grad_ptr + row + offs, ((1.0 - student_guidance) * grad).to(out_ty), mask=mask)
@@ -138,12 +181,34 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
-def forward(x, v_student, v_teacher, noise, coef, student_guidance, teacher_guidance, x_next, partial, loss, block):
+HAS_LOG_PROB = True  # fused.LOG_PROB_BACKENDS: the launchers take the log-prob keywords below
+
+
+def forward(
+    x,
+    v_student,
+    v_teacher,
+    noise,
+    coef,
+    student_guidance,
+    teacher_guidance,
+    x_next,
+    partial,
+    loss,
+    block,
+    *,
+    sq=None,
+    sq_partial=None,
+    sample=None,
+):
     """Launch the forward on (B, N) rows, `block` (a power of 2) elements per program. noise=None skips the noise
-    read. Outputs are written in place: x_next (B, N), partial (B, cdiv(N, block)) float32, loss (B,) float32."""
+    read. Outputs are written in place: x_next (B, N), partial (B, cdiv(N, block)) float32, loss (B,) float32; with
+    sq (B,) and sq_partial (like partial) given, also the log-density's sum of squares against `sample` (B, N), or
+    against x_next as stored when sample is None."""
     B, N = x.shape
     num_chunks = triton.cdiv(N, block)
     assert partial.shape == (B, num_chunks) and block == triton.next_power_of_2(block)
+    log_prob = sq is not None
     opd_step_fwd_kernel[(num_chunks, B)](
         x,
         v_student,
@@ -152,6 +217,8 @@ def forward(x, v_student, v_teacher, noise, coef, student_guidance, teacher_guid
         coef,
         x_next,
         partial,
+        x_next if sample is None else sample,  # any valid pointer when not read
+        sq_partial if log_prob else partial,
         B,
         N,
         num_chunks,
@@ -160,16 +227,44 @@ def forward(x, v_student, v_teacher, noise, coef, student_guidance, teacher_guid
         STUDENT_CFG=student_guidance is not None,
         TEACHER_CFG=teacher_guidance is not None,
         HAS_NOISE=noise is not None,
+        LOG_PROB=log_prob,
+        OWN_SAMPLE=sample is None,
         BLOCK=block,
         num_warps=_num_warps(block),
     )
     block_c = min(triton.next_power_of_2(num_chunks), 1024)
-    opd_step_loss_kernel[(B,)](partial, coef, loss, B, num_chunks, BLOCK_C=block_c, num_warps=4)
+    opd_step_loss_kernel[(B,)](
+        partial,
+        coef,
+        loss,
+        sq_partial if log_prob else partial,
+        sq if log_prob else loss,
+        B,
+        num_chunks,
+        LOG_PROB=log_prob,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
 
 
-def backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, block):
-    """Launch the backward: grad (shaped like v_student, (B or 2B, N)) = 2 w g (v_s - v_t), split by CFG."""
+def backward(
+    v_student,
+    v_teacher,
+    coef,
+    grad_loss,
+    student_guidance,
+    teacher_guidance,
+    grad,
+    block,
+    *,
+    x=None,
+    sample=None,
+    grad_sq=None,
+):
+    """Launch the backward: grad (shaped like v_student, (B or 2B, N)) = 2 w g (v_s - v_t), split by CFG; with
+    grad_sq (B,) float32 given, plus grad_sq (-2 v_coef) (sample - mu_S) for the log-density (x, sample: (B, N))."""
     B = coef.shape[1]
+    log_prob = grad_sq is not None
     N = v_student.shape[1]
     num_chunks = triton.cdiv(N, block)
     opd_step_bwd_kernel[(num_chunks, B)](
@@ -179,12 +274,16 @@ def backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_gu
         grad_loss,
         grad_loss.stride(0),
         grad,
+        x if log_prob else grad,  # any valid pointer when not read
+        sample if log_prob else grad,
+        grad_sq if log_prob else grad_loss,
         B,
         N,
         0.0 if student_guidance is None else float(student_guidance),
         0.0 if teacher_guidance is None else float(teacher_guidance),
         STUDENT_CFG=student_guidance is not None,
         TEACHER_CFG=teacher_guidance is not None,
+        LOG_PROB=log_prob,
         BLOCK=block,
         num_warps=_num_warps(block),
     )
