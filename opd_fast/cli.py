@@ -1,6 +1,8 @@
 """opd-fast: multi-task on-policy distillation of diffusion students (DiffusionOPD). Commands: train (a run from a
-YAML config; without one, the built-in tiny CPU run), demo (the paper's comparison in miniature on a CPU),
-tiny-world (write the tiny run's prompts and teachers), sample and eval (a student's images and their rewards)."""
+YAML config; without one, the built-in tiny CPU run), teach and pipeline (stage 1: a task's teacher by Flow-GRPO or
+DiffusionNFT; both stages from one config), demo (the paper's comparison in miniature on a CPU), tiny-world (write
+the tiny run's world), sample and eval (a student's images and their rewards), report (a paper-style table of a
+run's evaluations), reward-server (a reward served over HTTP)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ OFFICIAL_LORA_TARGETS = [
 ]
 
 
+# The trackers opd_fast.trackers registers, named here so that a config is checked on load without importing them
+# (config.py imports nothing of opd_fast); tests/test_trackers.py holds the two lists equal.
+TRACKER_NAMES = ("tensorboard", "wandb")
 # Released recipes use CFG scales up to ~10 (SD3.5: 4.5, FLUX's embedded guidance: 3.5); far above that, the
 # guided velocity is the difference of two predictions scaled into overflow, and every round is wasted.
 MAX_GUIDANCE = 100.0
@@ -223,17 +226,15 @@ class LoggingConfig:
 
     def active_trackers(self) -> list[str]:
         """The tracker names this run opens, from logging.trackers and logging.tensorboard."""
-        from opd_fast.trackers import TRACKERS  # (no tracker package is imported)
-
         if self.trackers is None:
             names = [] if self.tensorboard is False else ["tensorboard"]
         else:
             names = list(self.trackers)
-            unknown = [name for name in names if name not in TRACKERS]
+            unknown = [name for name in names if name not in TRACKER_NAMES]
             if unknown:
                 raise ConfigError(
                     f"logging.trackers: unknown tracker(s) {', '.join(map(repr, unknown))} (known: "
-                    f"{', '.join(sorted(TRACKERS))})"
+                    f"{', '.join(TRACKER_NAMES)})"
                 )
             if len(set(names)) != len(names):
                 raise ConfigError(f"logging.trackers: a tracker is listed twice in {names}")

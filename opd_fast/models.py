@@ -9,15 +9,11 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 
 from opd_fast.config import LoraConfig, ModelConfig
-
-if TYPE_CHECKING:
-    from opd_fast.families.base import Family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +30,7 @@ def transformer_folder(path: str | Path) -> Path:
     )
 
 
-def load_transformer(cfg: ModelConfig, family: Family) -> torch.nn.Module:
+def load_transformer(cfg: ModelConfig, family) -> torch.nn.Module:  # family: an opd_fast.families.Family (above)
     """The frozen base transformer of `family`: from a local folder (safetensors only) or from one of the family's
     presets with seeded weights."""
     dtype = DTYPES[cfg.dtype]

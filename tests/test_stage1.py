@@ -199,7 +199,8 @@ def test_nft_run_and_resume(tmp_path, demo_base):
 
 
 def test_demo_reward_scores_the_world():
-    from opd_fast.stage1.rewards import DemoReward, to_pil
+    from opd_fast.evaluate.demo_reward import DemoReward
+    from opd_fast.stage1.rewards import to_pil
 
     reward = DemoReward(task="aesthetic")
     import numpy as np

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from opd_fast import __version__, trainer
-from opd_fast.config import ConfigError, LoggingConfig
+from opd_fast.config import TRACKER_NAMES, ConfigError, LoggingConfig
 from opd_fast.metrics import MetricsWriter
 from opd_fast.trackers import TRACKERS, WandbTracker, check_trackers, git_revision, image_grid
 
@@ -169,6 +169,7 @@ def test_trackers_are_checked_when_the_config_loads(tiny_config):
     with pytest.raises(ConfigError, match=r"logging\.trackers: unknown tracker\(s\) 'mlflow' \(known: ") as e:
         tiny_config(**{"logging.tensorboard": "null", "logging.trackers": "[tensorboard, mlflow]"})
     assert all(name in str(e.value) for name in TRACKERS)
+    assert sorted(TRACKER_NAMES) == sorted(TRACKERS)  # the config's list of names is the registry's
     with pytest.raises(ConfigError, match=r"logging\.tensorboard: false contradicts logging\.trackers"):
         tiny_config(**{"logging.trackers": "[tensorboard]"})  # the tests' config has logging.tensorboard: false
     with pytest.raises(ConfigError, match=r"logging\.tensorboard: true contradicts"):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import inspect
 
-from opd_fast.evaluate import geneval, remote, rewards  # noqa: F401  (imported for their @register side effect)
+# imported for their @register side effect (demo_reward: `demo`, the demo world's rewards)
+from opd_fast.evaluate import demo_reward, geneval, remote, rewards  # noqa: F401
 from opd_fast.evaluate.base import REWARDS, Reward, RewardError
-from opd_fast.stage1 import rewards as stage1_rewards  # noqa: F401  (`demo`: the demo world's rewards)
 
 __all__ = ["REWARDS", "build_reward"]
 

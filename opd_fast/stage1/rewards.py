@@ -1,45 +1,19 @@
 """The reward of a teach run and the images it scores.
 
 Rewards come from opd_fast.evaluate.registry by name (pickscore, ocr, geneval, remote: an `opd-fast reward-server`
-elsewhere, ...), plus `demo`, registered here: the demo world's task rewards (opd_fast.demo.world: composition,
-glyph, aesthetic), cheap on a CPU, so a teacher can be trained and checked end to end in CI. Every reward scores
-PIL images (Reward.score); the final states of a rollout become images through the task's `images` rule.
+elsewhere, ..., and `demo`: the demo world's task rewards, cheap on a CPU, so a teacher can be trained and checked
+end to end in CI; opd_fast.evaluate.demo_reward). Every reward scores PIL images (Reward.score); the final states of
+a rollout become images through the task's `images` rule.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from opd_fast.config import ConfigError
-from opd_fast.evaluate.base import Reward, RewardError, register
-
-
-@register("demo")
-class DemoReward(Reward):
-    """The demo world's reward of `task` (composition | glyph | aesthetic), in [0, 1]; a prompt must be one of the
-    task's (opd_fast.demo.world.task_prompts), whose attributes the reward checks."""
-
-    def __init__(self, task: str | None = None, device: str | None = None, batch_size: int = 16):
-        super().__init__("cpu", batch_size)
-        from opd_fast.demo import world
-
-        if task not in world.TASKS:
-            raise RewardError(f"reward 'demo': option task must be one of {list(world.TASKS)}, got {task!r}")
-        self.world, self.task = world, task
-        self.rows = {row["prompt"]: row for row in world.task_prompts(task)}
-
-    def score(self, images, prompts, metadata):
-        scores = []
-        for image, prompt in zip(images, prompts):
-            row = self.rows.get(prompt)
-            if row is None:
-                raise RewardError(f"reward 'demo' ({self.task}): {prompt!r} is not a prompt of the task")
-            pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, np.float32)
-            scores.append(self.world.reward(self.task, pixels / 255.0 if pixels.max() > 1 else pixels, row))
-        return scores
+from opd_fast.evaluate.base import Reward
 
 
 def build_task_reward(spec: dict, device) -> Reward:
