@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from opd_fast import faults
+from opd_fast.config import first_line
 
 if TYPE_CHECKING:
     from opd_fast.families.base import Family
@@ -75,7 +76,7 @@ def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(e))
-    return m.group(1) if m else str(e).strip().splitlines()[0]
+    return m.group(1) if m else first_line(e)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -261,7 +262,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
             reading = f
             tensors[f.stem] = load_file(str(f))
     except (OSError, ValueError, SafetensorError) as e:  # (JSONDecodeError is a ValueError)
-        raise CheckpointError(f"{reading}: cannot be read ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(f"{reading}: cannot be read ({first_line(e)})") from None
     return tensors, meta
 
 

@@ -36,6 +36,24 @@ TRACKER_NAMES = ("tensorboard", "wandb")
 MAX_GUIDANCE = 100.0
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line error quotes."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file's mapping (safe loader; an empty file is {}): a missing file or bad YAML is a
+    ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
@@ -583,13 +601,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path)
         base = path.resolve().parent
     for assignment in overrides:
         apply_override(data, assignment)

@@ -26,7 +26,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from opd_fast.config import ConfigError, EngineConfig
+from opd_fast.config import ConfigError, EngineConfig, first_line
 
 log = logging.getLogger(__name__)
 EXIT_PEER_LOST = 3  # the exit status of a rank that lost contact with another one
@@ -210,7 +210,7 @@ def setup(cfg: EngineConfig, device: str | None = None) -> DistInfo:
             raise DistributedError(
                 f"rank {rank}: could not form the {world}-rank {backend} group at "
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-                f"{cfg.timeout_s}s ({_first_line(e)})"
+                f"{cfg.timeout_s}s ({first_line(e)})"
             ) from e
     bound_new_groups(timeout)
     log.info(
@@ -301,16 +301,11 @@ def fail(e: BaseException) -> None:
     elif is_peer_failure(e):
         msg = (
             f"opd-fast: error: rank {rank} of {world}: lost contact with another rank (it died, or hung longer "
-            f"than engine.timeout_s); see the other ranks' logs. Collective error: {_first_line(e)}"
+            f"than engine.timeout_s); see the other ranks' logs. Collective error: {first_line(e)}"
         )
         code = EXIT_PEER_LOST
     else:
         traceback.print_exception(e)
-        msg, code = f"opd-fast: error: rank {rank} of {world} failed: {type(e).__name__}: {_first_line(e)}", 1
+        msg, code = f"opd-fast: error: rank {rank} of {world} failed: {type(e).__name__}: {first_line(e)}", 1
     print(msg, file=sys.stderr, flush=True)
     exit_now(code)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

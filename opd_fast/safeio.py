@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from opd_fast.config import first_line
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -25,7 +27,7 @@ def load_tensors(path: str | Path, what: str = "file") -> dict[str, torch.Tensor
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UnsafeFileError(
                 f"{what}: refusing to load {path}: it is a pickle that carries more than tensors ({first}); "
                 "nothing in it was run. Convert it to safetensors from a trusted environment."

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from opd_fast import fp8
-from opd_fast.config import TaskConfig, TeacherConfig, TeacherRuntimeConfig
+from opd_fast.config import TaskConfig, TeacherConfig, TeacherRuntimeConfig, first_line
 from opd_fast.families.base import model_dtype
 from opd_fast.models import Conditioning, freeze, frozen_copy, transformer_folder
 from opd_fast.profiling import nvtx_range
@@ -43,11 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DIFFUSERS_LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 class TeacherError(ValueError):
@@ -317,7 +312,7 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: F
         try:
             model = freeze(family.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True))
         except (OSError, ValueError, RuntimeError) as e:  # a tensor of another shape, a damaged file, ...
-            raise TeacherError(f"{where}: cannot load the full model in {folder} ({_first_line(e)})") from None
+            raise TeacherError(f"{where}: cannot load the full model in {folder} ({first_line(e)})") from None
     else:
         model = frozen_copy(base)
         merge_lora(model, _read_lora(path, fmt, where), where)

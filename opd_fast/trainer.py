@@ -39,7 +39,7 @@ from opd_fast.checkpoint import (
     unflatten_optimizer_state,
     verify_checkpoint,
 )
-from opd_fast.config import ConfigError, RunConfig
+from opd_fast.config import ConfigError, RunConfig, first_line
 from opd_fast.engine import lr_at, values_swapped_in
 from opd_fast.evaluate.during import training_pools
 from opd_fast.families import family_for_run
@@ -54,11 +54,6 @@ from opd_fast.teachers import Teacher, TeacherHandle, TeacherRunner
 from opd_fast.trackers import check_trackers
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 class TrainingError(RuntimeError):
@@ -618,7 +613,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(tensors["ema"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: its state does not fit this run's student ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: its state does not fit this run's student ({first_line(e)})") from None
         self.round = meta["round"]
         self.nonfinite_rounds = meta["nonfinite_rounds"]
         self.last_loss = meta.get("loss")

@@ -60,6 +60,24 @@ def tiny_overrides(**extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def offline_wandb_env(monkeypatch, home: Path) -> None:
+    """W&B without network or the user's files: offline, silent, its settings and caches under `home`, no console
+    capture (pytest holds stdout), no system sampling, none of the user's W&B variables."""
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB_CONFIG_DIR": str(home / "config"),
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_DATA_DIR": str(home / "data"),
+        "WANDB_ARTIFACT_DIR": str(home / "artifacts"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def set_args(overrides: list[str]) -> list[str]:
     """The CLI arguments of KEY=VALUE overrides: --set KEY=VALUE for each."""
     return [arg for kv in overrides for arg in ("--set", kv)]

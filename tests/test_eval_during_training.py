@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, set_args, tiny_overrides
+from conftest import ROOT, offline_wandb_env, set_args, tiny_overrides
 from test_trackers import offline_wandb, read_wandb_run  # noqa: F401  (offline_wandb: a fixture)
 
 from opd_fast.cli import main
@@ -32,21 +32,8 @@ def watched_run(tmp_path_factory):
     import wandb
 
     out = tmp_path_factory.mktemp("watched") / "run"
-    home = out.parent / "wandb-home"
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB_CONFIG_DIR": str(home / "config"),
-        "WANDB_CACHE_DIR": str(home / "cache"),
-        "WANDB_DATA_DIR": str(home / "data"),
-    }
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
-            mp.setenv(name, value)
-        for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
-            mp.delenv(name, raising=False)
+        offline_wandb_env(mp, out.parent / "wandb-home")
         overrides = tiny_overrides(
             **EVAL, **{"logging.tensorboard": "null", "logging.trackers": "[tensorboard, wandb]"}
         )

@@ -6,6 +6,7 @@ import json
 import struct
 
 import pytest
+from conftest import offline_wandb_env
 from PIL import Image
 
 from opd_fast import __version__, trainer
@@ -16,23 +17,9 @@ from opd_fast.trackers import TRACKERS, WandbTracker, check_trackers, git_revisi
 
 @pytest.fixture
 def offline_wandb(monkeypatch, tmp_path):
-    """W&B without network or the user's files: offline, silent, its settings and caches in tmp_path, no console
-    capture (pytest holds stdout), no system sampling. Tears down W&B's service process after the test."""
+    """W&B offline in tmp_path (conftest.offline_wandb_env). Tears down W&B's service process after the test."""
     wandb = pytest.importorskip("wandb")
-    home = tmp_path / "wandb-home"
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB_CONFIG_DIR": str(home / "config"),
-        "WANDB_CACHE_DIR": str(home / "cache"),
-        "WANDB_DATA_DIR": str(home / "data"),
-        "WANDB_ARTIFACT_DIR": str(home / "artifacts"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
-        monkeypatch.delenv(name, raising=False)
+    offline_wandb_env(monkeypatch, tmp_path / "wandb-home")
     yield wandb
     assert wandb.run is None  # every run the test opened was finished
     wandb.teardown()

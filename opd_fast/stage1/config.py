@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from opd_fast.config import (
     PROMPT_KINDS,
     ConfigError,
@@ -32,6 +30,7 @@ from opd_fast.config import (
     TeacherConfig,
     _build,
     apply_override,
+    read_yaml,
     steps_for_fraction,
 )
 
@@ -183,12 +182,7 @@ def load_teach_config(
         data = {}
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            data = read_yaml(path)
             base = path.resolve().parent
     data = copy.deepcopy(data)
     for assignment in overrides:

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from opd_fast.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, verify_checkpoint
-from opd_fast.config import ConfigError, RunConfig, _build, _resolve_paths, apply_override
+from opd_fast.config import ConfigError, RunConfig, _build, _resolve_paths, apply_override, read_yaml
 from opd_fast.run_folder import OutputDirError, config_hash, read_run_id
 from opd_fast.stage1.config import TeachConfig, load_teach_config
 
@@ -130,12 +129,7 @@ def load_pipeline(path: str | Path, out: str | Path, overrides: list[str] = ()) 
     validated: every teach section, then stage 2's run config with the trained teachers' paths. Relative paths are
     resolved against the config's folder."""
     path, out = Path(path), Path(out)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
     for assignment in overrides:
