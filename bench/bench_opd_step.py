@@ -3,13 +3,16 @@
     pytest bench/bench_opd_step.py --benchmark-only --benchmark-json=bench.json   # run (CUDA if visible, else CPU)
     python bench/bench_opd_step.py bench.json                                     # markdown table from the JSON
     OPD_BENCH_THREADS=1 pytest bench/...                                          # torch.set_num_threads(1) first
+    OPD_BENCH_LOG_PROB=1 pytest bench/...                                         # with the log-density (log_prob)
 
 Shapes: SD3.5-M latents (B, 16, 64, 64) and (B, 16, 128, 128) (512 and 1024 px), FLUX packed (B, 4096, 64); SDE
 step (noise_level 0.7, so noise is read), no CFG. extra_info of each benchmark holds the bytes that must move
 (forward reads x, v_s, v_t, noise and writes x_next; backward reads v_s, v_t and writes dL/dv_s), the achieved GB/s
 from the median time, and `x_vs_eager` / `x_vs_eager_min`: the reference's median (min) time over this one's,
 measured in the same run (the reference of each shape / dtype / mode runs first). On CUDA the timed function
-synchronises before returning.
+synchronises before returning. With OPD_BENCH_LOG_PROB=1 every step also returns its log-density of x_next (as
+stored) and the backward takes the gradient of loss + log_prob, so the run measures what the log-density adds: the
+forward moves the same bytes (x_next is re-read while still in cache), the backward also reads x and x_next.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ SHAPES = [(4, 16, 64, 64), (8, 16, 64, 64), (4, 16, 128, 128), (8, 16, 128, 128)
 DTYPES = [torch.float32, torch.bfloat16]
 MODES = ["forward", "backward", "full"]
 NOISE_LEVEL = 0.7
+LOG_PROB = os.environ.get("OPD_BENCH_LOG_PROB") == "1"
 # triton on CPU is the interpreter (orders of magnitude slower, not a training path): never benchmarked there
 BACKENDS = ["reference"] + [b for b in ops.available_backends(DEVICE) if b != "reference"]
 _reference_times: dict[tuple, tuple[float, float]] = {}  # (median, min) seconds
@@ -41,9 +45,10 @@ def _sync():
 
 
 def moved_bytes(shape, dtype, mode) -> int:
-    """Bytes a single fused pass must move: 5 tensors forward, 3 backward (no CFG)."""
+    """Bytes a single fused pass must move: 5 tensors forward, 3 backward (no CFG); the log-density's backward 5."""
     numel = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    return {"forward": 5 * numel, "backward": 3 * numel, "full": 8 * numel}[mode]
+    backward = 5 if LOG_PROB else 3
+    return {"forward": 5 * numel, "backward": backward * numel, "full": (5 + backward) * numel}[mode]
 
 
 def _inputs(shape, dtype):
@@ -72,7 +77,10 @@ def test_opd_step(benchmark, shape, dtype, mode, backend):
     grad_loss = torch.ones(shape[0], device=DEVICE)
 
     def forward():
-        return ops.opd_step(x, v_student, v_teacher, noise, sigma, sigma_next, NOISE_LEVEL, backend=backend)
+        out = ops.opd_step(
+            x, v_student, v_teacher, noise, sigma, sigma_next, NOISE_LEVEL, backend=backend, log_prob=LOG_PROB
+        )
+        return out[0], out[1] + out[2] if LOG_PROB else out[1]  # the objective the backward differentiates
 
     if mode == "forward":
 
@@ -112,6 +120,7 @@ def test_opd_step(benchmark, shape, dtype, mode, backend):
         backend=backend,
         device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         threads=torch.get_num_threads(),
+        log_prob=LOG_PROB,
         bytes=nbytes,
         gb_per_s=round(nbytes / stats.median / 1e9, 3),
         # on a shared machine noise only adds time: the ratio of minima is the steadier one

@@ -5,7 +5,8 @@
     python3 bench/gpu_check.py --launch N [--backend triton]   # only launch the fused op N times (for ncu)
 
 1. builds opd_fast._C and opd_fast._C_cuda in place (setup.py build_ext --inplace)             -> DIR/build.log
-2. runs tests/test_kernels.py (compiled Triton and CUDA on the GPU) and tests/test_cuda_build.py -> DIR/tests.log
+2. runs tests/test_kernels.py and tests/test_logprob.py (compiled Triton and CUDA on the GPU) and
+   tests/test_cuda_build.py -> DIR/tests.log
 3. measures the device-to-device copy bandwidth of a 1 GiB tensor (read + write): the ceiling of a memory-bound op
 4. times every backend with triton.testing.do_bench (median, L2 flushed between runs), forward / backward / full:
    "op" is the whole opd_step as the trainer calls it (host-side scalar math included), "kernels" the fused kernels
@@ -358,7 +359,8 @@ def kernel_tests(quick: bool) -> list[str] | None:
     extension does not import (the background build has not finished, or failed: its log says)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "--tb=short", "--maxfail=20", "-p", "no:cacheprovider"]
     if not quick:
-        return cmd + ["tests/test_kernels.py", "tests/test_cuda_build.py"]
+        # test_logprob's CUDA cases too: the `tests` step may have run before the build finished (they skip there)
+        return cmd + ["tests/test_kernels.py", "tests/test_logprob.py", "tests/test_cuda_build.py"]
     import torch
 
     from opd_fast.ops.opd_step import fused
@@ -366,7 +368,7 @@ def kernel_tests(quick: bool) -> list[str] | None:
     if not fused.backend_available("cuda", torch.device("cuda")):
         print(f"CUDA backend not tested or timed: {fused.why_unavailable('cuda', torch.device('cuda'))}")
         return None
-    return cmd + ["tests/test_kernels.py", "-k", "cuda and not triton and not cpp"]
+    return cmd + ["tests/test_kernels.py", "tests/test_logprob.py", "-k", "cuda and not triton and not cpp"]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -347,7 +347,7 @@ def plan(logs: Path, python: str = sys.executable) -> list[Step]:
             "kernels_full",
             180,
             "waits for the background build; tests/test_kernels.py on all three backends (~870 "
-            "cases) and test_cuda_build.py ~60 s; 5 shapes x 2 dtypes x (reference + 2 fused backends x op/kernels) "
+            "cases), test_logprob.py's Triton and CUDA cases (~60) and test_cuda_build.py ~70 s; 5 shapes x 2 dtypes x (reference + 2 fused backends x op/kernels) "
             "x 3 modes of ~150 ms ~25 s",
             argv=[py, "bench/gpu_check.py", "--skip-build", "--out", f"{L}/kernels_full"],
             judge=judge_bandwidth,

@@ -3,6 +3,9 @@
 // Math (fp32 in registers whatever the storage dtype; formulas as in opd_fast/ops/opd_step/triton.py):
 //   forward   x_next = x_coef x + v_coef v_s + sbar noise,   loss[b] = w[b] sum_n (v_s - v_t)^2
 //   backward  dv_s = 2 w[b] g[b] (v_s - v_t);  CFG v = v_u + gw (v_c - v_u), dv_u = (1 - gw) dv, dv_c = gw dv
+//   log-prob  sq[b] = sum_n (x' - mu_S)^2, mu_S = x_coef x + v_coef v_s; x' = the given sample, or x_next as stored
+//             (rounded to X in registers, as the store rounds it); dv_s += gq[b] (-2 v_coef) (x' - mu_S)
+//             (LOG_PROB instantiations: the plain step's kernels stay as they were)
 //
 // Grid (chunks, B), 256 threads; each thread moves 8 consecutive elements per step: one 16-byte load / store for
 // bf16/fp16, two for fp32 (VEC path, taken when N % 8 == 0 and every pointer is 16-byte aligned; otherwise
@@ -107,6 +110,12 @@ __device__ __forceinline__ void load_velocity8(const V* __restrict__ v, int64_t 
   }
 }
 
+// v as it reads back after a store to T: the own sample of the log-density is x_next as stored.
+template <typename T>
+__device__ __forceinline__ float stored_value(float v) {
+  return to_float(from_float<T>(v));
+}
+
 // Sum over the block in a fixed order (warp shuffles, then warp 0 over the per-warp sums); valid in thread 0.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float warp_sums[kThreads / 32];
@@ -123,24 +132,26 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;
 }
 
-template <typename X, typename V, bool VEC>
+// LOG_PROB: also sq_partial[b, c] = sum over the chunk of (x' - mu_S)^2, x' = sample or (sample == nullptr) x_next.
+template <typename X, typename V, bool LOG_PROB, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     opd_step_fwd_kernel(const X* __restrict__ x, const V* __restrict__ v_student, const V* __restrict__ v_teacher,
                         const X* __restrict__ noise, const float* __restrict__ coef, X* __restrict__ x_next,
-                        float* __restrict__ partial, int64_t B, int64_t N, int64_t chunk, int64_t num_chunks,
-                        bool student_cfg, float student_guidance, bool teacher_cfg, float teacher_guidance) {
+                        float* __restrict__ partial, const X* __restrict__ sample, float* __restrict__ sq_partial,
+                        int64_t B, int64_t N, int64_t chunk, int64_t num_chunks, bool student_cfg,
+                        float student_guidance, bool teacher_cfg, float teacher_guidance) {
   const int64_t c = blockIdx.x, b = blockIdx.y;
   const int64_t begin = c * chunk, end = min(N, begin + chunk);
   const int64_t row = b * N, cond_row = (B + b) * N;
   const float x_coef = coef[b], v_coef = coef[B + b], sbar = coef[2 * B + b];
-  float acc = 0.0f;
+  float acc = 0.0f, acc_sq = 0.0f;
   for (int64_t i = begin + int64_t(threadIdx.x) * kPerThread; i < end; i += int64_t(kThreads) * kPerThread) {
-    float xs[kPerThread], vs[kPerThread], vt[kPerThread];
+    float xs[kPerThread], vs[kPerThread], vt[kPerThread], mean[kPerThread];
     load8<X, VEC>(x + row, i, end, xs);
     load_velocity8<V, VEC>(v_student, row, cond_row, i, end, student_cfg, student_guidance, vs);
     load_velocity8<V, VEC>(v_teacher, row, cond_row, i, end, teacher_cfg, teacher_guidance, vt);
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) xs[k] = x_coef * xs[k] + v_coef * vs[k];
+    for (int k = 0; k < kPerThread; ++k) xs[k] = mean[k] = x_coef * xs[k] + v_coef * vs[k];
     if (noise != nullptr) {
       float ns[kPerThread];
       load8<X, VEC>(noise + row, i, end, ns);
@@ -153,38 +164,79 @@ __global__ void __launch_bounds__(kThreads)
       const float gap = vs[k] - vt[k];  // 0 past `end`: both read as 0
       acc += gap * gap;
     }
+    if constexpr (LOG_PROB) {
+      float target[kPerThread];
+      if (sample != nullptr) {
+        load8<X, VEC>(sample + row, i, end, target);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) target[k] = stored_value<X>(xs[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const float residual = target[k] - mean[k];  // 0 past `end`: x_next and mean are 0 there
+        acc_sq += residual * residual;
+      }
+    }
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[b * num_chunks + c] = acc;
+  if constexpr (LOG_PROB) {
+    __syncthreads();  // block_sum's shared sums are read above before they are written again
+    acc_sq = block_sum(acc_sq);
+    if (threadIdx.x == 0) sq_partial[b * num_chunks + c] = acc_sq;
+  }
 }
 
+// loss[b] = w[b] sum_c partial[b, c]; with sq given also sq[b] = sum_c sq_partial[b, c]; fixed order.
 __global__ void __launch_bounds__(kThreads)
     opd_step_loss_kernel(const float* __restrict__ partial, const float* __restrict__ coef, float* __restrict__ loss,
-                         int64_t B, int64_t num_chunks) {
+                         const float* __restrict__ sq_partial, float* __restrict__ sq, int64_t B, int64_t num_chunks) {
   const int64_t b = blockIdx.x;
   float acc = 0.0f;
   for (int64_t k = threadIdx.x; k < num_chunks; k += kThreads) acc += partial[b * num_chunks + k];
   acc = block_sum(acc);
   if (threadIdx.x == 0) loss[b] = coef[3 * B + b] * acc;
+  if (sq == nullptr) return;
+  __syncthreads();
+  acc = 0.0f;
+  for (int64_t k = threadIdx.x; k < num_chunks; k += kThreads) acc += sq_partial[b * num_chunks + k];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) sq[b] = acc;
 }
 
-template <typename V, bool VEC>
+// LOG_PROB: x and sample (X, (B, N)) and grad_sq (B,) are read; otherwise they are never touched (X = V then).
+template <typename X, typename V, bool LOG_PROB, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     opd_step_bwd_kernel(const V* __restrict__ v_student, const V* __restrict__ v_teacher,
                         const float* __restrict__ coef, const float* __restrict__ grad_loss, int64_t grad_loss_stride,
-                        V* __restrict__ grad, int64_t B, int64_t N, int64_t chunk, bool student_cfg,
+                        V* __restrict__ grad, const X* __restrict__ x, const X* __restrict__ sample,
+                        const float* __restrict__ grad_sq, int64_t B, int64_t N, int64_t chunk, bool student_cfg,
                         float student_guidance, bool teacher_cfg, float teacher_guidance) {
   const int64_t c = blockIdx.x, b = blockIdx.y;
   const int64_t begin = c * chunk, end = min(N, begin + chunk);
   const int64_t row = b * N, cond_row = (B + b) * N;
   // g[b] folds into the per-sample scale: an all-ones g costs the same, there is no per-element multiply to skip
   const float scale = 2.0f * coef[3 * B + b] * grad_loss[b * grad_loss_stride];
+  float x_coef = 0.0f, v_coef = 0.0f, scale_lp = 0.0f;
+  if constexpr (LOG_PROB) x_coef = coef[b], v_coef = coef[B + b], scale_lp = -2.0f * v_coef * grad_sq[b];
   for (int64_t i = begin + int64_t(threadIdx.x) * kPerThread; i < end; i += int64_t(kThreads) * kPerThread) {
     float vs[kPerThread], vt[kPerThread];
     load_velocity8<V, VEC>(v_student, row, cond_row, i, end, student_cfg, student_guidance, vs);
     load_velocity8<V, VEC>(v_teacher, row, cond_row, i, end, teacher_cfg, teacher_guidance, vt);
+    if constexpr (LOG_PROB) {
+      float xs[kPerThread], target[kPerThread];
+      load8<X, VEC>(x + row, i, end, xs);
+      load8<X, VEC>(sample + row, i, end, target);
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) vs[k] = scale * (vs[k] - vt[k]);
+      for (int k = 0; k < kPerThread; ++k) {
+        const float residual = target[k] - (x_coef * xs[k] + v_coef * vs[k]);
+        vs[k] = scale * (vs[k] - vt[k]) + scale_lp * residual;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) vs[k] = scale * (vs[k] - vt[k]);
+    }
     if (!student_cfg) {
       store8<V, VEC>(grad + row, i, end, vs);
       continue;
@@ -208,29 +260,37 @@ bool valid_shape(int64_t B, int64_t N, int64_t chunk) {
 
 template <typename X, typename V>
 cudaError_t launch_forward(const void* x, const void* vs, const void* vt, const void* noise, const float* coef,
-                           void* x_next, float* partial, float* loss, int64_t B, int64_t N, int64_t chunk,
-                           bool scfg, float sg, bool tcfg, float tg, cudaStream_t stream) {
+                           void* x_next, float* partial, float* loss, const void* sample, float* sq_partial,
+                           float* sq, int64_t B, int64_t N, int64_t chunk, bool scfg, float sg, bool tcfg, float tg,
+                           cudaStream_t stream) {
   const int64_t num_chunks = (N + chunk - 1) / chunk;
   const dim3 grid(static_cast<unsigned>(num_chunks), static_cast<unsigned>(B));
   const bool vec = N % kPerThread == 0 && aligned16(x) && aligned16(vs) && aligned16(vt) && aligned16(noise) &&
-                   aligned16(x_next);
-  auto kernel = vec ? opd_step_fwd_kernel<X, V, true> : opd_step_fwd_kernel<X, V, false>;
+                   aligned16(x_next) && aligned16(sample);
+  const bool log_prob = sq != nullptr;
+  auto kernel = log_prob ? (vec ? opd_step_fwd_kernel<X, V, true, true> : opd_step_fwd_kernel<X, V, true, false>)
+                         : (vec ? opd_step_fwd_kernel<X, V, false, true> : opd_step_fwd_kernel<X, V, false, false>);
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const X*>(x), static_cast<const V*>(vs),
                                         static_cast<const V*>(vt), static_cast<const X*>(noise), coef,
-                                        static_cast<X*>(x_next), partial, B, N, chunk, num_chunks, scfg, sg, tcfg, tg);
-  opd_step_loss_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(partial, coef, loss, B, num_chunks);
+                                        static_cast<X*>(x_next), partial, static_cast<const X*>(sample), sq_partial,
+                                        B, N, chunk, num_chunks, scfg, sg, tcfg, tg);
+  opd_step_loss_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(partial, coef, loss, sq_partial, sq, B,
+                                                                          num_chunks);
   return cudaGetLastError();
 }
 
-template <typename V>
+template <typename X, typename V, bool LOG_PROB>
 cudaError_t launch_backward(const void* vs, const void* vt, const float* coef, const float* grad_loss,
-                            int64_t grad_loss_stride, void* grad, int64_t B, int64_t N, int64_t chunk, bool scfg,
-                            float sg, bool tcfg, float tg, cudaStream_t stream) {
+                            int64_t grad_loss_stride, void* grad, const void* x, const void* sample,
+                            const float* grad_sq, int64_t B, int64_t N, int64_t chunk, bool scfg, float sg, bool tcfg,
+                            float tg, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((N + chunk - 1) / chunk), static_cast<unsigned>(B));
-  const bool vec = N % kPerThread == 0 && aligned16(vs) && aligned16(vt) && aligned16(grad);
-  auto kernel = vec ? opd_step_bwd_kernel<V, true> : opd_step_bwd_kernel<V, false>;
+  const bool vec =
+      N % kPerThread == 0 && aligned16(vs) && aligned16(vt) && aligned16(grad) && aligned16(x) && aligned16(sample);
+  auto kernel = vec ? opd_step_bwd_kernel<X, V, LOG_PROB, true> : opd_step_bwd_kernel<X, V, LOG_PROB, false>;
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const V*>(vs), static_cast<const V*>(vt), coef, grad_loss,
-                                        grad_loss_stride, static_cast<V*>(grad), B, N, chunk, scfg, sg, tcfg, tg);
+                                        grad_loss_stride, static_cast<V*>(grad), static_cast<const X*>(x),
+                                        static_cast<const X*>(sample), grad_sq, B, N, chunk, scfg, sg, tcfg, tg);
   return cudaGetLastError();
 }
 
@@ -249,31 +309,42 @@ bool with_dtype(int dtype, F&& f) {
 
 extern "C" int opd_step_cuda_forward(int x_dtype, int v_dtype, const void* x, const void* v_student,
                                      const void* v_teacher, const void* noise, const float* coef, void* x_next,
-                                     float* partial, float* loss, int64_t B, int64_t N, int64_t chunk,
-                                     int student_cfg, float student_guidance, int teacher_cfg,
-                                     float teacher_guidance, cudaStream_t stream) {
-  if (!valid_shape(B, N, chunk)) return cudaErrorInvalidValue;
+                                     float* partial, float* loss, const void* sample, float* sq_partial, float* sq,
+                                     int64_t B, int64_t N, int64_t chunk, int student_cfg, float student_guidance,
+                                     int teacher_cfg, float teacher_guidance, cudaStream_t stream) {
+  if (!valid_shape(B, N, chunk) || (sq == nullptr) != (sq_partial == nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   with_dtype(x_dtype, [&](auto x_tag) {
     with_dtype(v_dtype, [&](auto v_tag) {
       err = launch_forward<decltype(x_tag), decltype(v_tag)>(
-          x, v_student, v_teacher, noise, coef, x_next, partial, loss, B, N, chunk, student_cfg != 0,
-          student_guidance, teacher_cfg != 0, teacher_guidance, stream);
+          x, v_student, v_teacher, noise, coef, x_next, partial, loss, sample, sq_partial, sq, B, N, chunk,
+          student_cfg != 0, student_guidance, teacher_cfg != 0, teacher_guidance, stream);
     });
   });
   return err;
 }
 
 extern "C" int opd_step_cuda_backward(int v_dtype, const void* v_student, const void* v_teacher, const float* coef,
-                                      const float* grad_loss, int64_t grad_loss_stride, void* grad, int64_t B,
-                                      int64_t N, int64_t chunk, int student_cfg, float student_guidance,
-                                      int teacher_cfg, float teacher_guidance, cudaStream_t stream) {
+                                      const float* grad_loss, int64_t grad_loss_stride, void* grad, int x_dtype,
+                                      const void* x, const void* sample, const float* grad_sq, int64_t B, int64_t N,
+                                      int64_t chunk, int student_cfg, float student_guidance, int teacher_cfg,
+                                      float teacher_guidance, cudaStream_t stream) {
   if (!valid_shape(B, N, chunk)) return cudaErrorInvalidValue;
+  if (grad_sq != nullptr && (x == nullptr || sample == nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   with_dtype(v_dtype, [&](auto v_tag) {
-    err = launch_backward<decltype(v_tag)>(v_student, v_teacher, coef, grad_loss, grad_loss_stride, grad, B, N,
-                                           chunk, student_cfg != 0, student_guidance, teacher_cfg != 0,
-                                           teacher_guidance, stream);
+    using V = decltype(v_tag);
+    if (grad_sq == nullptr) {  // the plain step: x_dtype is not looked at
+      err = launch_backward<V, V, false>(v_student, v_teacher, coef, grad_loss, grad_loss_stride, grad, nullptr,
+                                         nullptr, nullptr, B, N, chunk, student_cfg != 0, student_guidance,
+                                         teacher_cfg != 0, teacher_guidance, stream);
+      return;
+    }
+    with_dtype(x_dtype, [&](auto x_tag) {
+      err = launch_backward<decltype(x_tag), V, true>(v_student, v_teacher, coef, grad_loss, grad_loss_stride, grad,
+                                                      x, sample, grad_sq, B, N, chunk, student_cfg != 0,
+                                                      student_guidance, teacher_cfg != 0, teacher_guidance, stream);
+    });
   });
   return err;
 }

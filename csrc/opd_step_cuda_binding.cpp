@@ -54,7 +54,9 @@ void check_launch(int err, const char* what) {
 void opd_step_forward_cuda(const at::Tensor& x, const at::Tensor& v_student, const at::Tensor& v_teacher,
                            const std::optional<at::Tensor>& noise, const at::Tensor& coef,
                            std::optional<double> student_guidance, std::optional<double> teacher_guidance,
-                           const at::Tensor& x_next, const at::Tensor& partial, const at::Tensor& loss, int64_t chunk) {
+                           const at::Tensor& x_next, const at::Tensor& partial, const at::Tensor& loss, int64_t chunk,
+                           const std::optional<at::Tensor>& sq, const std::optional<at::Tensor>& sq_partial,
+                           const std::optional<at::Tensor>& sample) {
   TORCH_CHECK(x.dim() == 2, "opd_fast._C_cuda: x must be (B, N)");
   check_chunk(chunk);
   const int64_t B = x.size(0), N = x.size(1);
@@ -75,12 +77,28 @@ void opd_step_forward_cuda(const at::Tensor& x, const at::Tensor& v_student, con
   check_f32(coef, "coef", x);
   check_f32(loss, "loss", x);
   TORCH_CHECK(loss.is_contiguous() && loss.numel() == B, "opd_fast._C_cuda: loss must be (B,) contiguous");
+  const bool log_prob = sq.has_value();
+  TORCH_CHECK(log_prob == sq_partial.has_value(), "opd_fast._C_cuda: sq and sq_partial are given together");
+  TORCH_CHECK(log_prob || !sample, "opd_fast._C_cuda: sample is read only for the log-density (pass sq, sq_partial)");
+  if (log_prob) {
+    check_rows(*sq_partial, "sq_partial", B, (N + chunk - 1) / chunk, x);
+    check_f32(*sq_partial, "sq_partial", x);
+    check_f32(*sq, "sq", x);
+    TORCH_CHECK(sq->is_contiguous() && sq->numel() == B, "opd_fast._C_cuda: sq must be (B,) contiguous");
+    if (sample) {
+      check_rows(*sample, "sample", B, N, x);
+      TORCH_CHECK(sample->scalar_type() == x.scalar_type(), "opd_fast._C_cuda: sample and x dtypes differ");
+    }
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   check_launch(opd_step_cuda_forward(dtype_code(x, "x"), dtype_code(v_student, "v_student"), x.data_ptr(),
                                      v_student.data_ptr(), v_teacher.data_ptr(), noise ? noise->data_ptr() : nullptr,
                                      coef.data_ptr<float>(), x_next.data_ptr(), partial.data_ptr<float>(),
-                                     loss.data_ptr<float>(), B, N, chunk, student_guidance.has_value(),
+                                     loss.data_ptr<float>(), sample ? sample->data_ptr() : nullptr,
+                                     log_prob ? sq_partial->data_ptr<float>() : nullptr,
+                                     log_prob ? sq->data_ptr<float>() : nullptr, B, N, chunk,
+                                     student_guidance.has_value(),
                                      static_cast<float>(student_guidance.value_or(0.0)), teacher_guidance.has_value(),
                                      static_cast<float>(teacher_guidance.value_or(0.0)),
                                      c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
@@ -89,7 +107,9 @@ void opd_step_forward_cuda(const at::Tensor& x, const at::Tensor& v_student, con
 
 void opd_step_backward_cuda(const at::Tensor& v_student, const at::Tensor& v_teacher, const at::Tensor& coef,
                             const at::Tensor& grad_loss, std::optional<double> student_guidance,
-                            std::optional<double> teacher_guidance, const at::Tensor& grad, int64_t chunk) {
+                            std::optional<double> teacher_guidance, const at::Tensor& grad, int64_t chunk,
+                            const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& sample,
+                            const std::optional<at::Tensor>& grad_sq) {
   TORCH_CHECK(coef.dim() == 2 && v_student.dim() == 2, "opd_fast._C_cuda: coef must be (4, B), v_student (rows, N)");
   check_chunk(chunk);
   const int64_t B = coef.size(1), N = v_student.size(1);
@@ -102,11 +122,24 @@ void opd_step_backward_cuda(const at::Tensor& v_student, const at::Tensor& v_tea
   check_f32(coef, "coef", v_student);
   check_f32(grad_loss, "grad_loss", v_student);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B, "opd_fast._C_cuda: grad_loss must be (B,)");
+  const bool log_prob = grad_sq.has_value();
+  TORCH_CHECK(log_prob == x.has_value() && log_prob == sample.has_value(),
+              "opd_fast._C_cuda: x, sample and grad_sq are given together (the log-density's gradient)");
+  if (log_prob) {
+    check_rows(*x, "x", B, N, v_student);
+    check_rows(*sample, "sample", B, N, v_student);
+    TORCH_CHECK(sample->scalar_type() == x->scalar_type(), "opd_fast._C_cuda: sample and x dtypes differ");
+    check_f32(*grad_sq, "grad_sq", v_student);
+    TORCH_CHECK(grad_sq->is_contiguous() && grad_sq->numel() == B, "opd_fast._C_cuda: grad_sq must be (B,) contiguous");
+  }
 
   const c10::cuda::CUDAGuard guard(v_student.device());
   check_launch(opd_step_cuda_backward(dtype_code(v_student, "v_student"), v_student.data_ptr(), v_teacher.data_ptr(),
                                       coef.data_ptr<float>(), grad_loss.data_ptr<float>(), grad_loss.stride(0),
-                                      grad.data_ptr(), B, N, chunk, student_guidance.has_value(),
+                                      grad.data_ptr(), log_prob ? dtype_code(*x, "x") : OPD_CUDA_DTYPE_FLOAT32,
+                                      log_prob ? x->data_ptr() : nullptr, log_prob ? sample->data_ptr() : nullptr,
+                                      log_prob ? grad_sq->data_ptr<float>() : nullptr, B, N, chunk,
+                                      student_guidance.has_value(),
                                       static_cast<float>(student_guidance.value_or(0.0)), teacher_guidance.has_value(),
                                       static_cast<float>(teacher_guidance.value_or(0.0)),
                                       c10::cuda::getCurrentCUDAStream(v_student.device().index()).stream()),
@@ -117,9 +150,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused OPD step on CUDA (standalone kernels in opd_step_cuda.cu); see opd_fast/ops/opd_step/fused.py";
   m.def("forward", &opd_step_forward_cuda, "fused OPD step forward (writes x_next, partial, loss)", py::arg("x"),
         py::arg("v_student"), py::arg("v_teacher"), py::arg("noise"), py::arg("coef"), py::arg("student_guidance"),
-        py::arg("teacher_guidance"), py::arg("x_next"), py::arg("partial"), py::arg("loss"), py::arg("chunk"));
+        py::arg("teacher_guidance"), py::arg("x_next"), py::arg("partial"), py::arg("loss"), py::arg("chunk"),
+        py::kw_only(), py::arg("sq") = py::none(), py::arg("sq_partial") = py::none(), py::arg("sample") = py::none());
   m.def("backward", &opd_step_backward_cuda, "fused OPD step backward (writes grad of v_student)",
         py::arg("v_student"), py::arg("v_teacher"), py::arg("coef"), py::arg("grad_loss"),
-        py::arg("student_guidance"), py::arg("teacher_guidance"), py::arg("grad"), py::arg("chunk"));
+        py::arg("student_guidance"), py::arg("teacher_guidance"), py::arg("grad"), py::arg("chunk"), py::kw_only(),
+        py::arg("x") = py::none(), py::arg("sample") = py::none(), py::arg("grad_sq") = py::none());
   m.attr("CHUNK_QUANTUM") = OPD_CUDA_CHUNK_QUANTUM;
+  m.attr("HAS_LOG_PROB") = true;  // fused.py refuses log_prob on a _C_cuda built before it (a stale in-place build)
 }

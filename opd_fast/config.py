@@ -81,6 +81,9 @@ class LoraConfig:
 @dataclass(kw_only=True)
 class StudentConfig:
     guidance: float | None = 4.5  # CFG scale in rollout AND training forward; null or 1.0: no CFG pass
+    # a two-expert model (Wan 2.2): the low-noise expert's CFG scale, WanPipeline's guidance_scale_2 (null: guidance;
+    # CFG runs in both experts or neither, as `guidance` > 1 decides); an error for a model of one transformer
+    guidance_2: float | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -89,6 +92,10 @@ class TeacherConfig:
     path: str  # LoRA (peft folder / diffusers file or folder) or full model folder
     format: Literal["auto", "peft", "diffusers", "full"] = "auto"
     guidance: float | None = 4.5
+    guidance_2: float | None = None  # a two-expert teacher (Wan 2.2): the low-noise expert's, as student.guidance_2
+    # a full-model teacher's own diffusers pipeline folder (model_index.json), whose text encoders condition it and
+    # whose VAE and scheduler are checked against the student's; null: the pipeline folder its `path` sits in, if any
+    pipeline: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -388,12 +395,21 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be in (0, 1], got {fraction}")
             if steps_for_fraction(self.sampling.num_steps, fraction) < 1:
                 raise ConfigError(f"{key}: trains no step at all with sampling.num_steps={self.sampling.num_steps}")
-        guidance = {"student.guidance": self.student.guidance}
-        guidance.update({f"tasks.{i}.teacher.guidance": t.teacher.guidance for i, t in enumerate(self.tasks)})
+        guidance = {"student.guidance": self.student.guidance, "student.guidance_2": self.student.guidance_2}
+        for i, t in enumerate(self.tasks):
+            guidance[f"tasks.{i}.teacher.guidance"] = t.teacher.guidance
+            guidance[f"tasks.{i}.teacher.guidance_2"] = t.teacher.guidance_2
         for key, value in guidance.items():
             if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
                 raise ConfigError(
                     f"{key}: a CFG scale must be a finite number in [0, {MAX_GUIDANCE:g}] (null: no CFG), got {value}"
+                )
+        for i, task in enumerate(self.tasks):
+            if task.teacher.pipeline is not None and task.teacher.format in ("peft", "diffusers"):
+                raise ConfigError(
+                    f"tasks.{i}.teacher.pipeline: a {task.teacher.format} LoRA teacher runs on the student's base, "
+                    "with the student's text encoders; only a full-model teacher (format full) has a pipeline of "
+                    "its own"
                 )
         if self.loss.estimator == "ppo" and self.sampling.noise_level == 0:
             raise ConfigError("loss.estimator: 'ppo' needs an SDE rollout (sampling.noise_level > 0)")
@@ -619,6 +635,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     for task in cfg.tasks:
         task.prompts = resolve(task.prompts)
         task.teacher.path = resolve(task.teacher.path)
+        task.teacher.pipeline = resolve(task.teacher.pipeline)
     cfg.eval.pipeline = resolve(cfg.eval.pipeline)
     cfg.eval.prompts = {task: resolve(path) for task, path in cfg.eval.prompts.items()}
     for entries in cfg.eval.rewards.values():  # a reward's option that names a file beside the config: resolved

@@ -35,9 +35,7 @@ def load_transformer(cfg: ModelConfig, family) -> torch.nn.Module:  # family: an
     presets with seeded weights."""
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model = family.transformer_class.from_pretrained(
-            transformer_folder(cfg.path), dtype=dtype, use_safetensors=True
-        )
+        model = family.load_pretrained(transformer_folder(cfg.path), dtype)
     else:
         if cfg.preset not in family.presets:
             raise ValueError(

@@ -2,9 +2,11 @@
 
 A teacher comes as a LoRA on the student's base (peft adapter folder, or diffusers `pytorch_lora_weights` file) or
 as a full transformer folder, which may be of another size (SD3.5-Large teaching SD3.5-Medium) when it shares the
-student's latent space, sigma schedule and text encoders. It must fit: a LoRA that targets modules the base lacks,
-or whose shapes differ, or a full model on another latent space, is a TeacherError naming the teacher and the
-mismatch.
+student's latent space and sigma schedule. A full teacher whose pipeline folder (the one its transformer sits in,
+or its `pipeline` key) has text encoders other than the student's is conditioned by them: Teacher.text_pipeline
+names that folder, and opd_fast.run caches the prompts' embeddings once per distinct text-encoder set. It must fit:
+a LoRA that targets modules the base lacks, or whose shapes differ, or a full model on another latent space, is a
+TeacherError naming the teacher and the mismatch.
 
 Runtime (cfg.teacher_runtime, see load_teachers and TeacherRunner at the end of this file):
 - mode "merged": one frozen copy per teacher with its LoRA merged (no LoRA work per forward); "adapter": one
@@ -36,6 +38,7 @@ from opd_fast.families.base import model_dtype
 from opd_fast.models import Conditioning, freeze, frozen_copy, transformer_folder
 from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
+from opd_fast.text_encoders import missing_text_components, text_files
 
 if TYPE_CHECKING:
     from opd_fast.families.base import Family
@@ -53,8 +56,11 @@ class TeacherError(ValueError):
 class Teacher:
     name: str
     model: torch.nn.Module
-    guidance: float | None
+    guidance: float | None  # as family.guidance gives it (a two-expert teacher: a scale per expert)
     adapter: str | None = None  # mode "adapter": the peft adapter of `model` (shared base) that is this teacher
+    # the pipeline folder whose text encoders condition it, where they are not the student's (None: the student's
+    # prompt embeddings serve it; opd_fast.run builds the others)
+    text_pipeline: Path | None = None
 
     def velocity(self, family: Family, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning):
         """(v, guidance) as family.velocity returns them, at the teacher's guidance, without grad."""
@@ -214,7 +220,7 @@ def _differences(student: dict, teacher: dict, keys) -> list[str]:
     ]
 
 
-def _pipeline_of(folder: Path | None) -> Path | None:
+def pipeline_of(folder: Path | None) -> Path | None:
     """The pipeline folder a transformer folder sits in (None: a lone transformer folder, or a preset)."""
     if folder is None:
         return None
@@ -233,54 +239,69 @@ def _component_config(pipeline: Path, component: str, file: str = "config.json")
     return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_name_or_path", "transformers_version")}
 
 
-def _text_files(pipeline: Path, family: Family) -> dict[str, str]:
-    """Each text component's config and tokenizer files, as text: two pipelines encode a prompt alike when they
-    are equal (weights are not hashed: the sizes stand in, as in the embedding cache's fingerprint)."""
-    files = {}
-    for component in family.text_components:
-        for file in sorted((pipeline / component).glob("*")) if (pipeline / component).is_dir() else []:
-            if file.suffix in (".json", ".txt", ".model") and file.name != "config.json":
-                files[f"{component}/{file.name}"] = file.read_text()
-            elif file.name == "config.json":
-                files[f"{component}/config.json"] = json.dumps(_component_config(pipeline, component), sort_keys=True)
-            elif file.is_file():
-                files[f"{component}/{file.name}"] = str(file.stat().st_size)
-    return files
+def _teacher_pipeline(cfg: TeacherConfig, folder: Path, family: Family, where: str) -> Path | None:
+    """The pipeline folder a full-model teacher belongs to: its `pipeline` key (checked: a pipeline of the family),
+    else the one its transformer folder sits in (None: a lone transformer folder)."""
+    if cfg.pipeline is None:
+        return pipeline_of(folder)
+    pipeline = Path(cfg.pipeline)
+    index = pipeline / "model_index.json"
+    if not index.is_file():
+        raise TeacherError(
+            f"{where}: teacher.pipeline {pipeline} is not a diffusers pipeline folder (no model_index.json): it names "
+            "the pipeline whose text encoders condition the teacher"
+        )
+    cls_name = json.loads(index.read_text()).get("_class_name", "")
+    if cls_name != family.pipeline_class_name:
+        raise TeacherError(
+            f"{where}: teacher.pipeline {pipeline} holds a {cls_name or 'unnamed'} pipeline; model.family "
+            f"{family.name!r} expects {family.pipeline_class_name}"
+        )
+    return pipeline
 
 
-def _check_latent_space(base: torch.nn.Module, teacher_config: dict, family: Family, folder: Path, where: str) -> None:
+def _check_latent_space(
+    base: torch.nn.Module, teacher_config: dict, family: Family, pipeline: Path | None, where: str
+) -> Path | None:
     """A full-model teacher must speak the student's latent space; its size may differ (SD3.5-Large teaching
     SD3.5-Medium, Wan 14B teaching Wan 1.3B). The transformer's latent keys always; where both sit in pipeline
-    folders, the VAE's latent keys, the sigma schedule (scheduler config) and the text encoders (one set of prompt
-    embeddings serves the student and its teachers). A mismatch is a TeacherError naming what differs."""
+    folders (the teacher's: `pipeline`), the VAE's latent keys and the sigma schedule (scheduler config). A
+    mismatch is a TeacherError naming what differs. Returns the teacher's pipeline folder when its text encoders
+    differ from the student's (its prompts need embeddings of their own), else None."""
     diffs = _differences(base.config, teacher_config, family.latent_keys)
-    student_pipeline = _pipeline_of(base.config.get("_name_or_path"))
-    teacher_pipeline = _pipeline_of(folder)
-    if student_pipeline is not None and teacher_pipeline is not None and student_pipeline != teacher_pipeline:
-        vae = [_component_config(p, "vae") for p in (student_pipeline, teacher_pipeline)]
+    student_pipeline = pipeline_of(base.config.get("_name_or_path"))
+    own_text = None
+    if student_pipeline is not None and pipeline is not None and student_pipeline.resolve() != pipeline.resolve():
+        vae = [_component_config(p, "vae") for p in (student_pipeline, pipeline)]
         if None not in vae:
             diffs += [f"vae {d}" for d in _differences(*vae, family.vae_keys)]
-        schedulers = [
-            _component_config(p, "scheduler", "scheduler_config.json") for p in (student_pipeline, teacher_pipeline)
-        ]
+        schedulers = [_component_config(p, "scheduler", "scheduler_config.json") for p in (student_pipeline, pipeline)]
         if schedulers[0] != schedulers[1]:
             keys = sorted(k for k in set(schedulers[0] or {}) | set(schedulers[1] or {}) if not k.startswith("_"))
             diffs += [f"scheduler {d}" for d in _differences(schedulers[0] or {}, schedulers[1] or {}, keys)] or [
                 "scheduler: another class"
             ]
-        text = [_text_files(p, family) for p in (student_pipeline, teacher_pipeline)]
+        text = [text_files(p, family) for p in (student_pipeline, pipeline)]
         changed = sorted(k for k in set(text[0]) | set(text[1]) if text[0].get(k) != text[1].get(k))
         if changed:
-            raise TeacherError(
-                f"{where}: its text encoders differ from the student's ({', '.join(changed[:4])}): a teacher with "
-                "text encoders of its own needs prompt embeddings of its own, which this version does not build yet "
-                "(a teacher of another size must share the student's text encoders, as SD3.5-Large and -Medium do)"
+            missing = missing_text_components(pipeline, family)
+            if missing:
+                raise TeacherError(
+                    f"{where}: its text encoders cannot be found: its pipeline folder {pipeline} has no "
+                    f"{', '.join(missing)} (set teacher.pipeline to the pipeline folder whose text encoders it uses)"
+                )
+            log.info(
+                "%s: text encoders of its own (%s differ from the student's): its prompts get embeddings of their own",
+                where,
+                ", ".join(changed[:4]),
             )
+            own_text = pipeline
     if diffs:
         raise TeacherError(f"{where}: it does not share the student's latent space: {'; '.join(diffs)}")
     size = _differences(base.config, teacher_config, family.arch_keys)
     if size:
         log.info("%s: a teacher of another size on the student's latent space (%s)", where, "; ".join(size))
+    return own_text
 
 
 def _locate(name: str, cfg: TeacherConfig) -> tuple[str, Path, str]:
@@ -292,8 +313,42 @@ def _locate(name: str, cfg: TeacherConfig) -> tuple[str, Path, str]:
     return where, path, detect_format(path) if cfg.format == "auto" else cfg.format
 
 
-def _read_lora(path: Path, fmt: str, where: str) -> LoraWeights:
-    return read_peft_lora(path, where) if fmt == "peft" else read_diffusers_lora(path, where)
+def _no_pipeline(cfg: TeacherConfig, path: Path, fmt: str, where: str) -> None:
+    """A LoRA teacher with a `pipeline` key (format auto found the LoRA; an explicit LoRA format is refused when the
+    config loads): an error, not a key silently ignored."""
+    if cfg.pipeline is not None:
+        raise TeacherError(
+            f"{where}: teacher.pipeline is set, but {path} is a {fmt} LoRA, which runs on the student's base with "
+            "the student's text encoders; only a full-model teacher has a pipeline of its own"
+        )
+
+
+def _read_lora(path: Path, fmt: str, where: str, base: torch.nn.Module | None = None) -> LoraWeights:
+    """The LoRA at `path`, its module names those of `base`. A base made of several pipeline components (Wan 2.2's
+    two experts: base.lora_components) takes a diffusers LoRA per component, as the pipeline loads them: the first
+    component's file in the folder, each other's in a subfolder of its name (load_into_transformer_2)."""
+    if fmt == "peft":
+        return read_peft_lora(path, where)
+    lora = read_diffusers_lora(path, where)
+    components = getattr(base, "lora_components", None)
+    if not components:
+        return lora
+    parts = [(components[0], lora)]
+    for name in components[1:]:
+        folder = path / name if path.is_dir() else None
+        if folder is not None and any((folder / f).is_file() for f in DIFFUSERS_LORA_FILES):
+            parts.append((name, read_diffusers_lora(folder, f"{where} ({name})")))
+        else:
+            log.warning(
+                "%s: no LoRA for %s (no %s/%s/): it keeps its base weights, as load_lora_weights leaves it",
+                where,
+                name,
+                path,
+                name,
+            )
+    pairs = {f"{name}.{m}": pair for name, part in parts for m, pair in part.pairs.items()}
+    scales = {f"{name}.{m}": scale for name, part in parts for m, scale in part.scales.items()}
+    return LoraWeights(pairs, scales)
 
 
 def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: Family) -> Teacher:
@@ -307,17 +362,19 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: F
             raise TeacherError(f"{where}: {e}") from None
         with open(folder / "config.json") as f:
             arch = json.load(f)
-        _check_latent_space(base, arch, family, folder, where)
+        text_pipeline = _check_latent_space(base, arch, family, _teacher_pipeline(cfg, folder, family, where), where)
         dtype = model_dtype(base)  # not the first parameter's: a kept-fp32 table (Wan) would load it all in fp32
         try:
-            model = freeze(family.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True))
+            model = freeze(family.load_pretrained(folder, dtype))  # Wan 2.2: both experts, as one module
         except (OSError, ValueError, RuntimeError) as e:  # a tensor of another shape, a damaged file, ...
             raise TeacherError(f"{where}: cannot load the full model in {folder} ({first_line(e)})") from None
     else:
-        model = frozen_copy(base)
-        merge_lora(model, _read_lora(path, fmt, where), where)
+        _no_pipeline(cfg, path, fmt, where)
+        model, text_pipeline = frozen_copy(base), None
+        merge_lora(model, _read_lora(path, fmt, where, base), where)
     log.info("%s: loaded %s teacher from %s", where, fmt, path)
-    return Teacher(name, model, cfg.guidance)
+    guidance = family.guidance(model, cfg.guidance, cfg.guidance_2, f"{where}: teacher.guidance_2")
+    return Teacher(name, model, guidance, text_pipeline=text_pipeline)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,10 +383,13 @@ def load_teacher(name: str, cfg: TeacherConfig, base: torch.nn.Module, family: F
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _lora_or_none(name: str, cfg: TeacherConfig) -> LoraWeights | None:
-    """The teacher's LoRA, or None for a full-model teacher."""
+def _lora_or_none(name: str, cfg: TeacherConfig, base: torch.nn.Module) -> LoraWeights | None:
+    """The teacher's LoRA on `base`, or None for a full-model teacher."""
     where, path, fmt = _locate(name, cfg)
-    return None if fmt == "full" else _read_lora(path, fmt, where)
+    if fmt == "full":
+        return None
+    _no_pipeline(cfg, path, fmt, where)
+    return _read_lora(path, fmt, where, base)
 
 
 @torch.no_grad()
@@ -397,6 +457,20 @@ def load_teachers(
 ) -> dict[str, Teacher]:
     """Every task's teacher on top of `base` (the student's base transformer, before it gets its LoRA), in the
     runtime's mode and precision."""
+    teachers = _load_teachers(tasks, base, family, runtime)
+    routed = [name for name, t in teachers.items() if getattr(t.model, "routes_by_timestep", False)]
+    if runtime.cuda_graphs and routed:
+        raise TeacherError(
+            f"teacher_runtime.cuda_graphs: the teachers of tasks {routed} switch experts by the step's timestep "
+            "(Wan 2.2's two experts), which a captured graph would freeze at the step it was captured at; set "
+            "teacher_runtime.cuda_graphs: false"
+        )
+    return teachers
+
+
+def _load_teachers(
+    tasks: list[TaskConfig], base: torch.nn.Module, family: Family, runtime: TeacherRuntimeConfig
+) -> dict[str, Teacher]:
     if runtime.mode == "merged":
         teachers = {t.name: load_teacher(t.name, t.teacher, base, family) for t in tasks}
         for teacher in teachers.values():
@@ -404,7 +478,7 @@ def load_teachers(
         return teachers
     teachers, shared = {}, None
     for task in tasks:
-        lora = _lora_or_none(task.name, task.teacher)
+        lora = _lora_or_none(task.name, task.teacher, base)
         if lora is None:  # a full model cannot share the base
             teachers[task.name] = load_teacher(task.name, task.teacher, base, family)
             apply_precision(teachers[task.name].model, runtime, family)
@@ -412,7 +486,9 @@ def load_teachers(
             continue
         shared = frozen_copy(base) if shared is None else shared
         add_lora_adapter(shared, task.name, lora, f"teacher of task {task.name!r}")
-        teachers[task.name] = Teacher(task.name, shared, task.teacher.guidance, adapter=task.name)
+        where = f"teacher of task {task.name!r}: teacher.guidance_2"
+        guidance = family.guidance(shared, task.teacher.guidance, task.teacher.guidance_2, where)
+        teachers[task.name] = Teacher(task.name, shared, guidance, adapter=task.name)
     if shared is not None:
         apply_precision(shared, runtime, family)  # FP8 wraps the base layers; the LoRA factors stay high
     return teachers

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from opd_fast.config import ConfigError, ModelConfig, PromptsConfig
+from opd_fast.config import ConfigError, ModelConfig, PromptsConfig, first_line
 from opd_fast.models import DTYPES
 
 if TYPE_CHECKING:
@@ -31,23 +31,60 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_pipeline_folder(path: str | Path, family: Family) -> Path:
-    """The folder, after checking it is a diffusers pipeline of `family` (model_index.json names the class)."""
+def check_pipeline_folder(path: str | Path, family: Family, key: str = "model.path") -> Path:
+    """The folder, after checking it is a diffusers pipeline of `family` (model_index.json names the class); `key`:
+    the config key that named it, for the error."""
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
         raise ConfigError(
-            f"model.path: {path} is not a diffusers pipeline folder (no model_index.json); the "
+            f"{key}: {path} is not a diffusers pipeline folder (no model_index.json); the "
             "pipeline text encoders and sampling need the whole pipeline, not only its transformer"
         )
     cls_name = json.loads(index.read_text()).get("_class_name", "")
     if cls_name != family.pipeline_class_name:
         raise ConfigError(
-            f"model.path: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
+            f"{key}: {path} holds a {cls_name or 'unnamed'} pipeline but model.family is "
             f"{family.name!r} (expects {family.pipeline_class_name})"
         )
-    family.check_pipeline_folder(path)  # a layout of the family's class it does not support (Wan 2.2's two experts)
+    family.check_pipeline_folder(path)  # a layout of the family's class it does not support
     return path
+
+
+def missing_text_components(path: Path, family: Family) -> list[str]:
+    """The family's text encoders and tokenizers that the pipeline folder `path` lacks (no folder of that name)."""
+    return [c for c in family.text_components if not (Path(path) / c).is_dir()]
+
+
+def _component_config(pipeline: Path, component: str) -> dict | None:
+    path = pipeline / component / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_name_or_path", "transformers_version")}
+
+
+def text_files(pipeline: Path, family: Family) -> dict[str, str]:
+    """Each text component's config and tokenizer files, as text: two pipelines encode a prompt alike when they
+    are equal (weights are not hashed: the sizes stand in, as in the embedding cache's fingerprint; configs are read
+    without the keys that name where or by which version they were saved)."""
+    files = {}
+    for component in family.text_components:
+        for file in sorted((pipeline / component).glob("*")) if (pipeline / component).is_dir() else []:
+            if file.suffix in (".json", ".txt", ".model") and file.name != "config.json":
+                files[f"{component}/{file.name}"] = file.read_text()
+            elif file.name == "config.json":
+                files[f"{component}/config.json"] = json.dumps(_component_config(pipeline, component), sort_keys=True)
+            elif file.is_file():
+                files[f"{component}/{file.name}"] = str(file.stat().st_size)
+    return files
+
+
+def text_set_key(pipeline: Path, family: Family) -> str:
+    """A short name of a pipeline folder's text-encoder set: equal for two folders whose text_files are equal, so
+    teachers in different folders that share one set share its prompt embeddings."""
+    blob = json.dumps(text_files(Path(pipeline), family), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _fingerprint(path: Path, family: Family) -> str:
@@ -82,18 +119,20 @@ class PipelineTextEncoder:
         max_sequence_length: int | None = None,
         batch_size: int = 32,
         progress: bool = True,
+        key: str = "model.path",
     ):
         if batch_size < 1:
             raise ConfigError(f"prompts.encode_batch_size: must be >= 1, got {batch_size}")
         if max_sequence_length is not None and max_sequence_length < 1:
             raise ConfigError(f"prompts.max_sequence_length: must be >= 1, got {max_sequence_length}")
-        self.path = check_pipeline_folder(path, family).resolve()
+        self.path = check_pipeline_folder(path, family, key).resolve()
         self.family = family
         self.dtype = dtype
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_sequence_length = max_sequence_length or family.default_max_sequence_length
         self.batch_size = batch_size
         self.progress = progress
+        self.key = key
 
     @property
     def name(self) -> str:
@@ -108,9 +147,15 @@ class PipelineTextEncoder:
         if self.pipe is None:
             log.info("loading the %s text encoders from %s", self.family.name, self.path)
             # transformer / vae None: diffusers skips them entirely (no weights read).
-            self.pipe = self.family.pipeline_class.from_pretrained(
-                self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True
-            ).to(self.device)
+            try:
+                pipe = self.family.pipeline_class.from_pretrained(
+                    self.path, transformer=None, vae=None, dtype=self.dtype, local_files_only=True
+                )
+            except (OSError, ValueError, RuntimeError) as e:  # a missing or damaged encoder, weights of another size
+                raise ConfigError(
+                    f"{self.key}: cannot load the text encoders of {self.path} ({first_line(e)})"
+                ) from None
+            self.pipe = pipe.to(self.device)
         return self.pipe
 
     @torch.no_grad()
@@ -151,19 +196,28 @@ class PipelineTextEncoder:
         self.close()
 
 
-def pipeline_encoder(model_cfg: ModelConfig, family: Family, prompts_cfg: PromptsConfig | None = None, device=None):
+def pipeline_encoder(
+    model_cfg: ModelConfig,
+    family: Family,
+    prompts_cfg: PromptsConfig | None = None,
+    device=None,
+    path: str | Path | None = None,
+    key: str = "model.path",
+):
     """(encode_fn, cache_name) for `prompts.encoder: pipeline`: the text encoders of the `family` pipeline at
-    model.path.
+    model.path, or at `path` (a teacher's own pipeline folder, named by the config key `key`), in the model's dtype.
     encode_fn loads them on first use; `with encode_fn:` (or dropping it) frees them."""
-    if model_cfg.path is None:
+    path = model_cfg.path if path is None else path
+    if path is None:
         raise ConfigError("prompts.encoder: 'pipeline' needs model.path, a local diffusers pipeline folder")
     prompts_cfg = prompts_cfg or PromptsConfig()
     encoder = PipelineTextEncoder(
-        model_cfg.path,
+        path,
         family,
         DTYPES[model_cfg.dtype],
         device,
         max_sequence_length=prompts_cfg.max_sequence_length,
         batch_size=prompts_cfg.encode_batch_size,
+        key=key,
     )
     return encoder, encoder.name

@@ -66,9 +66,15 @@ class Lane:
 
     index: int  # the task's index in cfg.tasks
     teacher: Teacher
-    cond: Conditioning
+    cond: Conditioning  # the student's text conditioning of the micro-batch's prompts
     noise: torch.Tensor
     scale: float
+    # the teacher's: the same prompts through its own text encoders (RunParts.teacher_prompts); None: `cond`
+    teacher_cond: Conditioning | None = None
+
+    def __post_init__(self):
+        if self.teacher_cond is None:
+            self.teacher_cond = self.cond
 
     @property
     def steps(self) -> int:
@@ -157,6 +163,7 @@ class Trainer:
         self.device = self.dist.device
         self.student, self.peft_config, self.teachers = parts.student, parts.peft_config, parts.teachers
         self.engine, self.ema, self.prompts, self.sigmas = parts.engine, parts.ema, parts.prompts, parts.sigmas
+        self.teacher_prompts = parts.teacher_prompts  # task -> a teacher's own text conditioning (where it has one)
         self.backend = self.loss_spec.backend
         self.hooks = list(hooks)
         self.phase_timer = timer
@@ -169,6 +176,10 @@ class Trainer:
         )
         # bf16 autocast over a bf16 base with fp32 LoRA weights (read after the engine, which may cast the student)
         self.student_autocast = autocast_dtype(self.student)
+        # the student's CFG as its family takes it (a two-expert model: a scale per expert)
+        self.student_guidance = self.family.guidance(
+            self.student, cfg.student.guidance, cfg.student.guidance_2, "student.guidance_2"
+        )
         self._sigma_tables: dict[int, torch.Tensor] = {}  # batch -> (num_steps + 1, batch) sigmas on the device
         self._coef_tables: dict[tuple[int, int], torch.Tensor] = {}  # (batch, latent numel) -> coefficient table
         self.num_trained = {task.name: cfg.trained_steps(task) for task in cfg.tasks}  # leading steps trained
@@ -271,7 +282,7 @@ class Trainer:
             torch.set_grad_enabled(with_grad),
             student_forward_context(self.student, self.student_autocast),
         ):
-            return self.family.velocity(self.engine.forward_model, x, sigma, cond, self.cfg.student.guidance)
+            return self.family.velocity(self.engine.forward_model, x, sigma, cond, self.student_guidance)
 
     def _step(self, lane: Lane, j: int, x, v_student, student_cfg, teacher: TeacherHandle | None):
         """The fused step/loss of one lane at step j. teacher: the lane's submitted teacher forward at x (taken
@@ -328,7 +339,7 @@ class Trainer:
                         states[i].append(x[i])
             x = [lane_states[0] for lane_states in states]
         pending = [
-            runner.submit(lane.teacher, x[i], self._sigma_rows(lane.batch)[0], lane.cond)
+            runner.submit(lane.teacher, x[i], self._sigma_rows(lane.batch)[0], lane.teacher_cond)
             for i, lane in enumerate(lanes)
         ]
         for j in range(lanes[0].steps):
@@ -340,7 +351,7 @@ class Trainer:
                 if j + 1 < lanes[i].steps:
                     x[i] = stepped[i][0] if states is None else states[i][j + 1]  # (two-pass: the same state)
                     pending[i] = runner.submit(
-                        lanes[i].teacher, x[i], self._sigma_rows(lanes[i].batch)[j + 1], lanes[i].cond
+                        lanes[i].teacher, x[i], self._sigma_rows(lanes[i].batch)[j + 1], lanes[i].teacher_cond
                     )  # overlaps backward(j)
             loss = stepped[0][1].sum() * lanes[0].scale
             for i in range(1, k):
@@ -363,8 +374,11 @@ class Trainer:
         if cfg.loss.timestep_reduction == "mean":
             task_scale /= self.num_trained[task.name]
         noise = self.sample_noise(self.round, t_idx, self.dist.rank * per_rank + start, shape)
-        cond = self.prompts[task.name].conditioning(indices[start : start + mb], self.device)
-        return Lane(t_idx, self.teachers[task.name], cond, noise, task_scale)
+        rows = indices[start : start + mb]
+        cond = self.prompts[task.name].conditioning(rows, self.device)
+        own = self.teacher_prompts.get(task.name)  # a teacher with text encoders of its own: the same rows, its set
+        teacher_cond = None if own is None else own.conditioning(rows, self.device)
+        return Lane(t_idx, self.teachers[task.name], cond, noise, task_scale, teacher_cond)
 
     def train_round(self, step: bool = True) -> RoundResult:
         """One round: every task's micro-batches, then ONE optimizer step and the EMA. step=False measures the round

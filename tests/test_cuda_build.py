@@ -1,6 +1,7 @@
-"""The CUDA C++ kernels (csrc/opd_step_cuda.cu, with nvcc) and the Triton kernels (opd_fast/ops/opd_step/triton.py)
-compile for sm_90, and the CUDA kernels' vector path is 128-bit loads and stores in the SASS: compile only, no GPU
-needed, so CI catches a broken GPU build. Running them is tests/test_kernels.py's job."""
+"""The CUDA C++ kernels (csrc/opd_step_cuda.cu, with nvcc; the plain step's and the log-density's instantiations) and
+the Triton kernels (opd_fast/ops/opd_step/triton.py) compile for sm_90, and the CUDA kernels' vector path is 128-bit
+loads and stores in the SASS: compile only, no GPU needed, so CI catches a broken GPU build. Running them is
+tests/test_kernels.py's and tests/test_logprob.py's job."""
 
 import importlib.util
 import os
@@ -45,6 +46,46 @@ def test_cuda_kernels_compile_for_sm90(tmp_path):
             assert f" T {name}" in symbols, f"{name} is not exported by {obj.name}"
 
 
+def _cuda_include(nvcc: str | None) -> Path | None:
+    """The toolkit's include folder (cuda_runtime.h): $CUDA_HOME, beside nvcc, or /usr/local/cuda."""
+    candidates = [Path(os.environ["CUDA_HOME"]) / "include"] if os.environ.get("CUDA_HOME") else []
+    if nvcc is not None:
+        candidates.append(Path(nvcc).resolve().parents[1] / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_runtime.h").exists()), None)
+
+
+def test_cuda_binding_parses_against_torch_headers(tmp_path):
+    """The torch binding (csrc/opd_step_cuda_binding.cpp) against this torch's headers, syntax only: it is built only
+    where torch has CUDA, so without this its changes (the launchers' arguments, the log-density keywords) would
+    first be compiled on a GPU machine. A CPU build of torch ships c10/cuda's headers but not the CMake-generated
+    one; a stand-in defines what it would."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (c++ / g++) on PATH")
+    cuda_include = _cuda_include(_nvcc())
+    if cuda_include is None:
+        pytest.skip("cuda_runtime.h not found in $CUDA_HOME/include, beside nvcc or in /usr/local/cuda/include")
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    torch_includes = [f"-I{p}" for p in include_paths()]
+    cmd = [compiler, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C_cuda", *torch_includes]
+    cmd += [f"-I{tmp_path}", f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}"]
+    result = subprocess.run(
+        cmd + [str(ROOT / "csrc" / "opd_step_cuda_binding.cpp")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"the binding does not compile:\n{result.stderr[-4000:]}"
+
+
 def _cuobjdump(nvcc: str) -> str | None:
     """cuobjdump from PATH, the toolkit of nvcc / $CUDA_HOME, or the copy triton's wheel ships (found, not imported)."""
     candidates = [shutil.which("cuobjdump"), str(Path(nvcc).parent / "cuobjdump")]
@@ -64,12 +105,20 @@ def _kernel_name(mangled: str) -> str:
     return re.sub(r"^void |\(anonymous namespace\)::|\(.*$", "", full) or mangled
 
 
-# The VEC instantiations (opd_step_{fwd,bwd}_kernel<..., true>: N % 8 == 0, 16-byte aligned pointers) move every
-# element as 16-byte vectors; the only narrower global accesses are these per-block scalars.
+# The VEC instantiations (opd_step_{fwd,bwd}_kernel<..., LOG_PROB, true>: N % 8 == 0, 16-byte aligned pointers) move
+# every element as 16-byte vectors; the only narrower global accesses are these per-block scalars, by (kind, LOG_PROB).
 _NARROW_ALLOWED = {
-    "fwd": {"LDG": 3, "STG": 1},  # loads of x_coef, v_coef, sbar; the store of the block's partial sum
-    "bwd": {"LDG": 2, "STG": 0},  # loads of w and grad_loss
+    ("fwd", False): {"LDG": 3, "STG": 1},  # loads of x_coef, v_coef, sbar; the store of the block's partial sum
+    ("fwd", True): {"LDG": 3, "STG": 2},  # ... and the store of the log-density's partial sum
+    ("bwd", False): {"LDG": 2, "STG": 0},  # loads of w and grad_loss
+    ("bwd", True): {"LDG": 5, "STG": 0},  # ... and of x_coef, v_coef and grad_sq
 }
+
+
+def _vec_kind(mangled: str) -> tuple[str, bool]:
+    """("fwd" | "bwd", LOG_PROB) of a VEC instantiation, from its mangled template arguments (..., Lb<0|1>E, Lb1E)."""
+    log_prob = re.search(r"_kernelI.*Lb([01])ELb1EE", mangled)
+    return ("fwd" if "_fwd_" in mangled else "bwd"), log_prob is not None and log_prob.group(1) == "1"
 
 
 def test_cuda_vec_path_moves_128_bit_vectors(tmp_path):
@@ -97,12 +146,14 @@ def test_cuda_vec_path_moves_128_bit_vectors(tmp_path):
     parts = re.split(r"^\s*Function : (\S+)\s*$", dump.stdout, flags=re.MULTILINE)
     kernels = dict(zip(parts[1::2], parts[2::2], strict=True))
     vec = {name: body for name, body in kernels.items() if re.search(r"opd_step_(fwd|bwd)_kernelI.*Lb1EE", name)}
-    kinds = Counter("fwd" if "_fwd_" in name else "bwd" for name in vec)
-    # 3 x 3 (x, v) dtype pairs forward, 3 v dtypes backward: a kernel renamed away must not make this test vacuous
-    assert kinds == {"fwd": 9, "bwd": 3}, f"VEC instantiations found: {sorted(map(_kernel_name, vec))}"
+    kinds = Counter(_vec_kind(name) for name in vec)
+    # forward: 3 x 3 (x, v) dtype pairs, with and without the log-density; backward: 3 v dtypes for the plain step,
+    # 3 x 3 (x, v) with the log-density. A kernel renamed away must not make this test vacuous.
+    want = {("fwd", False): 9, ("fwd", True): 9, ("bwd", False): 3, ("bwd", True): 9}
+    assert kinds == want, f"VEC instantiations found: {sorted(map(_kernel_name, vec))}"
     problems = []
     for name, body in sorted(vec.items()):
-        kind = "fwd" if "_fwd_" in name else "bwd"
+        kind = _vec_kind(name)
         # LDG / STG and their modifiers (.E.128, .E.CONSTANT, .E.U16, ...); LDGSTS etc. are other instructions
         ops = re.findall(r"\b(LDG|STG)((?:\.\w+)*)(?=\s)", body)
         wide = Counter(op for op, mods in ops if "128" in mods.split("."))

@@ -169,9 +169,10 @@ def test_every_planned_stage_kind_is_registered_and_every_registered_kind_is_pla
     from opd_fast.demo.run import PRESETS, plan
     from opd_fast.demo.stages import STAGES
 
+    assert {s.kind for s in plan(PRESETS["full"])} == set(STAGES)
     for preset in PRESETS.values():
         stages = plan(preset)
-        assert {s.kind for s in stages} == set(STAGES)
+        assert {s.kind for s in stages} <= set(STAGES)
         seen = set()
         for s in stages:  # dependency order: every input is planned before the stage that reads it
             assert set(s.deps) <= seen, s.name
@@ -182,10 +183,18 @@ def test_roster_names_the_planned_models_and_real_prompts():
     from opd_fast.demo import roster
     from opd_fast.demo.run import PRESETS, plan
 
-    names = {s.name for s in plan(PRESETS["quick"])}
+    names = {s.name for s in plan(PRESETS["full"])}
     assert set(roster.DESCRIPTIONS) == set(roster.EVALUATED) <= names
     assert {f"eval/{m}" for m in roster.EVALUATED} <= names
     assert set(roster.CURVES) <= set(roster.EVALUATED) and {roster.STUDENT, roster.JOINT} <= set(roster.CURVES)
+    quick = {s.name for s in plan(PRESETS["quick"])}  # without the RL teachers, the cascade and the PPO sweep
+    assert {m for m in roster.EVALUATED if f"eval/{m}" in quick} == {
+        "base",
+        *roster.TEACHERS.values(),
+        roster.JOINT,
+        "offpolicy",
+        *(f"opd-{v}" for v in roster.OPD_VARIANTS),
+    }
     for task, prompts in roster.SAMPLE_PROMPTS.items():
         assert set(prompts) <= {r["prompt"] for r in world.task_prompts(task)}, task
 
@@ -233,3 +242,117 @@ def test_the_demo_modules_import_one_another_without_a_cycle():
         graph[path.stem] = imported
     assert graph["report"] >= {"roster"} and "run" not in graph["report"]
     tuple(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+
+
+def test_the_full_plan_has_the_rl_teachers_the_cascade_and_the_ppo_sweep():
+    """Each RL teacher set feeds one student run (the student's, teachers swapped); the cascade chains its tasks from
+    the base on the student's budget in all; the PPO sweep is opd-ppo-sde at lower learning rates, nothing else
+    changed."""
+    from opd_fast.demo import roster
+    from opd_fast.demo.run import PRESETS, plan
+
+    stages = {s.name: s for s in plan(PRESETS["full"])}
+    student = stages[roster.STUDENT]
+    for name, method in roster.OPD_FROM_RL.items():
+        teachers = roster.RL_TEACHERS[method]
+        assert set(teachers.values()) <= set(stages[name].deps)
+        assert {k: v for k, v in stages[name].params.items() if k != "teachers"} == student.params
+        assert all(
+            stages[t].kind == "teach" and stages[t].params["settings"]["method"] == method for t in teachers.values()
+        )
+    chain = [stages[n] for n in roster.CASCADE.values()]
+    assert [s.params["task"] for s in chain] == list(world.TASKS)
+    assert [s.params["init"] for s in chain] == [None, *[s.name for s in chain[:-1]]]
+    assert all(s.params["settings"]["method"] == roster.CASCADE_METHOD for s in chain)
+    assert all(s.params["init"] is None or s.params["init"] in s.deps for s in chain)
+    assert sum(s.params["budget"] for s in chain) == stages["joint"].params["budget"]  # the student's budget
+    ppo = stages[roster.PPO]
+    for name, lr in roster.PPO_SWEEP.items():
+        run = stages[name]
+        assert run.params == {
+            **ppo.params,
+            "overrides": ppo.params["overrides"] + ([f"optimizer.lr={lr}"] if lr else []),
+        }
+
+
+def test_the_report_shows_the_best_ppo_run_of_the_sweep():
+    from opd_fast.demo import report, roster
+
+    def model(average):
+        return {"rewards": dict.fromkeys(world.TASKS, average), "average": average, "seconds": 1.0}
+
+    models = {"base": model(0.2), **{n: model(a) for n, a in zip(roster.PPO_SWEEP, (0.02, 0.41, 0.35))}}
+    models[roster.STUDENT] = model(0.6)
+    best = list(roster.PPO_SWEEP)[1]
+    assert report.best_ppo(models) == best
+    rows, descriptions = report.table_models(models)
+    assert list(rows) == ["base", best, roster.STUDENT]
+    assert descriptions[best].endswith("the best of 3 learning rates on the same budget")
+    assert "best |" in report.ppo_section(models).split(best)[1].splitlines()[0]
+    # one learning rate (the quick preset): the row is that run, no sweep section
+    alone = {"base": model(0.2), roster.PPO: model(0.02)}
+    assert list(report.table_models(alone)[0]) == ["base", roster.PPO] and report.ppo_section(alone) == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_inputs(tmp_path_factory):
+    """The inputs a demo stage reads, tiny: a 2-block demo-world base (seeded, untrained) and the prompt files."""
+    import torch
+
+    from opd_fast.demo import flow
+    from opd_fast.demo.run import run_stage
+
+    root = tmp_path_factory.mktemp("tiny_demo")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        flow.FAMILY.transformer_class(**dict(flow.ARCH, num_layers=2)).save_pretrained(root / "base" / "base")
+    run_stage("prompts", {}, str(root / "prompts"), {}, {})
+    return root
+
+
+def test_the_cascade_starts_each_task_from_the_last_tasks_lora(tiny_demo_inputs, tmp_path):
+    """A chained `teach` stage loads its input's LoRA into the student and its EMA before its first round, trains
+    on from there, and counts the chain's units and tasks. The second run's lr is tiny, so its LoRA must end where
+    the first's did; a fresh LoRA (B = 0) would end near zero. Aesthetic first: on an untrained base its rewards
+    still differ within a group (composition's tie at 0: zero advantages, no step)."""
+    from pathlib import Path
+
+    import torch
+
+    from opd_fast.demo import stages
+    from opd_fast.demo.run import run_stage
+    from opd_fast.stage1.trainer import TeachTrainer
+    from opd_fast.teachers import read_diffusers_lora
+
+    common = {"seed": 0, "max_tokens": 8, "num_steps": 4, "shift": 1.0}
+    settings = {"method": "nft", "prompts_per_round": 2, "group_size": 2, "nft_timesteps": 1, "lr": 1e-2}
+    inputs = {"prompts": str(tiny_demo_inputs / "prompts"), "base": str(tiny_demo_inputs / "base")}
+    first_params = {**common, "task": "aesthetic", "settings": settings, "budget": 1, "init": None}
+    first = run_stage("teach", first_params, str(tmp_path / "a"), inputs, {})
+    lora_file = tmp_path / "a" / first["lora"] / stages.LORA_FILE
+    lora = read_diffusers_lora(lora_file, "test")
+    B_first = torch.cat([B.flatten() for _, B in lora.pairs.values()])
+    assert B_first.abs().max() > 1e-3  # the first run moved its LoRA off B = 0
+
+    # the load itself, on a fresh trainer: every factor, and the EMA
+    settings_b = {**settings, "lr": 1e-7}
+    params = {**common, "task": "glyph", "settings": settings_b, "budget": 1, "init": "cascade/aesthetic"}
+    ctx = stages.StageContext(params, tmp_path / "probe", {k: Path(v) for k, v in inputs.items()}, {})
+    cfg = stages.teach_config(ctx, "glyph", stages.TeachSettings(**settings_b), 1)
+    trainer = TeachTrainer.build(cfg, tmp_path / "probe" / "run", device="cpu")
+    stages.start_from_lora(trainer, lora_file)
+    modules = dict(trainer.student.named_modules())
+    for name, (A, B) in lora.pairs.items():
+        assert torch.equal(modules[name].lora_A["default"].weight, A)
+        assert torch.equal(modules[name].lora_B["default"].weight, B)
+    assert all(torch.equal(s, p) for s, p in zip(trainer.ema.shadow, trainer.engine.params))
+    trainer.close()
+
+    # the chained stage
+    inputs_b = {**inputs, "cascade/aesthetic": str(tmp_path / "a")}
+    second = run_stage("teach", params, str(tmp_path / "b"), inputs_b, {"cascade/aesthetic": first})
+    assert second["chain"] == ["aesthetic", "glyph"]
+    assert second["units"] == first["units"] + second["own_units"] and second["own_units"] > 0
+    after = read_diffusers_lora(tmp_path / "b" / second["lora"] / stages.LORA_FILE, "test")
+    B_after = torch.cat([B.flatten() for _, B in after.pairs.values()])
+    torch.testing.assert_close(B_after, B_first, atol=1e-5, rtol=0)

@@ -39,7 +39,7 @@ GUIDANCE = [(None, None), (4.5, None), (None, 3.0), (4.5, 3.0)]  # (student, tea
 # mixed per-sample steps (sigma, sigma_next) by batch size: sigma == 1 (first step), sigma_next == 0 (last step)
 STEPS = {1: [(1.0, 0.0)], 2: [(1.0, 0.85), (0.25, 0.0)], 3: [(1.0, 0.85), (0.6, 0.3), (0.25, 0.0)]}
 SMALL_CHUNK = {"cpp": 64, "triton": 256, "cuda": 2048}  # elements per chunk in "-chunked" cases (interpreter: few)
-ATOL_REL = {"x_next": 1e-6, "loss": 1e-5, "grad": 1e-6}  # floor, relative to max |truth|
+ATOL_REL = {"x_next": 1e-6, "loss": 1e-5, "grad": 1e-6, "log_prob": 1e-5}  # floor, relative to max |truth|
 
 FULL = list(itertools.product(SHAPES, DTYPES, NOISE_LEVELS, NORMS, REDUCTIONS, GUIDANCE))
 # The interpreter costs ~5 ms per program, so triton on CPU gets a covering subset: every dtype with every
@@ -204,6 +204,7 @@ def test_cpp_baseline_converters(dtype):
     try:
         assert not ext.simd_avx2()
         _compare("cpp", device, (3, 5, 7, 9), dtype, 0.7, "exact", "sum", (4.5, 3.0))
+        _compare_log_prob("cpp", device, (3, 5, 7, 9), dtype, 0.7, "sum", 4.5, own_sample=True)
     finally:
         ext.simd_avx2(was)
 
@@ -246,6 +247,86 @@ def test_mixed_float64_and_strided_inputs(backend):
         torch.testing.assert_close(x_out, x_ref, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(vs_out.grad, vs_ref.grad, rtol=1e-3, atol=1e-3)
+
+
+def log_prob_truth(x, v_student, sample, sigma, sigma_next, noise_level, guidance, red):
+    """The log-density of naive.py in float64 (fp32 per-sample scalars, as every backend uses): scale * sum (x' -
+    mu_S)^2 + const; x' = sample. On x's device, differentiable in v_student."""
+    B = x.shape[0]
+    x_coef, v_coef, sbar, _ = naive.transition_coefficients(sigma, sigma_next, noise_level)
+    scale, const = naive.log_prob_scalars(sbar, x[0].numel(), red)
+    col = [c.double().view((B,) + (1,) * (x.dim() - 1)) for c in (x_coef, v_coef)]
+    mean = col[0] * x.double() + col[1] * naive.apply_cfg(v_student.double(), guidance)
+    return scale.double() * (sample.double() - mean).flatten(1).pow(2).sum(1) + const.double()
+
+
+LOG_PROB_CASES = list(itertools.product(SHAPES + [(3, 5, 7)], DTYPES, NOISE_LEVELS, REDUCTIONS, [None, 4.5]))
+
+
+def _log_prob_params():
+    params = []
+    for backend in ("cpp", "cuda"):
+        for case in LOG_PROB_CASES if backend == "cpp" or GPU else LOG_PROB_CASES[:1]:
+            shape, dtype, noise_level, red, guidance = case
+            name = _case_id(backend, shape, dtype, noise_level, "lp", red, (guidance, None))
+            chunked = zlib.crc32(name.encode()) % 2 == 1
+            params.append(pytest.param(backend, *case, chunked, id=name + ("-chunked" if chunked else "")))
+    return params
+
+
+def _compare_log_prob(backend, device, shape, dtype, noise_level, red, guidance, own_sample, seed=0):
+    """x_next, loss, log_prob and the gradient of loss + g * log_prob (random g) against the float64 truth, with the
+    reference's distance from it in the same dtype as the yardstick (flash-attention's rule, _check)."""
+    x, v_student, v_teacher, noise, sigma, sigma_next = _inputs(shape, dtype, device, (guidance, None), seed)
+    sample = None if own_sample else (x + 0.05 * noise).to(dtype)  # an off-policy stored state
+    B = shape[0]
+    g = torch.randn(B, generator=torch.Generator().manual_seed(seed + 2)).to(device) + 0.5
+    kw = dict(reduction=red, student_guidance=guidance, log_prob=True, sample=sample)
+
+    def run(b):
+        leaf = _leaf(v_student)
+        x_next, loss, lp = ops.opd_step(x, leaf, v_teacher, noise, sigma, sigma_next, noise_level, backend=b, **kw)
+        (loss + g * lp).sum().backward()
+        return x_next, loss, lp, leaf
+
+    x_out, loss, lp, vs = run(backend)
+    x_pt, loss_pt, lp_pt, vs_pt = run("reference")
+    assert type(lp.grad_fn).__name__ == "OpdStepBackward", "the fused op did not run"
+    assert lp.dtype == torch.float32 and x_out.dtype == dtype and vs.grad.dtype == dtype
+
+    vs64 = _leaf(v_student, torch.float64)
+    x_ref, loss_ref = truth(x, vs64, v_teacher, noise, sigma, sigma_next, noise_level, "exact", red, (guidance, None))
+    steps = (sigma, sigma_next, noise_level, guidance, red)
+    lp_ref = log_prob_truth(x, vs64, x_out if own_sample else sample, *steps)  # the backend's own state, or the given
+    ((loss_ref + lp_ref) * g.double()).sum().backward()
+    # the reference's log-density is of its own x_next: its distance from the truth of that state is the yardstick
+    lp_pt_err = lp_pt.double() - log_prob_truth(x, v_student, x_pt if own_sample else sample, *steps)
+    _check("x_next", x_out, x_pt, x_ref, backend)
+    _check("loss", loss, loss_pt, loss_ref.detach(), backend)
+    _check("log_prob", lp, lp_ref.detach() + lp_pt_err, lp_ref.detach(), backend)
+    _check("grad", vs.grad, vs_pt.grad, vs64.grad, backend)
+    if noise_level == 0:  # an ODE step carries no likelihood
+        assert torch.equal(lp, torch.zeros(B, device=device))
+
+
+@pytest.mark.parametrize("backend, shape, dtype, noise_level, red, guidance, chunked", _log_prob_params())
+def test_log_prob_matches_reference(backend, shape, dtype, noise_level, red, guidance, chunked, monkeypatch):
+    """The log-density in the step's pass (log_prob=True) on cpp and cuda, of a given stored state, against the
+    float64 truth; poisoned outputs catch an unwritten partial sum. tests/test_logprob.py holds every backend
+    against torch.distributions.Normal and the exact on-policy ratio."""
+    device = _device_for(backend)
+    if chunked:
+        monkeypatch.setattr(fused, "_CHUNK_OVERRIDE", SMALL_CHUNK[backend])
+    _compare_log_prob(backend, device, shape, dtype, noise_level, red, guidance, own_sample=False)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_prob_of_its_own_state_large_rows(backend, dtype):
+    """N = 20480 with the backend's own chunking, x' = x_next as stored: on cuda the 16-byte vector path (N % 8 ==
+    0) over several chunks, the rounding of x_next in registers; on cpp a full and a ragged chunk."""
+    device = _device_for(backend)
+    _compare_log_prob(backend, device, (1, 5, 64, 64), dtype, 0.7, "mean", 4.5, own_sample=True)
 
 
 @pytest.mark.parametrize("norm, red", list(itertools.product(NORMS, REDUCTIONS)))

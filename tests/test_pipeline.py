@@ -102,10 +102,9 @@ def test_pipeline_trains_the_missing_teacher_then_distils_and_resumes_at_every_s
     run = json.loads((opd_dir / "run.json").read_text())["config"]
     glyph, aesthetic = run["tasks"]
     assert glyph["teacher"]["path"] == str(demo_cache / "teachers" / "glyph")
-    assert aesthetic["teacher"] == {
+    assert {k: v for k, v in aesthetic["teacher"].items() if v is not None} == {
         "path": str(teacher_dir / "lora_diffusers_ema" / "pytorch_lora_weights.safetensors"),
         "format": "diffusers",
-        "guidance": None,
     }
 
     # 4. everything done: a rerun loads nothing; without --resume, the folder's run is refused
@@ -142,3 +141,19 @@ def test_config_errors_name_the_key(tmp_path, demo_cache, change, message):
 
     with pytest.raises(ConfigError, match=message):
         load_pipeline(CONFIG, tmp_path / "out", _paths(demo_cache) + [change])
+
+
+def test_pipeline_on_two_ranks(tmp_path, demo_cache):
+    """Both stages on 2 DDP ranks (gloo): rank 0 alone writes stage 1's export, which stage 2 loads on every rank, so
+    no rank may start stage 2 before it is written; both ranks finish, and the student is exported once."""
+    from dist_launch import logs, start, wait
+
+    out = tmp_path / "out"
+    args = ["-m", "opd_fast.cli", *_args(demo_cache, out, "--set", "engine.kind=ddp")]
+    codes = wait(start(args, 2, tmp_path / "logs"), timeout=300)
+    assert codes == [0, 0], logs(tmp_path / "logs")
+    teacher_dir, opd_dir = out / "teachers" / "aesthetic", out / "opd"
+    assert _steps(teacher_dir) == [1, 2] and _steps(opd_dir) == [1, 2, 3]
+    assert (opd_dir / "lora_diffusers_ema" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "logs" / "rank0.out").read_text().count("student: ") == 1
+    assert "student: " not in (tmp_path / "logs" / "rank1.out").read_text()

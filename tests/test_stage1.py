@@ -323,3 +323,88 @@ def test_round_statistics_may_not_shadow_the_records_keys(tmp_path, demo_base):
     with pytest.raises(ValueError, match=r"RoundResult.extra: \['loss'\] are the record's own keys"):
         trainer.fit()
     trainer.close()
+
+
+# -- two ranks ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, engine", [("grpo", "ddp"), ("nft", "deepspeed")])
+def test_two_ranks_teach_like_one_process(tmp_path, demo_base, method, engine):
+    """`opd-fast teach` on 2 ranks (gloo; DDP, or DeepSpeed at the stage a LoRA gets; 2 prompts x 2 samples each)
+    against one process with the 4 prompts:
+    the same prompts and noises per global sample, the same advantages (GRPO's global_std is the whole round's
+    spread: the ranks gather their rewards), the same averaged gradient, so the same weights and records."""
+    import yaml
+    from dist_launch import logs, start, wait
+    from safetensors.torch import load_file
+
+    from opd_fast.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(row["prompt"] + "\n" for row in world.task_prompts("aesthetic")[:6]))
+    extra = {"grpo": {"global_std": True}} if method == "grpo" else {"sampling": {"noise_level": 0.0}}
+    data = _teach_data(tmp_path, demo_base, method=method, **extra)
+    data["task"]["prompts"] = str(prompts)
+    single_config, ranks_config = tmp_path / "single.yaml", tmp_path / "ranks.yaml"
+    single_config.write_text(yaml.safe_dump({**data, "rollout": {"prompts_per_round": 4, "group_size": 2}}))
+    ranks_config.write_text(yaml.safe_dump({**data, "engine": {"kind": engine}}))
+    assert main(["teach", str(single_config), "--out", str(tmp_path / "single")]) == 0
+    args = ["-m", "opd_fast.cli", "teach", str(ranks_config), "--out", str(tmp_path / "ranks")]
+    codes = wait(start(args, 2, tmp_path / "logs"), timeout=300)
+    assert codes == [0, 0], logs(tmp_path / "logs")
+    for part in ("student", "optimizer", "ema"):
+        ours = load_file(tmp_path / "ranks" / "checkpoints" / "step_00000002" / f"{part}.safetensors")
+        theirs = load_file(tmp_path / "single" / "checkpoints" / "step_00000002" / f"{part}.safetensors")
+        assert ours.keys() == theirs.keys() and ours
+        for key, value in ours.items():
+            # Adam divides each gradient by its own root mean square: a gradient near 0 summed in another order
+            # moves its weight by up to ~1e-6 (the distributed tests' tolerance)
+            torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    keys = ("loss", "reward", "reward_std") + (("ratio_mean",) if method == "grpo" else ())
+    ours, theirs = _stats(tmp_path / "ranks"), _stats(tmp_path / "single")
+    torch.testing.assert_close(
+        [[r[k] for k in keys] for r in ours], [[r[k] for k in keys] for r in theirs], rtol=1e-5, atol=1e-7
+    )
+
+
+# -- images through the VAE -----------------------------------------------------------------------------------------
+
+
+def test_a_teach_run_scores_vae_images(tmp_path):
+    """task.images: vae on the tiny default (its pipeline folder's VAE, named by eval.pipeline): the decoder makes
+    the pipeline's images of the final latents (tests/test_families.py holds Family.decode_latents to each
+    pipeline's own, every family), the tiny CLIP's PickScore scores them, and the round trains."""
+    from opd_fast.resources import TINY_CONFIG, builtin_path
+    from opd_fast.stage1.trainer import TeachTrainer
+
+    tiny = builtin_path(TINY_CONFIG).parent / "tiny"
+    data = _teach_data(
+        tmp_path,
+        None,
+        model={"family": "sd3", "path": None, "preset": "tiny-sd3"},
+        student={"guidance": 4.5, "lora": {"rank": 4, "alpha": 8}},
+        sampling={"resolution": 64, "num_steps": 4, "shift": 3.0},
+        eval={"pipeline": str(tiny / "pipeline")},
+    )
+    data["task"] = {
+        "name": "aesthetic",
+        "prompts": str(tiny / "prompts" / "aesthetic.txt"),
+        "images": "vae",
+        "reward": {"name": "pickscore", "model": str(tiny / "clip")},
+    }
+    data["train"] = {"rounds": 1, "micro_batch_size": 2}
+    trainer = TeachTrainer.build(load_teach_config(data=data), tmp_path / "run", device="cpu")
+    images = trainer.decoder(torch.zeros(2, 4, 8, 8))
+    assert [image.size for image in images] == [(64, 64)] * 2
+    records = trainer.fit()
+    trainer.close()
+    assert len(records) == 1 and math.isfinite(records[0]["loss"]) and records[0]["grad_norm"] > 0
+    assert math.isfinite(_stats(tmp_path / "run")[0]["reward"])
+
+
+def test_vae_images_need_a_pipeline_folder_with_a_vae(tmp_path):
+    from opd_fast.families import get_family
+    from opd_fast.stage1.rewards import ImageDecoder
+
+    with pytest.raises(ConfigError, match="needs a pipeline folder with vae/ in eval.pipeline or model.path"):
+        ImageDecoder("vae", str(tmp_path), "cpu", get_family("sd3"), 64)

@@ -64,3 +64,33 @@ def write_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32) -> 
     """A tiny random CLIPModel + CLIPProcessor folder: what the CLIP-based rewards load (PickScore, CLIPScore,
     the aesthetic predictor's backbone, GenEval's color classifier)."""
     return write_clip(folder, seed, image_size)
+
+
+def write_tiny_wan22_pipeline(folder: str | Path, boundary_ratio: float = 0.875, seed: int = 0) -> Path:
+    """A tiny Wan 2.2 two-expert pipeline folder (WanPipeline with `transformer` for high noise, `transformer_2` for
+    low noise, switched at boundary_ratio, as Wan2.2-T2V-A14B): the tiny Wan pipeline's VAE, UMT5 and scheduler,
+    two tiny-wan experts of their own seeded weights."""
+    import copy
+
+    from opd_fast.families import get_family
+    from opd_fast.models import init_output_layer
+
+    family = get_family("wan")
+    pipe = family.tiny_pipeline(tiny_transformer(family), TinyParts(seed))
+    low = copy.deepcopy(pipe.transformer)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the low-noise expert: other weights, same shapes
+        torch.manual_seed(seed + 100)
+        for p in low.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        init_output_layer(family.output_layer(low))
+    pipe = family.pipeline_class(
+        transformer=pipe.transformer,
+        transformer_2=low,
+        boundary_ratio=boundary_ratio,
+        scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

@@ -12,7 +12,21 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from opd_fast.demo import world
-from opd_fast.demo.roster import CURVES, DESCRIPTIONS, JOINT, SAMPLE_PROMPTS, SDE_NOISE_LEVEL, STUDENT, TEACHERS
+from opd_fast.demo.roster import (
+    CASCADE,
+    CASCADE_METHOD,
+    CURVES,
+    DESCRIPTIONS,
+    JOINT,
+    OPD_FROM_RL,
+    PPO,
+    PPO_SWEEP,
+    RL_TEACHERS,
+    SAMPLE_PROMPTS,
+    SDE_NOISE_LEVEL,
+    STUDENT,
+    TEACHERS,
+)
 from opd_fast.resources import DEMO_CONFIG, builtin_path
 
 COLORS = [
@@ -26,6 +40,10 @@ COLORS = [
     (127, 127, 127),
 ]
 FONT = ImageFont.load_default()
+METHOD_NAMES = {
+    "grpo": "Flow-GRPO-Fast",
+    "nft": "DiffusionNFT",
+}  # roster.RL_TEACHERS' methods, as the report names them
 
 
 # -- tables --------------------------------------------------------------------------------------------------------
@@ -58,6 +76,39 @@ def markdown_table(results: dict, descriptions: dict[str, str]) -> str:
         cells = [f"{m['rewards'][t]:.3f}" for t in tasks] + [f"**{m['average']:.3f}**", f"{m['seconds']:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {descriptions.get(name, '')} |")
     return "\n".join(lines)
+
+
+def evaluated_models(results: dict[str, dict]) -> dict[str, dict]:
+    """{name: {"rewards", "average", "seconds"}} for every model of roster.DESCRIPTIONS the run evaluated, in the
+    table's order (a preset may leave some out)."""
+    models = {}
+    for name in DESCRIPTIONS:
+        if f"eval/{name}" in results:
+            rewards = results[f"eval/{name}"]["rewards"]
+            models[name] = {
+                "rewards": rewards,
+                "average": float(np.mean([rewards[t] for t in world.TASKS])),
+                "seconds": results[name]["seconds"],
+            }
+    return models
+
+
+def best_ppo(models: dict[str, dict]) -> str:
+    """The PPO-style baseline's best run of its learning-rate sweep (roster.PPO_SWEEP): the highest average reward
+    in the final evaluation (the first on a tie). Choosing on the evaluation flatters the baseline, not OPD."""
+    sweep = [name for name in PPO_SWEEP if name in models]
+    return max(sweep, key=lambda name: models[name]["average"])
+
+
+def table_models(models: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
+    """The table's rows (of the PPO sweep, the best run alone) and their descriptions."""
+    best = best_ppo(models)
+    rows = {n: m for n, m in models.items() if n not in PPO_SWEEP or n == best}
+    descriptions = dict(DESCRIPTIONS)
+    swept = [n for n in PPO_SWEEP if n in models]
+    if len(swept) > 1:
+        descriptions[best] += f"; the best of {len(swept)} learning rates on the same budget"
+    return rows, descriptions
 
 
 def bar_checks(results: dict, fraction: float = 0.9) -> list[tuple[str, bool]]:
@@ -230,6 +281,79 @@ def gradient_variance_png(path: Path, closed_form: list[float], ppo: list[float]
     image.save(path)
 
 
+def rl_section(models: dict[str, dict], results: dict[str, dict]) -> str:
+    """What the RL-trained teacher sets, OPD from each and the cascade show ("" when the preset ran none)."""
+    if not all(n in models for n in OPD_FROM_RL):
+        return ""
+
+    def average(names) -> str:  # each teacher on its own task, averaged over the tasks
+        return f"{np.mean([models[names[t]]['rewards'][t] for t in world.TASKS]):.3f}"
+
+    sets = [("reward-filtered fine-tuning", TEACHERS, STUDENT)] + [
+        (METHOD_NAMES[method], teachers, next(n for n, m in OPD_FROM_RL.items() if m == method))
+        for method, teachers in RL_TEACHERS.items()
+    ]
+    lines = [
+        f"| {label} | {average(teachers)} | {models[student]['average']:.3f} | "
+        f"{models[student]['average'] / float(average(teachers)):.0%} |"
+        for label, teachers, student in sets
+    ]
+    cascade, nft = CASCADE[world.TASKS[-1]], RL_TEACHERS[CASCADE_METHOD]
+    chain = " -> ".join(results[cascade]["chain"])
+    return (
+        """
+
+## Stage 1 by diffusion RL, OPD from each teacher set, and the cascade
+
+Beside the reward-filtered teachers, two teacher sets trained by diffusion RL on each task's reward through the real
+stage-1 trainer (`opd-fast teach`: Flow-GRPO with the Fast window, DiffusionNFT), and the student's own OPD run
+(same config, same budget) distilled from each set. OPD inherits its teachers: the student is only as good as the
+set it distils, so a weaker set gives a weaker student; the bars above are about the student of the reward-filtered
+set. Per set: the teachers' mean reward, each on its own task; the OPD student's average; their ratio.
+
+| teacher set | teachers on their tasks | OPD student | student / teachers |
+|---|---:|---:|---:|
+"""
+        + "\n".join(lines)
+        + f"""
+
+The cascade baseline (the paper's Cascade NFT) runs DiffusionNFT on one task after another ({chain}), each
+from the previous task's LoRA, on the student's budget in all (the paper reports that it forgets the earlier
+tasks): average {models[cascade]["average"]:.3f}; on each task, the cascade against the DiffusionNFT teacher of that
+task: {", ".join(f"{t} {models[cascade]['rewards'][t]:.3f} vs {models[nft[t]]['rewards'][t]:.3f}" for t in world.TASKS)}."""
+    )
+
+
+def ppo_section(models: dict[str, dict]) -> str:
+    """The PPO-style baseline's learning-rate sweep ("" when the preset ran one learning rate)."""
+    swept = [n for n in PPO_SWEEP if n in models]
+    if len(swept) < 2:
+        return ""
+    best = best_ppo(models)
+    lrs = {n: "the student's" if PPO_SWEEP[n] is None else f"{PPO_SWEEP[n]:.0e}".replace("e-0", "e-") for n in swept}
+    lines = [
+        f"| {n} | {lrs[n]} | "
+        + " | ".join(f"{models[n]['rewards'][t]:.3f}" for t in world.TASKS)
+        + f" | {models[n]['average']:.3f} |"
+        + (" best |" if n == best else " |")
+        for n in swept
+    ]
+    return (
+        """
+
+## The PPO-style baseline's learning-rate sweep (same budget; the table shows the best)
+
+| run | lr | """
+        + " | ".join(world.TASKS)
+        + """ | average | |
+|---|---|"""
+        + "---:|" * (len(world.TASKS) + 1)
+        + """---|
+"""
+        + "\n".join(lines)
+    )
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -238,24 +362,20 @@ def write_json(path: Path, data: dict) -> None:
 def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict[str, Path], seconds: float) -> dict:
     """Everything in OUT from the stages' results (by stage name) and folders; returns results.json's content."""
     tasks = world.TASKS
-    models = {}
-    for name in DESCRIPTIONS:
-        rewards = results[f"eval/{name}"]["rewards"]
-        models[name] = {
-            "rewards": rewards,
-            "average": float(np.mean([rewards[t] for t in tasks])),
-            "seconds": results[name]["seconds"],
-        }
+    evaluated = evaluated_models(results)
+    models, descriptions = table_models(evaluated)
     summary = results_json(tasks, STUDENT, JOINT, TEACHERS, models)
     write_json(out / "results.json", summary)
 
-    names = list(DESCRIPTIONS)
+    names = list(models)
     samples = {n: np.load(folders[f"eval/{n}"] / "samples.npy") for n in names}
     prompts = [p for t in tasks for p in SAMPLE_PROMPTS[t]]
     samples_png(out / "samples.png", names, prompts, samples)
+    best = best_ppo(evaluated)
+    curves = [best if n == PPO else n for n in CURVES if n in evaluated]
     curves_png(
         out / "curves.png",
-        {n: results[n]["curve"] for n in CURVES},
+        {n: results[n]["curve"] for n in curves},
         "stage 2 on one budget: average reward of the curve subset",
     )
     variance = results["gradient-variance"]
@@ -268,8 +388,16 @@ def write_report(out: Path, preset: str, results: dict[str, dict], folders: dict
     details = {
         "preset": preset,
         "demo_seconds": seconds,
-        "budgets": {n: results[n]["units"] for n in names},
-        "curves": {n: results[n]["curve"] for n in CURVES},
+        "budgets": {n: results[n]["units"] for n in evaluated if n != "base"},
+        "curves": {n: results[n]["curve"] for n in curves},
+        "ppo_sweep": {
+            "best": best,
+            "runs": {
+                n: {"lr": PPO_SWEEP[n], "rewards": evaluated[n]["rewards"], "average": evaluated[n]["average"]}
+                for n in PPO_SWEEP
+                if n in evaluated
+            },
+        },
         "gradient_variance": variance,
         "opd_overrides": results[STUDENT]["overrides"],
         "cache": {k: str(v) for k, v in folders.items()},
@@ -291,16 +419,18 @@ samples every prompt of each task ({", ".join(f"{t}: {len(world.task_prompts(t))
 noise, ODE, the training step count. Seconds: each model's own training (teachers: {teacher_seconds:.0f} s in all,
 before any OPD run can start). The whole demo took {seconds:.0f} s.
 
-{markdown_table(summary, DESCRIPTIONS)}
+{markdown_table(summary, descriptions)}
 
 """
         + "\n".join(f"- [{'x' if ok else ' '}] {line}" for line, ok in checks)
+        + rl_section(evaluated, results)
+        + ppo_section(evaluated)
         + """
 
 ## Compute budgets (sample-passes: one sample through the transformer forward = 1, backward = 2)
 
 """
-        + "\n".join(f"- {n}: {results[n]['units']:,}" for n in names)
+        + "\n".join(f"- {n}: {results[n]['units']:,}" for n in evaluated)
         + f"""
 
 ## Gradient variance: closed form against the PPO-style surrogate
@@ -327,7 +457,7 @@ The student is `opd-fast train` on the demo's config (the installed copy of conf
 """
     )
     (out / "results.md").write_text(text)
-    print(markdown_table(summary, DESCRIPTIONS))
+    print(markdown_table(summary, descriptions))
     for line, ok in checks:
         print(("PASS " if ok else "FAIL ") + line)
     print(f"gradient variance, PPO-style / closed form: {variance['ratio']:.1f}x")

@@ -4,8 +4,12 @@ The stages form a small graph; stages whose inputs are ready run in parallel wor
 few cores, torch's intra-op threads mostly wait on each other at this model size):
 
     prompts, base ─┬─ teacher/<task> (x3) ─┬─ opd-ode (the student), opd-sde, opd-ppo-sde  (the trainer)
+                   │                       ├─ opd-ppo-sde-lr<lr> (x2)                       (the PPO-style lr sweep)
                    │                       ├─ offpolicy                                     (flow matching on teacher samples)
                    │                       └─ gradient-variance                             (the trainer, grads only)
+                   ├─ teacher-grpo/<task> (x3) ── opd-ode-grpo     (stage 1 by Flow-GRPO-Fast, then the student's run)
+                   ├─ teacher-nft/<task> (x3) ─── opd-ode-nft      (stage 1 by DiffusionNFT, then the student's run)
+                   ├─ cascade/composition ── cascade/glyph ── cascade  (DiffusionNFT, one task after another)
                    └─ joint                                                                 (stage-1 method, all rewards)
     every model ── eval/<model>
 
@@ -40,6 +44,12 @@ class Stage:
     deps: tuple[str, ...] = ()
 
 
+# Flow-GRPO-Fast on the first 2 of 10 steps (the layout is set there) takes more rounds per budget than on 4 and
+# learnt glyph faster; DiffusionNFT lost composition reward at 3e-3 (bench/RESULTS.md, "The demo with RL-trained
+# teachers")
+RL_SETTINGS = {"grpo": {"lr": 5e-3, "window": [0, 2]}, "nft": {"lr": 2e-3}}
+
+
 @dataclass
 class Preset:
     """Everything that sets the demo's size; `full` is the README's run, `quick` the CI's."""
@@ -53,6 +63,11 @@ class Preset:
     opd_overrides: tuple[str, ...] = ()  # --set overrides on the demo's config (configs/demo.yaml)
     eval: dict = field(default_factory=dict)  # EvalSettings fields
     gradient_draws: int = 12  # noise draws per estimator in the gradient-variance comparison
+    # per stage-1 RL method: TeachSettings fields but `method` (its teachers; nft's also the cascade's)
+    rl_teacher: dict = field(default_factory=lambda: {k: dict(v) for k, v in RL_SETTINGS.items()})
+    rl_teacher_budget: int = 20_000  # sample-passes per RL teacher
+    rl_stage1: bool = True  # the RL teacher sets, OPD from each, and the cascade baseline
+    ppo_sweep: bool = True  # the PPO-style baseline at every lr of roster.PPO_SWEEP (else the student's lr only)
     seed: int = 0
 
 
@@ -61,12 +76,15 @@ PRESETS = {
     # the CI's: the full base (a weaker one follows glyph prompts too loosely to show anything), smaller budgets.
     # 50 rounds and 4 samples per prompt keep the student's composition gain clear of the evaluation's noise
     # (bench/RESULTS.md, "The quick demo on another CPU").
+    # The RL teachers, OPD from them, the cascade and the PPO lr sweep would add minutes: the full run alone has them.
     "quick": Preset(
         "quick",
         teacher_budget=15_000,
         opd_overrides=("train.rounds=50",),
         eval={"seeds": 4, "curve_points": 3},
         gradient_draws=6,
+        rl_stage1=False,
+        ppo_sweep=False,
     ),
 }
 
@@ -123,6 +141,16 @@ def plan(preset: Preset) -> list[Stage]:
             Stage(f"opd-{v}", "opd", {**common, **curve, "variant": v, "overrides": list(preset.opd_overrides)}, inputs)
             for v in roster.OPD_VARIANTS
         ],
+        *[  # the PPO-style baseline at lower learning rates, the same budget (opd-ppo-sde has the student's)
+            Stage(
+                name,
+                "opd",
+                {**common, **curve, "variant": "ppo-sde", "overrides": [*preset.opd_overrides, f"optimizer.lr={lr}"]},
+                inputs,
+            )
+            for name, lr in roster.PPO_SWEEP.items()
+            if lr is not None and preset.ppo_sweep
+        ],
         Stage(
             "gradient-variance",
             "gradient_variance",
@@ -130,6 +158,9 @@ def plan(preset: Preset) -> list[Stage]:
             inputs,
         ),
     ]
+    if preset.rl_stage1:
+        stages[2 + len(teachers) : 2 + len(teachers)] = rl_stage1_plan(preset, common, curve, opd_budget)
+    evaluated = [m for m in roster.EVALUATED if m in {s.name for s in stages}]
     stages += [
         Stage(
             f"eval/{m}",
@@ -137,8 +168,48 @@ def plan(preset: Preset) -> list[Stage]:
             {**common, "eval": preset.eval, "model": m},
             ("base",) if m == "base" else ("base", m),
         )
-        for m in roster.EVALUATED
+        for m in evaluated
     ]
+    return stages
+
+
+def rl_stage1_plan(preset: Preset, common: dict, curve: dict, opd_budget: int) -> list[Stage]:
+    """Stage 1 by diffusion RL (the `teach` stage): a teacher set per method of roster.RL_TEACHERS, the student's
+    run from each set, and the cascade baseline (one task after another, each from the last LoRA, on the student's
+    budget in all). Placed before the other stage-2 runs: the cascade is a chain, and the teachers gate two runs."""
+    from opd_fast.demo import roster
+
+    stages = [
+        Stage(
+            teacher,
+            "teach",
+            {
+                **common,
+                "task": task,
+                "settings": {**preset.rl_teacher[method], "method": method},
+                "budget": preset.rl_teacher_budget,
+            },
+            ("prompts", "base"),
+        )
+        for method, teachers in roster.RL_TEACHERS.items()
+        for task, teacher in teachers.items()
+    ]
+    previous = None
+    for i, (task, name) in enumerate(roster.CASCADE.items()):
+        budget = opd_budget * (i + 1) // len(roster.CASCADE) - opd_budget * i // len(roster.CASCADE)
+        params = {
+            **common,
+            "task": task,
+            "settings": {**preset.rl_teacher[roster.CASCADE_METHOD], "method": roster.CASCADE_METHOD},
+            "budget": budget,
+            "init": previous,
+        }
+        stages.append(Stage(name, "teach", params, ("prompts", "base") + ((previous,) if previous else ())))
+        previous = name
+    for name, method in roster.OPD_FROM_RL.items():
+        teachers = roster.RL_TEACHERS[method]
+        params = {**common, **curve, "variant": "ode", "overrides": list(preset.opd_overrides), "teachers": teachers}
+        stages.append(Stage(name, "opd", params, ("prompts", "base", *teachers.values())))
     return stages
 
 

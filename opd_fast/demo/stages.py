@@ -9,6 +9,9 @@ inputs) that writes its artefacts into its folder and returns what result.json r
   (the pretraining distribution, noisy captions) is scored by the task's reward against each caption, the best fifth
   is kept, and a LoRA is trained on it by flow matching, as web data is filtered by a reward model. Reward-filtered
   self-training on the model's own samples (RAFT) makes too weak a teacher on this base to show anything.
+- teach: stage 1 by diffusion RL through the real stage-1 trainer (opd_fast.stage1's TeachTrainer, the code path of
+  `opd-fast teach`): Flow-GRPO-Fast or DiffusionNFT on one task's demo reward, a teacher from the base or, given an
+  input stage's LoRA to start from, the next link of the cascade baseline (one task after another).
 - offpolicy: the off-policy baseline: flow-matching fine-tune on the teachers' own samples.
 - opd: stage 2 through the real trainer (opd_fast.trainer.Trainer.fit, the code path of `opd-fast train`).
 - gradient_variance: the trainer's round gradient under the closed-form KL and the PPO-style surrogate.
@@ -407,11 +410,13 @@ def units_per_round(cfg) -> int:
 
 
 def trainer_overrides(ctx: StageContext, variant: str) -> list[str]:
-    """--set overrides that point configs/demo.yaml at the cached base, prompts and teachers, and pick the variant:
-    "ode" is the config as written, "sde" SDE rollouts with the closed-form KL, "ppo-sde" the PPO-style surrogate."""
+    """--set overrides that point configs/demo.yaml at the cached base, prompts and teachers (ctx.params["teachers"],
+    task -> input stage, when given; else roster.TEACHERS), and pick the variant: "ode" is the config as written,
+    "sde" SDE rollouts with the closed-form KL, "ppo-sde" the PPO-style surrogate."""
     overrides = list(ctx.params["overrides"]) + [f"model.path={ctx.base_dir}"]
+    teachers = ctx.params.get("teachers", roster.TEACHERS)
     for i, task in enumerate(world.TASKS):
-        teacher = roster.TEACHERS[task]
+        teacher = teachers[task]
         overrides += [
             f"tasks.{i}.name={task}",
             f"tasks.{i}.prompts={ctx.inputs['prompts'] / f'{task}.txt'}",
@@ -543,3 +548,125 @@ def offpolicy_distill(ctx: StageContext) -> dict:
         data += list(zip(prompts, generate(teacher, ctx.text, prompts, ctx.seed + 1, ctx.grid, meter)))
     del base, teacher
     return fine_tune(ctx, data, meter, clock, world.TASKS)
+
+
+# -- stage 1 by diffusion RL: the real stage-1 trainer (opd-fast teach) --------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class TeachSettings:
+    """A stage-1 LoRA trained by Flow-GRPO (Fast window) or DiffusionNFT on one task's demo reward, through
+    opd_fast.stage1's TeachTrainer (the code path of `opd-fast teach`). The demo's choice per method is
+    opd_fast.demo.run.RL_SETTINGS (measured: bench/RESULTS.md, "The demo with RL-trained teachers")."""
+
+    method: str = "grpo"  # grpo | nft
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 3e-3
+    prompts_per_round: int = 8
+    group_size: int = 4
+    window: tuple[int, int] = (0, 4)  # grpo: Flow-GRPO-Fast's SDE window [start, stop)
+    noise_level: float = 0.7  # grpo: the SDE's a (nft samples by ODE)
+    nft_timesteps: int = 4  # nft: noise levels trained per sample and round
+    ema_decay: float = 0.9
+
+
+def teach_config(ctx: StageContext, task: str, settings: TeachSettings, rounds: int):
+    """The teach config (opd_fast.stage1.config) of one task's stage-1 run on the demo's base, prompts and reward."""
+    from opd_fast.stage1.config import load_teach_config
+
+    samples = settings.prompts_per_round * settings.group_size
+    method = {
+        "grpo": {"grpo": {"window": list(settings.window)}},
+        "nft": {"nft": {"timesteps": settings.nft_timesteps}},
+    }
+    data = {
+        "model": {"family": flow.FAMILY.name, "path": str(ctx.base_dir), "preset": None},
+        "student": {"guidance": None, "lora": {"rank": settings.rank, "alpha": settings.alpha}},
+        "method": settings.method,
+        "task": {
+            "name": task,
+            "prompts": str(ctx.inputs["prompts"] / f"{task}.txt"),
+            "images": "state",  # the demo model's state is the image
+            "reward": {"name": "demo", "task": task},
+        },
+        "rollout": {"prompts_per_round": settings.prompts_per_round, "group_size": settings.group_size},
+        **method[settings.method],
+        "prompts": {"max_tokens": ctx.params["max_tokens"], "cache_dir": str(ctx.folder / "embeddings")},
+        "sampling": {
+            "num_steps": ctx.params["num_steps"],
+            "shift": ctx.params["shift"],
+            "noise_level": settings.noise_level if settings.method == "grpo" else 0.0,
+            "resolution": 128,
+        },
+        "optimizer": {"lr": settings.lr},
+        "train": {"rounds": rounds, "micro_batch_size": samples, "seed": ctx.seed},
+        "ema": {"enabled": True, "decay": settings.ema_decay, "update_every": 1},
+        "checkpoint": {"every": 10_000, "keep_last": 1},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    return load_teach_config(data=data)
+
+
+def teach_units_per_round(cfg) -> int:
+    """Sample-passes of one stage-1 round: the rollout's forward of every sample at every step (the reward needs the
+    final image), plus a forward and a backward per trained step (GRPO) or noise level (NFT) of every sample."""
+    return cfg.samples_per_round() * (cfg.sampling.num_steps + 3 * cfg.trained_per_sample())
+
+
+def start_from_lora(trainer, lora_file: Path) -> None:
+    """Put the LoRA in `lora_file` (diffusers layout, the same rank and targets) into the fresh student's adapter and
+    its EMA, before the first round: a run that continues another run's LoRA (the cascade baseline), with a fresh
+    optimizer. The trainer's own loader reads the file (opd_fast.teachers), so alpha / r is checked, not assumed."""
+    from opd_fast.teachers import read_diffusers_lora
+
+    lora = read_diffusers_lora(lora_file, f"start_from_lora({lora_file})")
+    modules = dict(trainer.student.named_modules())
+    adapted = {name for name, m in modules.items() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    if set(lora.pairs) != adapted:
+        raise ValueError(
+            f"{lora_file}: its modules differ from the student's LoRA ({len(lora.pairs)} vs {len(adapted)})"
+        )
+    with torch.no_grad():
+        for name, (A, B) in lora.pairs.items():
+            layer = modules[name]
+            if not math.isclose(layer.scaling["default"], lora.scales[name]):
+                raise ValueError(
+                    f"{lora_file}: {name} has scale {lora.scales[name]}, the student's {layer.scaling['default']}"
+                )
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+        if trainer.ema is not None:  # the EMA starts where the weights do, as in a fresh run
+            for shadow, p in zip(trainer.ema.shadow, trainer.engine.params):
+                shadow.copy_(p.detach().float())
+
+
+@stage("teach")
+def teach(ctx: StageContext) -> dict:
+    """Stage 1 by diffusion RL on the task ctx.params["task"] until ctx.params["budget"] sample-passes are spent;
+    with ctx.params["init"] (an input stage's name), the LoRA starts from that stage's instead of zero (the cascade:
+    one task after another), and seconds and units count the whole chain."""
+    from opd_fast.stage1.trainer import TeachTrainer
+
+    settings, task = ctx.settings(TeachSettings), ctx.params["task"]
+    per_round = teach_units_per_round(teach_config(ctx, task, settings, 1))
+    rounds = max(round(ctx.params["budget"] / per_round), 1)
+    cfg = teach_config(ctx, task, settings, rounds)
+    trainer = TeachTrainer.build(cfg, ctx.folder / "run", device="cpu")
+    init = ctx.params.get("init")
+    try:
+        if init is not None:
+            start_from_lora(trainer, ctx.lora_dir(init) / LORA_FILE)
+        records = trainer.fit()
+    finally:
+        trainer.close()
+    seconds, units = sum(r["seconds"] for r in records), rounds * per_round
+    earlier = ctx.input_results[init] if init is not None else {"seconds": 0.0, "units": 0, "chain": []}
+    return {
+        "seconds": earlier["seconds"] + seconds,
+        "units": earlier["units"] + units,
+        "own_seconds": seconds,
+        "own_units": units,
+        "rounds": len(records),
+        "chain": earlier["chain"] + [task],  # the tasks trained, in order, this one last
+        "rewards": [r["reward"] for r in records],  # each round's mean reward on its own samples
+        "lora": "run/lora_diffusers_ema",
+    }

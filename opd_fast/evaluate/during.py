@@ -259,7 +259,7 @@ class EvalHook(Hook):
         cfg, family = trainer.cfg, trainer.family
         pipe = family.pipeline_class.from_pretrained(
             cfg.eval.pipeline or cfg.model.path,
-            transformer=trainer.student,
+            **family.pipeline_components(trainer.student),
             dtype=DTYPES[cfg.model.dtype],
             local_files_only=True,
             **dict.fromkeys(family.text_components),
@@ -316,7 +316,8 @@ class EvalHook(Hook):
         cfg, dist, family, ev = trainer.cfg, trainer.dist, trainer.family, trainer.cfg.eval
         dtype, device = DTYPES[cfg.model.dtype], trainer.device
         resolution = ev.resolution or cfg.sampling.resolution
-        guidance = ev.guidance if ev.guidance is not None else cfg.student.guidance
+        # the student's own: a two-expert model's is a scale per expert (student.guidance_2)
+        guidance = ev.guidance if ev.guidance is not None else trainer.student_guidance
         weights = trainer.ema.swapped_in() if model == "ema" else contextlib.nullcontext()
         autocast = (
             torch.autocast(device.type, dtype=trainer.student_autocast)

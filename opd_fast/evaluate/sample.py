@@ -56,25 +56,33 @@ def _student_weights(run_dir: Path | None, which: str) -> Path:
     folder = run_dir / ("lora_diffusers_ema" if which == "ema" else "lora_diffusers")
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         return folder
-    if which == "student" and (run_dir / "transformer" / "config.json").is_file():
-        return run_dir / "transformer"  # a full-parameter student
+    full = run_dir / "transformer"
+    if which == "student" and ((full / "config.json").is_file() or (full / "transformer" / "config.json").is_file()):
+        return full  # a full-parameter student (two experts: its transformer/ and transformer_2/ inside)
     hint = " (the run had EMA disabled?)" if which == "ema" else ""
     raise ConfigError(f"sample --model {which}: no exported student in {run_dir} (expected {folder}){hint}")
 
 
-def load_model_into(pipe, cfg: RunConfig, family: Family, which: str, run_dir: Path | None) -> tuple[str, float | None]:
-    """Put the weights of `which` into pipe.transformer; returns (a description, the model's own guidance)."""
+def load_model_into(
+    pipe, cfg: RunConfig, family: Family, which: str, run_dir: Path | None
+) -> tuple[str, float | None, Path | None]:
+    """Put the weights of `which` into pipe.transformer; returns (a description, the model's own guidance, the
+    pipeline folder whose text encoders condition it where they are not the run's: a teacher's own)."""
+    model = family.pipeline_model(pipe)
+    student_guidance = family.guidance(model, cfg.student.guidance, cfg.student.guidance_2, "student.guidance_2")
     if which == "base":
-        return "base", cfg.student.guidance
+        return "base", student_guidance, None
     if which in ("student", "ema"):
         weights = _student_weights(run_dir, which)
         if weights.name == "transformer":
-            cls = type(pipe.transformer)
-            pipe.transformer = cls.from_pretrained(weights, dtype=pipe.transformer.dtype, use_safetensors=True)
+            from opd_fast.families.base import model_dtype
+            from opd_fast.models import transformer_folder
+
+            dtype = model_dtype(family.pipeline_model(pipe))
+            family.set_pipeline_model(pipe, family.load_pretrained(transformer_folder(weights), dtype))
         else:
-            pipe.load_lora_weights(weights)  # diffusers' own loader: the exported alpha/r metadata is honoured
-            pipe.fuse_lora()
-        return str(weights), cfg.student.guidance
+            family.load_lora_into_pipeline(pipe, weights)  # the pipeline's own loader: alpha/r metadata honoured
+        return str(weights), student_guidance, None
     if which.startswith("teacher:"):
         from opd_fast.teachers import load_teacher
 
@@ -85,9 +93,9 @@ def load_model_into(pipe, cfg: RunConfig, family: Family, which: str, run_dir: P
                 f"sample --model {which}: no task {name!r} in the config (tasks: "
                 f"{', '.join(t.name for t in cfg.tasks)})"
             )
-        teacher = load_teacher(name, task.teacher, pipe.transformer, family)  # the layouts training reads
-        pipe.transformer = teacher.model
-        return task.teacher.path, teacher.guidance
+        teacher = load_teacher(name, task.teacher, family.pipeline_model(pipe), family)  # as training reads it
+        family.set_pipeline_model(pipe, teacher.model)
+        return task.teacher.path, teacher.guidance, teacher.text_pipeline
     raise ConfigError(f"sample --model: expected student, ema, base or teacher:TASK, got {which!r}")
 
 
@@ -103,16 +111,19 @@ def make_grid(images: list, columns: int | None = None):
     return grid
 
 
-def _encode(cfg: RunConfig, family: Family, prompts: list[str], device, transformer) -> tuple[torch.Tensor, ...]:
+def _encode(
+    cfg: RunConfig, family: Family, prompts: list[str], device, transformer, text_pipeline: Path | None = None
+) -> tuple[torch.Tensor, ...]:
     """(embeds, pooled, negative_embeds, negative_pooled) as training encodes them: the built-in encoder at the
-    transformer's widths, or the pipeline's text encoders, which are then freed."""
+    transformer's widths, or the pipeline's text encoders (model.path's, or `text_pipeline`'s: a teacher's own),
+    which are then freed."""
     if cfg.prompts.encoder == "builtin":
         encode, _ = family.builtin_text_encoder(transformer, cfg.prompts.max_tokens)
         embeds, pooled = encode(prompts)
         negative, negative_pooled = encode([cfg.prompts.negative_prompt])
         return embeds, pooled, negative, negative_pooled
     encoder = PipelineTextEncoder(
-        cfg.model.path,
+        text_pipeline or cfg.model.path,
         family,
         DTYPES[cfg.model.dtype],
         device,
@@ -155,9 +166,12 @@ def sample(
 
         without_text["transformer"] = load_transformer(cfg.model, family)
     pipe = family.pipeline_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **without_text)
-    embeds, pooled, negative, negative_pooled = _encode(cfg, family, prompt_set.prompts, device, pipe.transformer)
-    weights, own_guidance = load_model_into(pipe, cfg, family, settings.model, run_dir)
-    attention.use_backend(pipe.transformer, cfg.model.attention)
+    weights, own_guidance, text_pipeline = load_model_into(pipe, cfg, family, settings.model, run_dir)
+    # after the weights: a teacher of another text width is encoded at its own widths, by its own text encoders
+    embeds, pooled, negative, negative_pooled = _encode(
+        cfg, family, prompt_set.prompts, device, pipe.transformer, text_pipeline
+    )
+    attention.use_backend(family.pipeline_model(pipe), cfg.model.attention)
     guidance = settings.guidance if settings.guidance is not None else own_guidance
     guidance = family.no_guidance if guidance is None else guidance  # no CFG, or a guidance embedding of 1.0
     pipe.to(device)

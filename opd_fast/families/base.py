@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -60,6 +61,16 @@ class TinyParts(Protocol):
     def wan_vae(self, seed: int) -> Any: ...  # 4 latent channels
 
     def qwen_image_vae(self, seed: int) -> Any: ...  # 4 latent channels
+
+
+def unnormalise_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(B, z_dim, F, H, W) latents in the VAE's dtype, un-normalised by its per-channel mean and std, as the tails
+    of WanPipeline and QwenImagePipeline (Wan's VAE) do: latents / (1 / std) + mean."""
+    latents = latents.to(vae.device, vae.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents / inverse_std + mean
 
 
 class Family(abc.ABC):
@@ -112,6 +123,17 @@ class Family(abc.ABC):
         """(v, cfg): the model's velocity at state x (B, ...) and noise level sigma (B,) for the batch's text
         conditioning `cond` (an opd_fast.models.Conditioning), with `guidance` applied the family's way (module
         docstring: what v and cfg are)."""
+
+    def guidance(self, model, guidance: float | None, guidance_2: float | None, key: str):
+        """The guidance that velocity and sampling_inputs take for `model`, from a config's guidance and guidance_2
+        (`key`: the latter's config key). Only a model whose pipeline switches transformers (Wan 2.2's experts)
+        takes a second scale; elsewhere it is an error, as WanPipeline's own for a pipeline without a boundary."""
+        if guidance_2 is not None:
+            raise ConfigError(
+                f"{key}: the {self.name} model has one transformer; a second guidance is for a two-expert model "
+                "(Wan 2.2's low-noise expert: WanPipeline's guidance_scale_2)"
+            )
+        return guidance
 
     def cut_blocks(self, kwargs: dict, layers: int) -> dict:
         """Constructor arguments with the widths of `kwargs` and only the first `layers` blocks."""
@@ -179,6 +201,24 @@ class Family(abc.ABC):
     def check_pipeline_folder(self, folder: Path) -> None:
         """A ConfigError for a pipeline folder of this family's class in a layout it does not support."""
 
+    def load_pretrained(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+        """The model saved in the transformer folder `folder` (safetensors only), as this family trains it (a family
+        whose pipeline switches between several transformers returns them as one module)."""
+        return self.transformer_class.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+
+    def pipeline_model(self, pipe) -> torch.nn.Module:
+        """The model a pipeline denoises with, as load_pretrained gives it (pipe.transformer)."""
+        return pipe.transformer
+
+    def set_pipeline_model(self, pipe, model: torch.nn.Module) -> None:
+        """Put `model` (as pipeline_model gives it) into the pipeline."""
+        pipe.transformer = model
+
+    def pipeline_components(self, model: torch.nn.Module) -> dict:
+        """from_pretrained's keyword arguments that build the pipeline around `model` (as pipeline_model gives it)
+        instead of loading its transformer(s) from the folder."""
+        return {"transformer": model}
+
     @staticmethod
     def read_json(file: Path) -> dict:
         return json.loads(Path(file).read_text())
@@ -215,12 +255,27 @@ class Family(abc.ABC):
         """The PIL images of a pipeline call's output (one per prompt)."""
         return output.images
 
+    @torch.no_grad()
+    def decode_latents(self, pipe, latents: torch.Tensor, resolution: int) -> list:
+        """Final states `latents` (latent_shape's layout) as the PIL images output_images gives: what the pipeline's
+        own __call__ makes of its last latents with output_type "pil" (its VAE, text encoders and transformer may
+        be None). Here SD3's and Z-Image's tail: unscale, unshift, decode, postprocess."""
+        vae = pipe.vae
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        pixels = vae.decode(latents, return_dict=False)[0]
+        return self.output_images(SimpleNamespace(images=pipe.image_processor.postprocess(pixels, output_type="pil")))
+
     def save_lora(self, folder, state: dict[str, torch.Tensor], metadata: dict) -> None:
         """The student's LoRA in the pipeline's layout (`transformer.` prefix), with the adapter metadata so that
         load_lora_weights keeps alpha != r."""
         self.pipeline_class.save_lora_weights(
             folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
         )
+
+    def load_lora_into_pipeline(self, pipe, folder) -> None:
+        """A LoRA that save_lora wrote, loaded by the pipeline's own load_lora_weights and fused."""
+        pipe.load_lora_weights(folder)  # diffusers' own loader: the exported alpha/r metadata is honoured
+        pipe.fuse_lora()
 
     @abc.abstractmethod
     def tiny_pipeline(self, transformer, parts: TinyParts):

@@ -79,6 +79,11 @@ class Flux(Family):
         side = resolution // self.vae_scale // 2
         return side * side
 
+    def decode_latents(self, pipe, latents, resolution):
+        # FluxPipeline's tail: the packed tokens back to (B, C, H, W) first
+        unpacked = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+        return super().decode_latents(pipe, unpacked, resolution)
+
     def velocity(self, model, x, sigma, cond, guidance):
         dtype = next(model.parameters()).dtype
         g = None

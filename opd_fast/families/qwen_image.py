@@ -7,13 +7,14 @@ gradient flows through the rescaling."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from opd_fast.families.base import Family, model_dtype
+from opd_fast.families.base import Family, model_dtype, unnormalise_latents
 
 
 def true_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -98,6 +99,13 @@ class QwenImage(Family):
 
     def text_widths(self, model) -> tuple[int, int]:
         return model.config.joint_attention_dim, 0
+
+    @torch.no_grad()
+    def decode_latents(self, pipe, latents, resolution):
+        # QwenImagePipeline's tail: unpack to (B, C, 1, H, W), un-normalise (Wan's VAE), decode, the one frame
+        unpacked = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+        pixels = pipe.vae.decode(unnormalise_latents(pipe.vae, unpacked), return_dict=False)[0][:, :, 0]
+        return self.output_images(SimpleNamespace(images=pipe.image_processor.postprocess(pixels, output_type="pil")))
 
     def velocity(self, model, x, sigma, cond, guidance):
         dtype = model_dtype(model)

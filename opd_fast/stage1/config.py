@@ -42,7 +42,7 @@ class TeachTaskConfig:
     name: str
     prompts: str  # as tasks.N.prompts of a run config
     prompts_kind: Literal[PROMPT_KINDS] = "auto"
-    # how a final state becomes the images the reward scores: vae (the pipeline's VAE at model.path decodes it) or
+    # how a final state becomes the images the reward scores: vae (the VAE of eval.pipeline, else model.path) or
     # state (the state IS the image, (B, 3, H, W) in [-1, 1]: the demo world's models)
     images: Literal["vae", "state"] = "vae"
     # {name: a reward of opd_fast.evaluate.registry, or "demo"; every other key is the reward's own option}. Read by

@@ -220,6 +220,8 @@ def run_pipeline(
         trainer = trainer_class.build(cfg, out_dir, resume=resume, device=device, hooks=hooks)
         try:
             trainer.fit()
+            # rank 0 alone writes the export that the next stage loads on every rank: none may go on before it
+            trainer.dist.barrier()
         finally:
             trainer.close()
         done[str(out_dir)] = "trained"

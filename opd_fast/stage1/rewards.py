@@ -8,6 +8,7 @@ a rollout become images through the task's `images` rule.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,27 +36,28 @@ def to_pil(pixels: torch.Tensor) -> list:
 
 
 class ImageDecoder:
-    """Final states -> PIL images: `state` (the state is the image in [-1, 1]) or `vae` (the VAE of the pipeline at
-    model.path, with its scaling and shift factors; 4-D latents: SD3's layout)."""
+    """Final states -> PIL images: `state` (the state is the image in [-1, 1]) or `vae`: what the family's pipeline
+    makes of its last latents (Family.decode_latents: the pipeline's own VAE, unpacking and normalisation), with the
+    pipeline folder's VAE and nothing else of it loaded. The pipeline folder is the evaluation's: eval.pipeline,
+    else model.path."""
 
-    def __init__(self, kind: str, model_path: str | None, device):
-        self.kind, self.vae = kind, None
-        if kind == "vae":
-            if model_path is None or not (Path(model_path) / "vae" / "config.json").is_file():
-                raise ConfigError(
-                    f"task.images: 'vae' needs model.path to be a pipeline folder with vae/ (got {model_path}); "
-                    "'state' if the state is the image itself"
-                )
-            from diffusers import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(Path(model_path) / "vae", use_safetensors=True).to(device).eval()
+    def __init__(self, kind: str, pipeline: str | None, device, family, resolution: int):
+        self.kind, self.family, self.resolution, self.pipe = kind, family, resolution, None
+        if kind != "vae":
+            return
+        folder = Path(pipeline) if pipeline is not None else None
+        if folder is None or not (folder / "vae" / "config.json").is_file():
+            raise ConfigError(
+                "task.images: 'vae' needs a pipeline folder with vae/ in eval.pipeline or model.path (got "
+                f"{pipeline}); 'state' if the state is the image itself"
+            )
+        index = json.loads((folder / "model_index.json").read_text())
+        skipped = {name: None for name in index if not name.startswith("_") and name not in ("vae", "scheduler")}
+        self.pipe = family.pipeline_class.from_pretrained(folder, local_files_only=True, **skipped)
+        self.pipe.vae.to(device).eval()
 
     @torch.no_grad()
     def __call__(self, states: torch.Tensor) -> list:
-        if self.vae is None:
+        if self.pipe is None:
             return to_pil(states)
-        if states.dim() != 4:
-            raise ConfigError(f"task.images: 'vae' decodes (B, C, H, W) latents, got {tuple(states.shape)}")
-        config = self.vae.config
-        latents = states.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
-        return to_pil(self.vae.decode(latents, return_dict=False)[0])
+        return self.family.decode_latents(self.pipe, states, self.resolution)

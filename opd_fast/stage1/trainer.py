@@ -58,14 +58,17 @@ class TeachTrainer(Trainer):
 
     @classmethod
     def build(cls, cfg: TeachConfig, out_dir, *, resume=False, device=None, hooks=(), timer=None) -> TeachTrainer:
-        family_for_run(cfg)
+        family = family_for_run(cfg)
         check_trackers(cfg.logging)
         dist = distributed.setup(cfg.engine, device)
         folder = RunFolder(out_dir, dist).open(cfg, resume)
         try:
-            reward = build_task_reward(cfg.task.reward, dist.device)  # a missing package or server fails first
+            # a missing reward package, server or VAE fails before the student loads
+            reward = build_task_reward(cfg.task.reward, dist.device)
+            decoder = ImageDecoder(
+                cfg.task.images, cfg.eval.pipeline or cfg.model.path, dist.device, family, cfg.sampling.resolution
+            )
             parts = build_run(cfg, out_dir, dist, teachers={})
-            decoder = ImageDecoder(cfg.task.images, cfg.model.path, dist.device)
         except BaseException:
             folder.release()
             raise
@@ -151,7 +154,7 @@ class TeachTrainer(Trainer):
             v, guided = self._student_velocity(x, sigmas[j], cond, with_grad=True)
             v_ref, ref_guided = None, None
             if grpo.kl_beta > 0:
-                v_ref, ref_guided = self._reference_velocity(x, sigmas[j], cond, cfg.student.guidance)
+                v_ref, ref_guided = self._reference_velocity(x, sigmas[j], cond, self.student_guidance)
             _, kl, log_prob = self.sde.step(
                 x,
                 v,
@@ -202,7 +205,7 @@ class TeachTrainer(Trainer):
             v = apply_cfg(v, guided)
             loss = nft.nft_loss(v, v.detach(), x_t, final, t, r, settings.beta, settings.adv_clip_max)
             if settings.kl_beta > 0:
-                v_ref = apply_cfg(*self._reference_velocity(x_t, t, cond, cfg.student.guidance))
+                v_ref = apply_cfg(*self._reference_velocity(x_t, t, cond, self.student_guidance))
                 loss = loss + settings.kl_beta * (v.float() - v_ref.float()).flatten(1).pow(2).mean(1)
             with self._phase("backward"):
                 self.engine.backward(loss.sum() * scale)
@@ -231,9 +234,12 @@ class TeachTrainer(Trainer):
             finals = torch.cat([data["final"] for _, _, data in rollouts])
             texts = [prompts.prompts.prompts[i] for i in indices.tolist()]
             metadata = [prompts.prompts.metadata[i] if prompts.prompts.metadata else {} for i in indices.tolist()]
-            rewards = torch.tensor(self.reward.score(self.decoder(finals), texts, metadata), dtype=torch.float32)
+            mine = torch.tensor(self.reward.score(self.decoder(finals), texts, metadata), dtype=torch.float32)
+            # every rank's rewards, in rank order: global_std is the round's spread, not this rank's share of it
+            rewards = mine if self.dist.world_size == 1 else distributed.all_gather_flat(mine, self.dist).cpu()
             global_std = cfg.method == "grpo" and cfg.grpo.global_std
-            advantages = flow_grpo.group_advantages(rewards, cfg.rollout.group_size, global_std).to(self.device)
+            advantages = flow_grpo.group_advantages(rewards, cfg.rollout.group_size, global_std)
+            advantages = advantages[self.dist.rank * count : (self.dist.rank + 1) * count].to(self.device)
         scale = 1.0 / (count * cfg.trained_per_sample())
         losses, ratios, clipped = [], [], []
         for m, (cond, noise, data) in enumerate(rollouts):
@@ -245,10 +251,9 @@ class TeachTrainer(Trainer):
             else:
                 loss, _ = self._nft_backward(data["final"], cond, adv, first + m * mb, scale)
             losses.append(loss)
-        averaged = self.engine.average(torch.stack([torch.cat(losses).mean(), rewards.mean().to(self.device)]))
-        loss, reward_mean = float(averaged[0]), float(averaged[1])
-        # this rank's spread, ratio and clipped share (the mean reward is the global batch's)
-        self.stats = {"reward": reward_mean, "reward_std": float(rewards.std())}
+        loss = float(self.engine.average(torch.cat(losses).mean()))
+        # the round's reward mean and spread; this rank's ratio and clipped share
+        self.stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
         if ratios:
             ratio = torch.cat(ratios)
             self.stats.update(ratio_mean=float(ratio.mean()), ratio_max_dev=float((ratio - 1).abs().max()))

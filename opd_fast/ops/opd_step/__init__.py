@@ -7,11 +7,12 @@
     triton.py   the Triton kernels
 
 "auto" picks the fastest backend available for the tensors' device. log_prob=True also returns the log-density of the
-next state under the student's transition (naive.py has the math; Flow-GRPO's rollouts and ratios use it): the
-reference and triton compute it, cpp and cuda refuse it by name, and "auto" for a spec that needs it
-(LossSpec.log_prob) picks among the backends that have it. The loss's modes (noise level, KL
-normalization, reduction, estimator, backend) travel as one frozen LossSpec, built once per run from the config
-(`LossSpec.from_config`) or once per call by `opd_step`; the tensors and the guidance stay per call.
+next state under the student's transition (naive.py has the math; Flow-GRPO's rollouts and ratios use it), in the
+same pass as the step on every fused backend (fused.LOG_PROB_BACKENDS); a backend outside that list would refuse it
+by name, and "auto" for a spec that needs it (LossSpec.log_prob) picks among the backends that have it. The loss's
+modes (noise level, KL normalization, reduction, estimator, backend) travel as one frozen LossSpec, built once per
+run from the config (`LossSpec.from_config`) or once per call by `opd_step`; the tensors and the guidance stay per
+call.
 """
 
 from __future__ import annotations
@@ -204,8 +205,8 @@ def opd_step(
     v_teacher=None: no teacher (a stage-1 rollout); the loss is 0. log_prob=True: returns (x_next, loss, log_prob),
     log_prob (B,) float32 = log p(x' | x) under the student's Gaussian transition, gradient to v_student, x' =
     `sample` (B, ...) when given (a stored state: the recompute of a ratio), else x_next as returned; summed over
-    the latent elements, or averaged with reduction="mean" (Flow-GRPO's); 0 for an ODE step. Backends reference and
-    triton; cpp and cuda refuse it.
+    the latent elements, or averaged with reduction="mean" (Flow-GRPO's); 0 for an ODE step. Every backend computes
+    it (the fused ones in the step's own pass).
     """
     spec = LossSpec.resolve(
         noise_level,
@@ -235,10 +236,8 @@ def opd_step(
 
 
 def _no_log_prob(backend: str) -> str:
-    return (
-        f"opd_step: the {backend} backend does not compute log_prob; use backend 'triton' (CUDA tensors, or CPU ones "
-        "under TRITON_INTERPRET=1) or 'reference' (or 'auto', which picks one of them)"
-    )
+    have = ", ".join(repr(name) for name in ("reference", *fused.LOG_PROB_BACKENDS))
+    return f"opd_step: the {backend} backend does not compute log_prob; use one of {have} (or 'auto', which does)"
 
 
 def _check_inputs(x, v_student, v_teacher, noise, sigma, sigma_next, student_guidance, teacher_guidance, sample=None):

@@ -9,7 +9,8 @@
 Each backend is a module (KERNEL_MODULES, imported on first use) with forward and backward launchers of one calling
 convention. The per-sample scalars (x_coef, v_coef, sbar, w) are computed here in torch with naive.py's math, so
 every backend shares one scalar math and the kernels only do the elementwise work and the per-sample reduction (see
-OpdStep). The loss's modes arrive as one LossSpec (opd_fast/ops/opd_step/__init__.py).
+OpdStep). The loss's modes arrive as one LossSpec (opd_fast/ops/opd_step/__init__.py). Every backend also computes
+the log-density of the next state in the same pass when asked (OpdStep, log_prob_scalars).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from opd_fast.ops.opd_step import naive
 # backend -> the module of its kernels; each has forward(...) and backward(...) as documented at `launchers`
 KERNEL_MODULES = {"triton": "opd_fast.ops.opd_step.triton", "cuda": "opd_fast._C_cuda", "cpp": "opd_fast._C"}
 FUSED_BACKENDS = tuple(KERNEL_MODULES)
-# Fused backends whose launchers also compute the log-density (sq, sq_partial, sample / x, sample, grad_sq keywords).
-# cpp and cuda do not: opd_step refuses log_prob there by name (the csrc kernels keep their calling convention).
-LOG_PROB_BACKENDS = ("triton",)
+# Fused backends whose launchers also compute the log-density (sq, sq_partial, sample / x, sample, grad_sq keywords;
+# their modules say so with HAS_LOG_PROB, which a stale build of a csrc extension lacks).
+LOG_PROB_BACKENDS = ("triton", "cpp", "cuda")
+# Fused backends whose forward stores x_next in any kernel dtype; cuda stores it in x's row dtype only (see OpdStep).
+_ANY_OUT_DTYPE = ("triton", "cpp")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` in the repository"
 
@@ -156,8 +159,11 @@ def launchers(name: str):
     """(chunk(B, N, device), forward, backward) of fused backend `name` (available: see backend_available). The
     launchers of every backend share one calling convention, on (rows, N) contiguous tensors, outputs preallocated:
         forward(x, v_student, v_teacher, noise | None, coef, student_guidance, teacher_guidance, x_next, partial,
-                loss, chunk)
-        backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, chunk)"""
+                loss, chunk, *, sq=None, sq_partial=None, sample=None)
+        backward(v_student, v_teacher, coef, grad_loss, student_guidance, teacher_guidance, grad, chunk, *, x=None,
+                 sample=None, grad_sq=None)
+    The keywords are the log-density's (LOG_PROB_BACKENDS): sq (B,) and sq_partial (like partial) float32 outputs
+    of sum_n (x' - mu_S)^2, x' = sample or x_next as stored; grad_sq (B,) float32 its upstream gradient."""
     kernels = _import(KERNEL_MODULES[name])[0]
     return _CHUNK_RULES[name], kernels.forward, kernels.backward
 
@@ -217,34 +223,33 @@ class OpdStep(torch.autograd.Function):
         chunk = chunk_fn(B, N, device)
 
         log_prob = log_prob_scalars is not None
-        # log_prob: x_next is written in the dtype it is returned in (triton stores any dtype), so the residual of
-        # the log-density is taken against exactly the state a caller keeps and later passes back as `sample`
+        if log_prob and not getattr(_import(KERNEL_MODULES[backend])[0], "HAS_LOG_PROB", False):
+            raise RuntimeError(f"{KERNEL_MODULES[backend]} was built before it computed log_prob: {_BUILD_HINT}")
+        # log_prob: x_next is written in the dtype it is returned in, so the residual of the log-density is taken
+        # against exactly the state a caller keeps and later passes back as `sample`
         out_dtype = x.dtype if log_prob and x.dtype in _KERNEL_DTYPES else x_dtype
-        x_next = _empty((B, N), out_dtype, device)
+        sample_rows = None if sample is None else _as_rows(sample, B, x_dtype)  # x' as a rollout would have stored it
         partial = _empty((B, -(-N // chunk)), torch.float32, device)
         loss = _empty((B,), torch.float32, device)
+        step = (x_rows, v_student_rows, v_teacher_rows, noise_rows, coef, student_guidance, teacher_guidance)
+        if out_dtype != x_dtype and backend not in _ANY_OUT_DTYPE:
+            # cuda stores x_next in x's row dtype only (here x is 16-bit, its noise fp32): a first pass makes x_next,
+            # rounded here to the dtype it is returned in, and the log-density is taken against that as a given
+            # sample. A mixed-dtype corner: its second pass is cheaper than a kernel per output dtype.
+            out_dtype = x_dtype
+            if sample_rows is None:
+                first = _empty((B, N), x_dtype, device)
+                forward(*step, first, partial, loss, chunk)
+                sample_rows = first.to(x.dtype).to(x_dtype)
+        x_next = _empty((B, N), out_dtype, device)
         extra = {}
         if log_prob:
-            # x' as stored: the sample in x's storage dtype, as a rollout would have stored it
-            sample_rows = None if sample is None else _as_rows(sample, B, x_dtype)
             extra = dict(
-                sq=_empty((B,), torch.float32, device), sq_partial=_empty(partial.shape, torch.float32, device)
+                sq=_empty((B,), torch.float32, device),
+                sq_partial=_empty(partial.shape, torch.float32, device),
+                sample=sample_rows,
             )
-            extra["sample"] = sample_rows
-        forward(
-            x_rows,
-            v_student_rows,
-            v_teacher_rows,
-            noise_rows,
-            coef,
-            student_guidance,
-            teacher_guidance,
-            x_next,
-            partial,
-            loss,
-            chunk,
-            **extra,
-        )
+        forward(*step, x_next, partial, loss, chunk, **extra)
 
         saved = [v_student_rows, v_teacher_rows, coef]  # the backward re-reads the velocities
         if log_prob:  # ... and for the log-density the state, x' and the scale
@@ -311,6 +316,26 @@ def step_coefficients(spec, sigma, sigma_next, numel, cache=True):
     return coef
 
 
+_LOG_PROB_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def log_prob_scalars(spec, coef, numel):
+    """naive.log_prob_scalars of this step's sbar (coef[2]) under `spec`'s reduction. Memoised by value for CPU
+    coefficients, like step_coefficients: its ~10 tiny torch ops cost as much as the cpp kernel's log-density at
+    512 px (measured: 23 of the 39 us the log-density added per call). The cached tensors are only ever read."""
+    key = None
+    if coef.device.type == "cpu":
+        key = (tuple(coef[2].tolist()), numel, spec.reduction)
+        if (scalars := _LOG_PROB_CACHE.get(key)) is not None:
+            return scalars
+    scalars = naive.log_prob_scalars(coef[2], numel, spec.reduction)
+    if key is not None:
+        if len(_LOG_PROB_CACHE) >= _COEF_CACHE_SIZE:
+            _LOG_PROB_CACHE.clear()
+        _LOG_PROB_CACHE[key] = scalars
+    return scalars
+
+
 def opd_step_fused(
     spec,
     x,
@@ -338,7 +363,7 @@ def opd_step_fused(
         v_teacher, teacher_guidance = v_student.detach(), student_guidance
     # noise_level == 0 makes every sbar exactly 0: skip reading noise (a fifth of the forward's traffic)
     noise = noise if float(spec.noise_level) != 0 else None
-    scalars = naive.log_prob_scalars(coef[2], x[0].numel(), spec.reduction) if log_prob else None
+    scalars = log_prob_scalars(spec, coef, x[0].numel()) if log_prob else None
     args = (x, v_student, v_teacher, noise, coef, spec.backend, student_guidance, teacher_guidance)
     if not log_prob:
         return OpdStep.apply(*args)
