@@ -33,12 +33,12 @@ import torch
 from safetensors import safe_open
 
 from opd_fast import fp8
-from opd_fast.config import TaskConfig, TeacherConfig, TeacherRuntimeConfig, first_line
+from opd_fast.config import ConfigError, TaskConfig, TeacherConfig, TeacherRuntimeConfig, first_line
 from opd_fast.families.base import model_dtype
 from opd_fast.models import Conditioning, freeze, frozen_copy, transformer_folder
 from opd_fast.profiling import nvtx_range
 from opd_fast.safeio import PICKLE_SUFFIXES, load_tensors
-from opd_fast.text_encoders import missing_text_components, text_files
+from opd_fast.text_encoders import check_pipeline_folder, missing_text_components, text_files
 
 if TYPE_CHECKING:
     from opd_fast.families.base import Family
@@ -244,20 +244,10 @@ def _teacher_pipeline(cfg: TeacherConfig, folder: Path, family: Family, where: s
     else the one its transformer folder sits in (None: a lone transformer folder)."""
     if cfg.pipeline is None:
         return pipeline_of(folder)
-    pipeline = Path(cfg.pipeline)
-    index = pipeline / "model_index.json"
-    if not index.is_file():
-        raise TeacherError(
-            f"{where}: teacher.pipeline {pipeline} is not a diffusers pipeline folder (no model_index.json): it names "
-            "the pipeline whose text encoders condition the teacher"
-        )
-    cls_name = json.loads(index.read_text()).get("_class_name", "")
-    if cls_name != family.pipeline_class_name:
-        raise TeacherError(
-            f"{where}: teacher.pipeline {pipeline} holds a {cls_name or 'unnamed'} pipeline; model.family "
-            f"{family.name!r} expects {family.pipeline_class_name}"
-        )
-    return pipeline
+    try:  # a pipeline of the family's class, in a layout the family supports
+        return check_pipeline_folder(cfg.pipeline, family, key=f"{where}: teacher.pipeline")
+    except ConfigError as e:
+        raise TeacherError(str(e)) from None
 
 
 def _check_latent_space(

@@ -208,9 +208,9 @@ def test_a_teacher_whose_text_encoders_cannot_be_found_is_an_error(tiny_pipeline
     with pytest.raises(TeacherError, match=r"teacher of task 't0'.*text encoders cannot be found.*no text_encoder"):
         build({"path": str(bare / "transformer")}, "bare")
     # teacher.pipeline that is no pipeline folder, or one of another family
-    with pytest.raises(TeacherError, match=r"teacher of task 't0'.*teacher\.pipeline .*no model_index\.json"):
+    with pytest.raises(TeacherError, match=r"teacher of task 't0'.*teacher\.pipeline: .*no model_index\.json"):
         build({"path": str(lone), "pipeline": str(lone)}, "nopipe")
-    with pytest.raises(TeacherError, match=r"teacher\.pipeline .*StableDiffusion3Pipeline.*expects WanPipeline"):
+    with pytest.raises(TeacherError, match=r"teacher\.pipeline: .*StableDiffusion3Pipeline.*expects WanPipeline"):
         build({"path": str(lone), "pipeline": str(tiny_pipelines["sd3"])}, "sd3")
     # teacher.pipeline whose text encoders do not give the width its transformer takes
     from transformers import UMT5Config, UMT5EncoderModel
