@@ -55,7 +55,7 @@ from common import TASKS, build_random_transformer, write_world
 from torch.utils.flop_counter import FlopCounterMode
 
 from opd_fast import attention, distributed
-from opd_fast.config import OFFICIAL_LORA_TARGETS, config_from_dict
+from opd_fast.config import config_from_dict
 from opd_fast.families import PRESETS, preset_arch
 from opd_fast.hooks import Hook
 from opd_fast.models import student_forward_context
@@ -307,7 +307,7 @@ def teacher_memory_by_mode(
     preset: str, layers: int | None, dtype: torch.dtype, teachers: int = 3, rank: int = 32
 ) -> str:
     """Teacher weight memory of each runtime mode, from the architecture's shapes (meta device, nothing allocated):
-    merged = one copy per teacher; adapter = one shared base + a LoRA (official targets) per teacher; fp8 = the
+    merged = one copy per teacher; adapter = one shared base + a LoRA (the family's targets) per teacher; fp8 = the
     linears opd_fast.fp8 quantizes at 1 byte per weight, the rest in `dtype`."""
     from opd_fast import fp8
 
@@ -322,7 +322,7 @@ def teacher_memory_by_mode(
         sum(
             rank * (m.in_features + m.out_features)
             for n, m in linears
-            if any(n.endswith("." + t) for t in OFFICIAL_LORA_TARGETS)
+            if any(n.endswith("." + t) for t in family.lora_targets)
         )
         * width
     )

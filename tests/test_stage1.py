@@ -120,6 +120,7 @@ def _teach_data(tmp_path, base, method="grpo", **extra):
     [
         ({"sampling": {"noise_level": 0.0}}, "sampling.noise_level: Flow-GRPO needs SDE rollouts"),
         ({"method": "nft", "student": {"guidance": 4.5}}, "student.guidance: DiffusionNFT is CFG-free"),
+        ({"method": "nft", "student": {"guidance_2": 3.0}}, "student.guidance_2: DiffusionNFT is CFG-free"),
         ({"method": "nft", "grpo": {"clip_range": 0.2}}, "grpo.clip_range: only method grpo reads it"),
         ({"grpo": {"window": [3, 9]}}, r"grpo.window: \[start, stop\)"),
         ({"rollout": {"group_size": 1}}, "rollout.group_size: a group needs >= 2"),

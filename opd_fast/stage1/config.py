@@ -148,6 +148,10 @@ class TeachConfig(RunConfig):
                 raise ConfigError(f"grpo.window: [start, stop) with 0 <= start < stop <= {n}, got {window}")
         elif self.student.guidance not in (None, 1.0):
             raise ConfigError(f"student.guidance: DiffusionNFT is CFG-free (null or 1.0), got {self.student.guidance}")
+        elif self.student.guidance_2 not in (None, 1.0):
+            raise ConfigError(
+                f"student.guidance_2: DiffusionNFT is CFG-free (null or 1.0), got {self.student.guidance_2}"
+            )
         elif self.nft.timesteps > n:
             raise ConfigError(f"nft.timesteps: at most sampling.num_steps ({n}), got {self.nft.timesteps}")
         if max(self.grpo.kl_beta, self.nft.kl_beta) > 0 and not self.student.lora.enabled:
