@@ -31,14 +31,16 @@ from opd_fast.models import Conditioning
 from opd_fast.ops.opd_step.naive import apply_cfg
 from opd_fast.schedule import sigma_grid
 
-LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first match wins
-    r"(^|\.)norm[^.]*\.linear$": "adaLN modulation",
-    r"^time_text_embed\.": "time/text embedders",
-    r"^(context_embedder|x_embedder)$": "input embedders",
-    r"^proj_out$": "final projection",
+LAYER_TYPES = {  # name pattern (regex on the module name) -> layer type, first match wins; every family's names
+    # SD3 / FLUX / Qwen-Image (norm*.linear, img_mod / txt_mod), Wan (scale-shift tables are parameters, not linears),
+    # Z-Image (adaLN_modulation)
+    r"(^|\.)norm[^.]*\.linear$|\.(img_mod|txt_mod)\.|adaLN_modulation": "adaLN modulation",
+    r"^(time_text_embed|condition_embedder|t_embedder|cap_embedder)\.": "time/text embedders",
+    r"^(context_embedder|x_embedder|img_in|txt_in|all_x_embedder\..*)$": "input embedders",
+    r"^(proj_out|all_final_layer\..*\.linear)$": "final projection",
     r"\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)$": "attention q/k/v",
     r"\.(to_out\.0|to_add_out)$": "attention out",
-    r"\.(ff|ff_context)\.|\.proj_mlp$|^single_transformer_blocks\.\d+\.proj_out$": "MLP",
+    r"\.(ff|ff_context|ffn|img_mlp|txt_mlp|feed_forward)\.|\.proj_mlp$|^single_transformer_blocks\.\d+\.proj_out$": "MLP",
 }
 
 
@@ -113,7 +115,13 @@ def main(argv=None) -> int:
         if unclassified:
             print(f"note: {len(unclassified)} linears of no listed type, e.g. {unclassified[:3]}")
         for kind in kinds + ["all"]:
-            others = [n for n in names if kind != "all" and layer_type(n) != kind]
+            # every linear of this type but those the family must keep high (Family.fp8_keep: the model reads
+            # their weights directly, which FP8 breaks); fp8.DEFAULT_SKIP's are measured, it is what they justify
+            members = {n for n in names if kind in ("all", layer_type(n)) and not fp8.is_skipped(n, family.fp8_keep)}
+            if not members:
+                per_layer[kind] = {"kept": True}
+                continue
+            others = [n for n in names if n not in members]
             per_layer[kind] = {
                 s: rel_err(
                     velocities(fp8_copy(model32, "torch", s, skip=others), family, cond, states, args.guidance), ref32
@@ -156,7 +164,10 @@ def main(argv=None) -> int:
         print("\nFP8 on one layer type at a time (rel err vs fp32):")
         print(f"{'layer type':24s} {'rowwise':>9s} {'tensorwise':>11s}")
         for kind, r in per_layer.items():
-            print(f"{kind:24s} {r['rowwise']:9.4f} {r['tensorwise']:11.4f}")
+            if r.get("kept"):
+                print(f"{kind:24s} {'kept high by the family (Family.fp8_keep)':>21s}")
+            else:
+                print(f"{kind:24s} {r['rowwise']:9.4f} {r['tensorwise']:11.4f}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(

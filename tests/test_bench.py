@@ -80,6 +80,20 @@ def test_fp8_accuracy_orders_the_errors(tmp_path):
         assert 0 < row["vs_bf16"] < 0.1 and row["vs_fp32"] < 0.1
 
 
+@needs_cpu_rowwise
+def test_fp8_per_layer_sweep_names_every_family_s_layer_types(tmp_path):
+    """--per-layer on Z-Image (its names: attention.to_*, feed_forward, adaLN_modulation, t_embedder): every linear
+    has a layer type, the types its teachers quantize get an error, those Family.fp8_keep holds (the model reads
+    their weights) are reported kept instead of crashing the sweep."""
+    out = tmp_path / "fp8.json"
+    stdout = run_script("bench/fp8_accuracy.py", "--preset", "tiny-z-image", "--per-layer", "--json", str(out))
+    assert "linears of no listed type" not in stdout
+    per_layer = json.loads(out.read_text())["per_layer"]
+    assert per_layer["time/text embedders"] == {"kept": True} and per_layer["adaLN modulation"] == {"kept": True}
+    for kind in ("attention q/k/v", "attention out", "MLP", "all"):
+        assert 0 < per_layer[kind]["rowwise"] < 0.5, kind
+
+
 def test_engine_bench_zero3_full_student(tmp_path):
     out = tmp_path / "engine.json"
     # The GPU command's variant (bench/bench_engine.py --preset sd3.5-medium --full --world 1 ... zero3) at tiny size

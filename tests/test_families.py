@@ -297,6 +297,9 @@ def test_an_fp8_teacher_of_every_family_runs_near_its_bf16_velocity(family):
         family,
     )
     assert any(isinstance(m, fp8.Fp8Linear) for m in quantized.modules())
+    for name, module in quantized.named_modules():  # what the family keeps high is still a plain Linear
+        if fp8.is_skipped(name, family.fp8_keep) and isinstance(model.get_submodule(name), torch.nn.Linear):
+            assert type(module) is torch.nn.Linear, name
     v, _ = family.velocity(quantized, x, sigma, cond, None)
     assert torch.isfinite(v).all() and float((v - reference).norm() / reference.norm()) < 0.25
 

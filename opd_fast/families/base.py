@@ -91,7 +91,8 @@ class Family(abc.ABC):
     # the attention projections its recommended LoRA trains (configs/ name them; the tests' LoRAs use them)
     lora_targets: ClassVar[tuple[str, ...]] = tuple(OFFICIAL_LORA_TARGETS)
     # Linear layers an FP8 teacher keeps in high precision beyond fp8.DEFAULT_SKIP (SD3's and FLUX's embedders,
-    # norms and final projection): this family's own embedders and modulations, read as weights elsewhere
+    # norms and final projection): this family's own embedders and modulations, read as weights elsewhere or
+    # carrying most of the FP8 error (bench/fp8_accuracy.py --per-layer)
     fp8_keep: ClassVar[tuple[str, ...]] = ()
     no_guidance: float = 1.0  # the guidance value its pipeline takes as "no guidance" (sampling without one)
     # What makes a teacher of another size speak the student's latent space: its transformer's config keys (the

@@ -72,6 +72,9 @@ class QwenImage(Family):
         "axes_dims_rope",
         "guidance_embeds",
     )
+    # the input projections of the latent tokens and the text: in FP8 they carried the whole teacher's error at the
+    # released widths (bench/RESULTS.md, "FP8 per layer type at Qwen-Image widths"); 11 M of the 20 B weights
+    fp8_keep = ("img_in", "txt_in")
     text_components = ("text_encoder", "tokenizer")
     default_max_sequence_length = 512  # QwenImagePipeline.__call__'s default
     mu_defaults: ClassVar[dict] = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
