@@ -218,6 +218,8 @@ def test_a_teacher_whose_text_encoders_cannot_be_found_is_an_error(tiny_pipeline
     narrow = wide_pipeline(folder, tmp_path / "narrow", family)
     shutil.rmtree(narrow / "text_encoder")
     tokenizer = t5_tokenizer()
+    # not tiny_parts.umt5_model: its config is the student's own, i.e. the student's text-encoder set, which takes
+    # the other path (no set of its own); this one differs in shape but not in width
     narrow_config = UMT5Config(
         vocab_size=len(tokenizer),
         d_model=32,
